@@ -1,0 +1,447 @@
+"""params.yaml -> typed, validated configuration.
+
+Every stage loads its configuration through :func:`load_config` before doing any work, so an
+unknown key, a value of the wrong type or an inconsistent combination stops the stage at once
+with a message that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson"]
+    source: Literal["synth", "url", "archive", "dir"]
+    location: Optional[str] = None  # URL, archive path or directory (not for synth)
+    registry: Optional[str] = None  # registry key of a real dataset (issue: real datasets)
+    sha256: Optional[str] = None
+    allow_partial: bool = False
+
+
+@dataclass(frozen=True)
+class SynthFineGPR:
+    ids: int
+    images_per_id: int
+
+
+@dataclass(frozen=True)
+class SynthDomain:
+    style: str
+    train_ids: int
+    test_ids: int
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int
+    height: int
+    width: int
+    synthped: SynthFineGPR
+    sp_market: Optional[SynthDomain] = None
+    sp_cuhk: Optional[SynthDomain] = None
+    sp_msmt: Optional[SynthDomain] = None
+
+    def domain(self, name: str) -> SynthDomain:
+        spec = getattr(self, name, None)
+        if not isinstance(spec, SynthDomain):
+            raise ConfigError(f"synth.{name}: no SynthPed domain of that name is configured")
+        return spec
+
+
+@dataclass(frozen=True)
+class CaptionsConfig:
+    dataset: str
+    per_image: int
+    seed: int
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    viewpoint_words: dict[str, list[float]] = field(default_factory=dict)
+    attributes: Optional[str] = None  # attribute file; default: the one next to the dataset
+    finegpr_c: Optional[str] = None  # released FineGPR-C COCO-style JSON to use instead
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    resize: Optional[list[int]] = None
+    on_corrupt: Literal["fail", "skip"] = "fail"
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    arch: Literal["vit"]
+    depth: int
+    dim: int
+    heads: int
+    patch: int
+    stride: int
+    height: int
+    width: int
+    drop_path: float = 0.0
+    pretrained: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    name: str
+    freeze: bool = True
+    max_length: int = 48
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image: ImageEncoderConfig
+    text: TextEncoderConfig
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    dim: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    mode: Literal["shared", "image_only"] = "shared"
+    align_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    id_weight: float = 1.0
+    triplet_weight: float = 1.0
+    triplet_margin: Optional[float] = None
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: float = 0.5
+    pad: int = 10
+    erasing: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    nproc: int = 1
+    num_workers: int = 0
+    threads: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class StageTrainConfig:
+    epochs: int
+    P: int
+    K: int
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    weight_decay: float
+    bias_lr_factor: float = 1.0
+    warmup_epochs: int = 0
+    grad_clip: Optional[float] = None
+    accumulate: int = 1
+    momentum: float = 0.9
+    min_lr_ratio: float = 0.002
+
+
+@dataclass(frozen=True)
+class PretrainConfig(StageTrainConfig):
+    dataset: str = "synthped"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(StageTrainConfig):
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    targets: list[str]
+    batch_size: int = 128
+    flip: bool = False
+    rerank: bool = False
+    max_rank: int = 50
+    ranked_list_queries: int = 4
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    clearml: Literal["none", "offline", "server"] = "none"
+    project: str = "dmf"
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    datasets: dict[str, DatasetSpec]
+    captions: CaptionsConfig
+    pack: PackConfig
+    model: ModelConfig
+    fusion: FusionConfig
+    loss: LossConfig
+    augment: AugmentConfig
+    train: TrainConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    synth: Optional[SynthConfig] = None
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets))
+            raise ConfigError(f"datasets.{name}: not configured (configured: {known})")
+        return self.datasets[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion with precise errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"a list of {_type_name(item)}"
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    where = prefix or "params"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{name}: unknown key (allowed here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            has_default = (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
+            if not has_default:
+                raise ConfigError(f"{key}: missing (expected {_type_name(hints[name])})")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_positive(cfg: Config) -> None:
+    positives = {
+        "model.image.depth": cfg.model.image.depth,
+        "model.image.dim": cfg.model.image.dim,
+        "model.image.heads": cfg.model.image.heads,
+        "model.image.patch": cfg.model.image.patch,
+        "model.image.stride": cfg.model.image.stride,
+        "model.image.height": cfg.model.image.height,
+        "model.image.width": cfg.model.image.width,
+        "model.text.max_length": cfg.model.text.max_length,
+        "fusion.dim": cfg.fusion.dim,
+        "fusion.layers": cfg.fusion.layers,
+        "fusion.heads": cfg.fusion.heads,
+        "fusion.mlp_ratio": cfg.fusion.mlp_ratio,
+        "captions.per_image": cfg.captions.per_image,
+        "train.nproc": cfg.train.nproc,
+        "train.threads": cfg.train.threads,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "evaluate.batch_size": cfg.evaluate.batch_size,
+        "evaluate.max_rank": cfg.evaluate.max_rank,
+        "evaluate.ranked_list_queries": cfg.evaluate.ranked_list_queries,
+    }
+    for stage in ("pretrain", "finetune"):
+        st = getattr(cfg, stage)
+        for name in ("epochs", "P", "K", "lr", "accumulate"):
+            positives[f"{stage}.{name}"] = getattr(st, name)
+    for key, value in positives.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive value, got {value!r}")
+    non_negative = {
+        "train.num_workers": cfg.train.num_workers,
+        "pretrain.warmup_epochs": cfg.pretrain.warmup_epochs,
+        "finetune.warmup_epochs": cfg.finetune.warmup_epochs,
+        "pretrain.weight_decay": cfg.pretrain.weight_decay,
+        "finetune.weight_decay": cfg.finetune.weight_decay,
+        "fusion.align_weight": cfg.fusion.align_weight,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    for key, value in {
+        "fusion.dropout": cfg.fusion.dropout,
+        "fusion.drop_path": cfg.fusion.drop_path,
+        "model.image.drop_path": cfg.model.image.drop_path,
+        "loss.label_smoothing": cfg.loss.label_smoothing,
+    }.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: expected a rate in [0, 1), got {value!r}")
+    for key, value in {"augment.flip": cfg.augment.flip, "augment.erasing": cfg.augment.erasing}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: expected a probability in [0, 1], got {value!r}")
+
+
+def _check_consistency(cfg: Config) -> None:
+    _check_positive(cfg)
+    if cfg.fusion.dim % cfg.fusion.heads:
+        raise ConfigError(
+            f"fusion.dim: {cfg.fusion.dim} is not divisible by fusion.heads={cfg.fusion.heads}"
+        )
+    img = cfg.model.image
+    if img.dim % img.heads:
+        raise ConfigError(f"model.image.dim: {img.dim} is not divisible by model.image.heads={img.heads}")
+    if img.height < img.patch or img.width < img.patch:
+        raise ConfigError(
+            f"model.image.height/width: {img.height}x{img.width} is smaller than one patch ({img.patch})"
+        )
+    if cfg.pack.resize is not None and (len(cfg.pack.resize) != 2 or min(cfg.pack.resize) <= 0):
+        raise ConfigError(f"pack.resize: expected null or [height, width] > 0, got {cfg.pack.resize!r}")
+    names = [cfg.pretrain.dataset, cfg.captions.dataset, *cfg.finetune.sources, *cfg.evaluate.targets]
+    for where, name in zip(
+        ["pretrain.dataset", "captions.dataset"]
+        + [f"finetune.sources[{i}]" for i in range(len(cfg.finetune.sources))]
+        + [f"evaluate.targets[{i}]" for i in range(len(cfg.evaluate.targets))],
+        names,
+    ):
+        if name not in cfg.datasets:
+            raise ConfigError(f"{where}: dataset {name!r} is not listed under datasets")
+    for name, spec in cfg.datasets.items():
+        if spec.source == "synth":
+            if cfg.synth is None:
+                raise ConfigError(f"datasets.{name}: source 'synth' needs a synth: section")
+            if spec.layout == "finegpr":
+                if name != "synthped":
+                    raise ConfigError(f"datasets.{name}: the synthetic FineGPR-format set is 'synthped'")
+            else:
+                cfg.synth.domain(name)
+        elif not spec.location:
+            raise ConfigError(f"datasets.{name}.location: source {spec.source!r} needs a location")
+    for key, (lo, hi) in cfg.captions.viewpoint_words.items():
+        if not (0 <= lo < 360 and 0 <= hi <= 360):
+            raise ConfigError(f"captions.viewpoint_words.{key}: angles must lie in [0, 360]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_dict(data: Any) -> Config:
+    """Build and validate a :class:`Config` from an already parsed mapping."""
+    cfg = _build(Config, data, "")
+    _check_consistency(cfg)
+    return cfg
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read ``path`` (YAML) and return the validated configuration or raise ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-dict view of a config (for checkpoint metadata and tracking)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,2 @@
+"""Data layer: dataset registry, fetching, layouts, SynthPed, captions, LMDB, loaders."""
+

@@ -1,0 +1,2 @@
+"""Evaluation: features, distances, ranking, re-ranking, the cross-domain matrix, pictures."""
+

@@ -1,0 +1,128 @@
+"""One cell of the cross-domain matrix: a trained model (and the same architecture untrained)
+evaluated on one target's query/gallery split under the Market-1501 protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmf_core import paths
+from dmf_core.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _percent(x: float) -> float:
+    return round(100.0 * float(x), 2)
+
+
+def summarise(result) -> dict:
+    """CMC rank-1/5/10, mAP and mINP in percent, the keys DVC diffs."""
+    cmc = result.cmc
+    pick = {k: _percent(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
+    return {"rank1": pick[1], "rank5": pick[5], "rank10": pick[10],
+            "mAP": _percent(result.mAP), "mINP": _percent(result.mINP)}
+
+
+class TargetSplits:
+    """Query and gallery of one target: loaders, ids and cameras, and image access for pictures."""
+
+    def __init__(self, cfg: Config, target: str):
+        from dmf_core.data.loader import build_test_loader
+
+        img = cfg.model.image
+        self.paths = {s: paths.lmdb_path(target, s) for s in ("query", "gallery")}
+        self.loaders = {
+            s: build_test_loader(p, cfg.augment, img.height, img.width, cfg.evaluate.batch_size,
+                                 cfg.train.num_workers)
+            for s, p in self.paths.items()
+        }
+        self.sidecars = {s: loader.dataset.sidecar for s, loader in self.loaders.items()}
+
+    def ids(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        side = self.sidecars[split]
+        return side["pid"].to_numpy(), side["camid"].to_numpy()
+
+    def image(self, split: str, index: int):
+        from dmf_core.data.lmdb_store import decode_image
+
+        return decode_image(self.loaders[split].dataset.reader.get_bytes(index))
+
+
+def _features(model, splits: TargetSplits, flip: bool) -> dict[str, np.ndarray]:
+    from dmf_core.eval.features import extract_features
+
+    model.eval()
+    return {s: extract_features(model.embed_images, loader, flip=flip)
+            for s, loader in splits.loaders.items()}
+
+
+def _rank(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits):
+    from dmf_core.eval.ranking import evaluate_features, evaluate_rank
+
+    q_pids, q_cams = splits.ids("query")
+    g_pids, g_cams = splits.ids("gallery")
+    if cfg.evaluate.rerank:
+        from dmf_core.eval.rerank import rerank_from_features
+
+        dist = rerank_from_features(feats["query"], feats["gallery"])
+        return evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=cfg.evaluate.max_rank), dist
+    result = evaluate_features(feats["query"], feats["gallery"], q_pids, g_pids, q_cams, g_cams,
+                               max_rank=cfg.evaluate.max_rank)
+    return result, None
+
+
+def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
+    """Evaluate models/finetune/<source> on <target>; write the eval JSON, CMC TSV, ranked list."""
+    from dmf_core.eval.matrix import write_cmc_tsv
+    from dmf_core.model.build import build_model
+    from dmf_core.train.checkpoint import load_model
+
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.train.threads)
+    splits = TargetSplits(cfg, target)
+    model, meta = load_model(paths.finetune_model_dir(source))
+    feats = _features(model, splits, cfg.evaluate.flip)
+    result, _ = _rank(cfg, feats, splits)
+
+    torch.manual_seed(cfg.seed)  # the untrained reference: same architecture, seeded random weights
+    untrained = build_model(cfg, num_classes=max(1, int(meta.get("num_classes", 1))))
+    untrained_result, _ = _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)
+
+    q_pids, _ = splits.ids("query")
+    g_pids, _ = splits.ids("gallery")
+    record = summarise(result)
+    record["untrained"] = summarise(untrained_result)
+    record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
+                  num_valid_query=int(result.num_valid))
+    record["run"] = {"source": source, "target": target, "seed": cfg.seed, "torch": torch.__version__,
+                     "rerank": cfg.evaluate.rerank, "flip": cfg.evaluate.flip,
+                     "wall_s": round(time.perf_counter() - started, 1)}
+
+    out = paths.eval_json(source, target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    cmc_path = paths.cmc_tsv(source, target)
+    cmc_path.parent.mkdir(parents=True, exist_ok=True)
+    write_cmc_tsv(result.cmc, cmc_path)
+    if cfg.evaluate.ranked_list_queries:
+        _ranked_list(cfg, feats, splits, paths.ranked_list_png(source, target))
+    log.info("%s -> %s: rank-1 %.1f mAP %.1f (untrained: %.1f / %.1f)", source, target,
+             record["rank1"], record["mAP"], record["untrained"]["rank1"], record["untrained"]["mAP"])
+    return record
+
+
+def _ranked_list(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits, out_png: Path) -> None:
+    from dmf_core.eval.visualise import ranked_list_for_queries
+
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    q_pids, q_cams = splits.ids("query")
+    g_pids, g_cams = splits.ids("gallery")
+    ranked_list_for_queries(feats["query"], feats["gallery"], q_pids, g_pids, q_cams, g_cams,
+                            load_image=splits.image, num_queries=cfg.evaluate.ranked_list_queries,
+                            seed=cfg.seed, out_png=out_png)

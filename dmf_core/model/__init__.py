@@ -1,0 +1,2 @@
+"""The DMF model: image encoder, text encoder, shared fusion transformer, heads."""
+

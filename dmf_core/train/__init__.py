@@ -1,0 +1,2 @@
+"""Training: losses, the loop shared by pretrain and fine-tune, DDP, checkpoints."""
+

@@ -1,0 +1,38 @@
+"""captions: FineGPR attributes + per-image conditions -> natural-language captions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dmf_core import paths
+from dmf_core.config import Config
+from dmf_core.runtime import run_stage
+
+
+def main(cfg: Config) -> None:
+    from dmf_core.data import captions as cap
+    from dmf_core.data.attributes import read_attributes
+    from dmf_core.data.manifest import read_manifest
+
+    c = cfg.captions
+    manifest = read_manifest(paths.manifest_path(c.dataset))
+    out_parquet = paths.captions_parquet(c.dataset)
+    out_json = out_parquet.with_name(out_parquet.stem + "_coco.json")
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    if c.finegpr_c:
+        captions = cap.read_finegpr_c(Path(c.finegpr_c), manifest)
+        cap.write_captions(captions, out_parquet, out_json)
+        metrics = cap.caption_metrics(captions)
+    else:
+        attributes_file = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
+        result = cap.generate_captions(manifest, read_attributes(attributes_file), per_image=c.per_image,
+                                       seed=c.seed, viewpoint_words=c.viewpoint_words,
+                                       on_bad_rows=c.on_bad_rows)
+        cap.write_captions(result, out_parquet, out_json)
+        metrics = result.metrics
+    (paths.METRICS / "captions.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage("captions", main)

@@ -1,0 +1,32 @@
+"""finetune@<source>: Stage II on one real (or SynthPed) source, image path only, from Stage I weights.
+
+Runs under `torchrun --standalone --nproc-per-node ${train.nproc}`; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dmf_core import paths
+from dmf_core.config import Config
+from dmf_core.runtime import run_stage
+
+
+def main(cfg: Config, source: str) -> None:
+    from dmf_core.train.loop import run_stage as train
+
+    cfg.dataset(source)
+    train(cfg, "finetune",
+          train_lmdb=paths.lmdb_path(source, "train"),
+          init_from=paths.pretrain_model_dir(),
+          out_dir=paths.finetune_model_dir(source),
+          metrics_path=paths.METRICS / "finetune" / f"{source}.json",
+          curve_path=paths.PLOTS / "train" / f"finetune_{source}.tsv",
+          work_dir=paths.RUNS / "finetune" / source)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("source", help="a dataset listed in finetune.sources")
+    args = parser.parse_args()
+    run_stage(f"finetune@{args.source}", lambda cfg: main(cfg, args.source))

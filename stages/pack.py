@@ -1,0 +1,43 @@
+"""pack@<dataset>: one single-file LMDB (+ parquet sidecar) per split of a dataset's manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+from dmf_core import paths
+from dmf_core.config import Config
+from dmf_core.runtime import run_stage
+
+
+def main(cfg: Config, name: str) -> None:
+    from dmf_core.data.lmdb_store import pack_split
+    from dmf_core.data.manifest import read_manifest
+
+    manifest = read_manifest(paths.manifest_path(name))
+    out_dir = paths.lmdb_dir(name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    summary = {}
+    for split in sorted(manifest["split"].unique()):
+        rows = manifest[manifest["split"] == split].sort_values("image_id").reset_index(drop=True)
+        report = pack_split(rows, paths.raw_dir(name), paths.lmdb_path(name, split),
+                            resize=cfg.pack.resize, on_corrupt=cfg.pack.on_corrupt,
+                            relabel=split == "train", params_fingerprint=pack_fingerprint(cfg))
+        summary[split] = {"images": report.count, "skipped": len(report.skipped), "bytes": report.bytes}
+    out = paths.METRICS / "pack" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def pack_fingerprint(cfg: Config) -> dict:
+    """The params an LMDB was built with; readers refuse an LMDB built with others."""
+    return {"resize": cfg.pack.resize}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset", help="a key under datasets: in params.yaml")
+    args = parser.parse_args()
+    run_stage(f"pack@{args.dataset}", lambda cfg: main(cfg, args.dataset))

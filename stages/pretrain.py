@@ -1,0 +1,27 @@
+"""pretrain: Stage I on the FineGPR-format set, images + captions through the shared fusion encoder.
+
+Runs under `torchrun --standalone --nproc-per-node ${train.nproc}`; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from dmf_core import paths
+from dmf_core.config import Config
+from dmf_core.runtime import run_stage
+
+
+def main(cfg: Config) -> None:
+    from dmf_core.train.loop import run_stage as train
+
+    dataset = cfg.pretrain.dataset
+    train(cfg, "pretrain",
+          train_lmdb=paths.lmdb_path(dataset, "train"),
+          captions_parquet=paths.captions_parquet(dataset),
+          out_dir=paths.pretrain_model_dir(),
+          metrics_path=paths.METRICS / "pretrain.json",
+          curve_path=paths.PLOTS / "train" / "pretrain.tsv",
+          work_dir=paths.RUNS / "pretrain")
+
+
+if __name__ == "__main__":
+    run_stage("pretrain", main)

@@ -1,0 +1,29 @@
+"""report: every evaluation cell -> the cross-domain matrix (JSON, Markdown table, heatmap)."""
+
+from __future__ import annotations
+
+import json
+
+from dmf_core import paths
+from dmf_core.config import Config
+from dmf_core.runtime import StageError, run_stage
+
+
+def main(cfg: Config) -> None:
+    from dmf_core.eval.matrix import build_matrix, load_eval_results, matrix_markdown, plot_heatmap
+
+    results = load_eval_results(paths.METRICS / "eval")
+    wanted = {(s, t) for s in cfg.finetune.sources for t in cfg.evaluate.targets}
+    missing = sorted(wanted - set(results))
+    if missing:
+        raise StageError(f"missing evaluation results for {missing}; run the evaluate stages first")
+    results = {key: value for key, value in results.items() if key in wanted}
+    matrix = build_matrix(results)
+    (paths.METRICS / "eval_matrix.json").write_text(json.dumps(matrix, indent=2, sort_keys=True) + "\n")
+    paths.REPORTS.mkdir(exist_ok=True)
+    (paths.REPORTS / "eval_matrix.md").write_text(matrix_markdown(matrix))
+    plot_heatmap(matrix, paths.REPORTS / "eval_heatmap.png")
+
+
+if __name__ == "__main__":
+    run_stage("report", main)
