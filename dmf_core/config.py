@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -30,9 +30,9 @@ class ConfigError(ValueError):
 class DatasetSpec:
     layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson"]
     source: Literal["synth", "url", "archive", "dir"]
-    location: Optional[str] = None  # URL, archive path or directory (not for synth)
-    registry: Optional[str] = None  # registry key of a real dataset (issue: real datasets)
-    sha256: Optional[str] = None
+    location: str | None = None  # URL, archive path or directory (not for synth)
+    registry: str | None = None  # registry key of a real dataset (issue: real datasets)
+    sha256: str | None = None
     allow_partial: bool = False
 
 
@@ -55,9 +55,9 @@ class SynthConfig:
     height: int
     width: int
     synthped: SynthFineGPR
-    sp_market: Optional[SynthDomain] = None
-    sp_cuhk: Optional[SynthDomain] = None
-    sp_msmt: Optional[SynthDomain] = None
+    sp_market: SynthDomain | None = None
+    sp_cuhk: SynthDomain | None = None
+    sp_msmt: SynthDomain | None = None
 
     def domain(self, name: str) -> SynthDomain:
         spec = getattr(self, name, None)
@@ -73,13 +73,13 @@ class CaptionsConfig:
     seed: int
     on_bad_rows: Literal["fail", "skip"] = "fail"
     viewpoint_words: dict[str, list[float]] = field(default_factory=dict)
-    attributes: Optional[str] = None  # attribute file; default: the one next to the dataset
-    finegpr_c: Optional[str] = None  # released FineGPR-C COCO-style JSON to use instead
+    attributes: str | None = None  # attribute file; default: the one next to the dataset
+    finegpr_c: str | None = None  # released FineGPR-C COCO-style JSON to use instead
 
 
 @dataclass(frozen=True)
 class PackConfig:
-    resize: Optional[list[int]] = None
+    resize: list[int] | None = None
     on_corrupt: Literal["fail", "skip"] = "fail"
 
 
@@ -94,7 +94,7 @@ class ImageEncoderConfig:
     height: int
     width: int
     drop_path: float = 0.0
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class FusionConfig:
 class LossConfig:
     id_weight: float = 1.0
     triplet_weight: float = 1.0
-    triplet_margin: Optional[float] = None
+    triplet_margin: float | None = None
     label_smoothing: float = 0.1
 
 
@@ -158,7 +158,7 @@ class StageTrainConfig:
     weight_decay: float
     bias_lr_factor: float = 1.0
     warmup_epochs: int = 0
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     accumulate: int = 1
     momentum: float = 0.9
     min_lr_ratio: float = 0.002
@@ -205,7 +205,7 @@ class Config:
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
-    synth: Optional[SynthConfig] = None
+    synth: SynthConfig | None = None
 
     def dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:

@@ -38,22 +38,20 @@ def main(cfg: Config, name: str) -> None:
     if spec.source == "synth":
         generate_synthetic(cfg, name)
         root = paths.raw_dir(name)
+        manifest = parse_layout(spec.layout, root, name)
     else:
-        from dmf_core.data.acquire import acquire
+        from dmf_core.data.acquire import acquire, expected_statistics, layout_options
+        from dmf_core.data.manifest import check_statistics, verify_images
 
         root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS,
                        cache_dir=paths.ARCHIVES)
-    manifest = parse_layout(spec.layout, root, name)
+        manifest = parse_layout(spec.layout, root, name, **layout_options(name, spec))
+        check_statistics(manifest, expected_statistics(name, spec), allow_partial=spec.allow_partial)
+        # unreadable images are listed (inside the stage's output) and counted, never silently dropped
+        bad = verify_images(manifest, root, root / "bad_images.txt")
+        report["unreadable_images"] = len(bad)
     if manifest.empty:
         raise StageError(f"{root}: no images found for layout {spec.layout!r}")
-    if spec.source != "synth":
-        from dmf_core.data.manifest import check_statistics, verify_images
-        from dmf_core.data.registry import REGISTRY
-
-        entry = REGISTRY[spec.registry or name]
-        check_statistics(manifest, entry.statistics, allow_partial=spec.allow_partial)
-        bad = verify_images(manifest, root, paths.MANIFESTS / f"{name}.bad_images.txt")
-        report["unreadable_images"] = len(bad)
     write_manifest(manifest, paths.manifest_path(name))
     counts = manifest.groupby("split").agg(images=("image_id", "size"), ids=("pid", "nunique"))
     report["splits"] = {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()}

@@ -1,0 +1,347 @@
+"""Parse a dataset's real on-disk layout into a manifest (one row per image).
+
+Every parser takes ``root`` = ``data/raw/<dataset>`` and looks *below* it for the real layout
+folder, so both ``root/Market-1501-v15.09.15/bounding_box_train`` (an extracted archive) and
+``root/bounding_box_train`` (a generated or hand-placed folder) work.
+
+Manifest columns (see ARCHITECTURE.md and :mod:`dmf_core.data.manifest`):
+``image_id`` (posix path relative to ``root``), ``split`` (train|query|gallery), ``pid`` (int,
+junk -1 dropped, Market distractors 0 kept), ``camid`` (0-based int), ``dataset``; the FineGPR
+layout adds ``viewpoint``, ``weather``, ``illumination``, ``scene`` (the 1-based codes of the
+file name). Rows are sorted by (split, image_id). A malformed file name raises ValueError naming
+the file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from dmf_core.data.manifest import order_columns
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("finegpr", "market", "msmt17", "cuhk03np", "randperson")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+SKIP_DIRS = frozenset({"__MACOSX", ".git", ".dvc"})
+MAX_DEPTH = 4  # how deep below root the real layout folder may sit
+
+# Market-1501 / DukeMTMC-reID / CUHK03-NP: "0002_c1s1_000451_03.jpg", "0001_c2_f0046182.jpg"
+MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
+MARKET_SPLITS = {"bounding_box_train": "train", "query": "query", "bounding_box_test": "gallery"}
+# RandPerson: "000000_s00_c00_f000264.jpg"
+RANDPERSON_RE = re.compile(r"^(\d+)_s(\d+)_c(\d+)_f(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+RANDPERSON_CAM_OFFSETS = (0, 2, 4, 6, 8, 9, 10, 12, 13, 14, 15)  # QAConv randperson.py, per scene
+# FineGPR: "0001_c01_w01_l01_p01.jpg" = id, viewpoint, weather, illumination, scene (background)
+FINEGPR_RE = re.compile(r"^(\d+)_c(\d+)_w(\d+)_l(\d+)_p(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+FINEGPR_CODES = {"viewpoint": 36, "weather": 7, "illumination": 7, "scene": 9}  # valid 1..max
+FINEGPR_COLUMNS = tuple(FINEGPR_CODES)
+# MSMT17: V1 folders train/test, V2 (faces blurred) mask_train_v2/mask_test_v2
+MSMT_DIRS = {"v1": ("train", "test"), "v2": ("mask_train_v2", "mask_test_v2")}
+MSMT_LISTS = (("list_train.txt", "train", 0), ("list_val.txt", "train", 0),
+              ("list_query.txt", "query", 1), ("list_gallery.txt", "gallery", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk_dirs(root: Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """os.walk below root (sorted, hidden/__MACOSX skipped, depth-limited); yields (dir, dirs, files).
+
+    The caller may prune ``dirs`` in place, like os.walk.
+    """
+    base_depth = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        path = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        if len(path.parts) - base_depth >= max_depth:
+            dirnames[:] = []
+        yield path, dirnames, filenames
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _choose(candidates: list[Path], root: Path, what: str, variant: str | None,
+            prefer: Iterable[str] = ()) -> Path:
+    """Pick the one layout folder among candidates; ``variant`` (a path component) disambiguates."""
+    if not candidates:
+        raise ValueError(f"{root}: no {what} found below it (searched {MAX_DEPTH} levels deep)")
+    if len(candidates) == 1:
+        return candidates[0]
+    for key in ([variant] if variant else list(prefer)):
+        hits = [c for c in candidates if key.lower() in (p.lower() for p in c.relative_to(root).parts)]
+        if len(hits) == 1:
+            log.info("%s: using %s (variant %r)", root, hits[0], key)
+            return hits[0]
+    listed = ", ".join(str(c) for c in candidates)
+    raise ValueError(f"{root}: several {what} found ({listed}); name one with the layout variant")
+
+
+def _frame(rows: list[tuple], columns: list[str], dataset: str) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(rows, columns=columns)
+    if df.empty:
+        df = pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
+        df["image_id"] = df["image_id"].astype(str)
+        df["split"] = df["split"].astype(str)
+    for col in columns:
+        if col not in ("image_id", "split"):
+            df[col] = df[col].astype("int64")
+    df["dataset"] = dataset
+    df = df.sort_values(["split", "image_id"], kind="stable").reset_index(drop=True)
+    return order_columns(df)
+
+
+# ---------------------------------------------------------------------------------------------
+# Market-1501 / DukeMTMC-reID / CUHK03-NP
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_market_dirs(root: Path) -> list[Path]:
+    found = []
+    for path, dirnames, _ in _walk_dirs(root):
+        if any(d in MARKET_SPLITS for d in dirnames):
+            found.append(path)
+            dirnames[:] = []  # do not list the (large) split folders while searching
+    return found
+
+
+def parse_market_dir(base: Path, root: Path) -> list[tuple]:
+    """Rows (image_id, split, pid, camid) of one Market-style folder; junk (-1) dropped."""
+    rows: list[tuple] = []
+    junk = 0
+    for folder, split in MARKET_SPLITS.items():
+        d = base / folder
+        if not d.is_dir():
+            log.warning("%s: no %s/ folder, split %r is empty", base, folder, split)
+            continue
+        with os.scandir(d) as it:
+            names = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+        prefix = _rel(d, root)
+        for name in names:
+            m = MARKET_RE.match(name)
+            if m is None:
+                raise ValueError(f"{d / name}: file name does not match <pid>_c<cam>... "
+                                 f"(regex {MARKET_RE.pattern})")
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if pid == -1:
+                junk += 1
+                continue
+            if pid < -1 or cam < 1:
+                raise ValueError(f"{d / name}: pid {pid} / camera {cam} out of range "
+                                 "(expected pid >= -1, camera >= 1)")
+            rows.append((f"{prefix}/{name}", split, pid, cam - 1))
+    if junk:
+        log.info("%s: dropped %d junk images (pid -1)", base, junk)
+    return rows
+
+
+def parse_market(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
+    base = _choose(_find_market_dirs(root), root, "Market-style folder (bounding_box_train/query/"
+                   "bounding_box_test)", variant, prefer=("detected",))
+    return _frame(parse_market_dir(base, root), ["image_id", "split", "pid", "camid"], dataset)
+
+
+def parse_cuhk03np(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
+    if variant is None:
+        variant = "labeled" if "labeled" in dataset.lower() else "detected"
+    return parse_market(root, dataset, variant)
+
+
+# ---------------------------------------------------------------------------------------------
+# MSMT17 (list files)
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_list(path: Path) -> list[tuple[str, int]]:
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{path}:{lineno}: expected '<relative path> <pid>', got {line!r}")
+        out.append((parts[0], int(parts[1])))
+    return out
+
+
+def parse_msmt17(root: Path, dataset: str, variant: str | None = None,
+                 combine_all: bool | None = None) -> pd.DataFrame:
+    """MSMT17 V1/V2 from list_{train,val,query,gallery}.txt; train = list_train + list_val.
+
+    ``combine_all`` (default: dataset name ends with ``_all``) puts train+val+query+gallery into
+    one train split, query/gallery pids offset past the train pids (QAConv's combine_all).
+    """
+    if combine_all is None:
+        combine_all = dataset.lower().endswith("_all")
+    candidates = []
+    for path, dirnames, filenames in _walk_dirs(root):
+        if "list_train.txt" in filenames or "list_query.txt" in filenames:
+            candidates.append(path)
+            dirnames[:] = []  # do not list the image folders while searching
+    base = _choose(candidates, root, "MSMT17 folder (list_train.txt ...)", variant,
+                   prefer=("MSMT17_V1", "MSMT17_V2"))
+    versions = [(v, dirs) for v, dirs in MSMT_DIRS.items()
+                if (base / dirs[0]).is_dir() or (base / dirs[1]).is_dir()]
+    if not versions:
+        raise ValueError(f"{base}: neither train/+test/ (V1) nor mask_train_v2/+mask_test_v2/ (V2) found")
+    version, (train_dir, test_dir) = versions[0]
+    log.info("%s: MSMT17 %s folders %s/, %s/", base, version.upper(), train_dir, test_dir)
+    rows: list[tuple] = []
+    for list_name, split, is_test in MSMT_LISTS:
+        list_path = base / list_name
+        if not list_path.is_file():
+            raise ValueError(f"{list_path}: MSMT17 list file missing")
+        folder = base / (test_dir if is_test else train_dir)
+        prefix = _rel(folder, root)
+        for rel, pid in _read_list(list_path):
+            name = rel.rsplit("/", 1)[-1]
+            fields = name.split("_")
+            if len(fields) < 3 or not fields[2].isdigit() or int(fields[2]) < 1 or pid < 0:
+                raise ValueError(f"{list_path}: entry {rel!r} (pid {pid}) does not look like "
+                                 "<pid>/<pid>_<idx>_<cam>_<date><time>_..._<n>.jpg with pid >= 0")
+            if ".." in rel.split("/") or rel.startswith("/"):
+                raise ValueError(f"{list_path}: entry {rel!r} leaves the image folder")
+            rows.append((f"{prefix}/{rel}", split, pid, int(fields[2]) - 1, is_test))
+    if combine_all:
+        offset = max((r[2] for r in rows if not r[4]), default=-1) + 1
+        rows = [(r[0], "train", r[2] + offset if r[4] else r[2], r[3], r[4]) for r in rows]
+        log.info("%s: combine_all, query/gallery pids offset by %d", base, offset)
+    rows = [r[:4] for r in rows]
+    df = _frame(rows, ["image_id", "split", "pid", "camid"], dataset)
+    dup = df["image_id"].duplicated()
+    if dup.any():
+        raise ValueError(f"{base}: image {df.loc[dup, 'image_id'].iloc[0]!r} listed twice in the list files")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# RandPerson
+# ---------------------------------------------------------------------------------------------
+
+
+def _collect_images(base: Path) -> Iterator[Path]:
+    for path, _, filenames in _walk_dirs(base, max_depth=MAX_DEPTH):
+        for name in sorted(filenames):
+            if _is_image(name):
+                yield path / name
+
+
+def parse_randperson(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
+    """RandPerson ``pid_sSS_cCC_fFFFFFF.jpg``; camid = scene offset + cam; everything is train."""
+    want = (variant or "randperson_subset").lower()
+    named = [p for p, _, _ in _walk_dirs(root) if p != root and p.name.lower() == want]
+    base = _choose(named, root, "randperson_subset folder", None) if named else root
+    rows = []
+    for path in _collect_images(base):
+        m = RANDPERSON_RE.match(path.name)
+        if m is None:
+            raise ValueError(f"{path}: file name does not match <pid>_s<scene>_c<cam>_f<frame>.jpg")
+        pid, scene, cam = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if scene >= len(RANDPERSON_CAM_OFFSETS):
+            raise ValueError(f"{path}: scene s{scene:02d} out of range (expected s00..s10)")
+        rows.append((_rel(path, root), "train", pid, RANDPERSON_CAM_OFFSETS[scene] + cam))
+    return _frame(rows, ["image_id", "split", "pid", "camid"], dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# FineGPR
+# ---------------------------------------------------------------------------------------------
+
+FINEGPR_VARIANT_DIRS = {"full": "FineGPR", "subset": "FineGPR_subset"}
+
+
+def parse_finegpr(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
+    """FineGPR ``IIII_cCC_wWW_lLL_pPP.jpg`` (full: FineGPR/<id>/..., subset: FineGPR_subset/...).
+
+    ``variant`` is "full" or "subset"; by default the full set is used when both are present.
+    Without either folder every matching image below root is used (e.g. SynthPed output).
+    """
+    if variant is not None and variant not in FINEGPR_VARIANT_DIRS:
+        raise ValueError(f"finegpr variant {variant!r}: expected one of {sorted(FINEGPR_VARIANT_DIRS)}")
+    found: dict[str, list[Path]] = {k: [] for k in FINEGPR_VARIANT_DIRS}
+    for path, dirnames, _ in _walk_dirs(root):
+        for key, dirname in FINEGPR_VARIANT_DIRS.items():
+            if path != root and path.name == dirname:
+                found[key].append(path)
+                dirnames[:] = []
+    order = [variant] if variant else ["full", "subset"]
+    base = None
+    for key in order:
+        if found[key]:
+            base = _choose(found[key], root, f"{FINEGPR_VARIANT_DIRS[key]}/ folder", None)
+            break
+    if base is None:
+        if variant:
+            raise ValueError(f"{root}: no {FINEGPR_VARIANT_DIRS[variant]}/ folder found below it")
+        base = root
+    rows = []
+    for path in _collect_images(base):
+        m = FINEGPR_RE.match(path.name)
+        if m is None:
+            raise ValueError(f"{path}: file name does not match IIII_cCC_wWW_lLL_pPP.jpg")
+        pid, *codes = (int(g) for g in m.groups())
+        for (col, top), code in zip(FINEGPR_CODES.items(), codes):
+            if not 1 <= code <= top:
+                raise ValueError(f"{path}: {col} code {code} out of range (expected 1..{top})")
+        rows.append((_rel(path, root), "train", pid, codes[0] - 1, *codes))
+    return _frame(rows, ["image_id", "split", "pid", "camid", *FINEGPR_COLUMNS], dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+_PARSERS = {
+    "finegpr": parse_finegpr,
+    "market": parse_market,
+    "cuhk03np": parse_cuhk03np,
+    "msmt17": parse_msmt17,
+    "randperson": parse_randperson,
+}
+
+
+def _registry_options(dataset: str, layout: str) -> dict:
+    from dmf_core.data.registry import REGISTRY
+
+    entry = REGISTRY.get(dataset)
+    if entry is None or entry.layout != layout:
+        return {}
+    return dict(entry.layout_options)
+
+
+def parse_layout(layout: str, root: Path, dataset: str, **options) -> pd.DataFrame:
+    """Manifest of ``root`` (= data/raw/<dataset>) read with the named layout parser.
+
+    ``options`` go to the parser: ``variant`` (cuhk03np: "detected"|"labeled"; msmt17:
+    "MSMT17_V1"|"MSMT17_V2"; finegpr: "full"|"subset"), ``combine_all`` (msmt17). When not
+    given they come from the registry entry named ``dataset`` (if any), else from the name.
+    """
+    if layout not in _PARSERS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    opts = {**_registry_options(dataset, layout), **options}
+    parser = _PARSERS[layout]
+    allowed = set(inspect.signature(parser).parameters) - {"root", "dataset"}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise ValueError(f"layout {layout!r}: unknown option(s) {unknown} (allowed: {sorted(allowed)})")
+    df = parser(root, dataset, **opts)
+    counts = df.groupby("split").size().to_dict() if not df.empty else {}
+    log.info("%s (%s layout): %s", dataset, layout, ", ".join(f"{k} {v}" for k, v in counts.items()) or "empty")
+    return df
