@@ -445,3 +445,8 @@ def load_config(path: str | Path = "params.yaml") -> Config:
 def to_dict(cfg: Any) -> Any:
     """Plain-dict view of a config (for checkpoint metadata and tracking)."""
     return dataclasses.asdict(cfg)
+
+
+def expected_lmdb_meta(cfg: Config) -> dict:
+    """What readers require of a packed LMDB: built with the pack params this config asks for."""
+    return {"resize": cfg.pack.resize}

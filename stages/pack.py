@@ -7,7 +7,7 @@ import json
 import shutil
 
 from dmf_core import paths
-from dmf_core.config import Config
+from dmf_core.config import Config, expected_lmdb_meta
 from dmf_core.runtime import run_stage
 
 
@@ -24,16 +24,11 @@ def main(cfg: Config, name: str) -> None:
         rows = manifest[manifest["split"] == split].sort_values("image_id").reset_index(drop=True)
         report = pack_split(rows, paths.raw_dir(name), paths.lmdb_path(name, split),
                             resize=cfg.pack.resize, on_corrupt=cfg.pack.on_corrupt,
-                            relabel=split == "train", params_fingerprint=pack_fingerprint(cfg))
+                            relabel=split == "train", params_fingerprint=expected_lmdb_meta(cfg))
         summary[split] = {"images": report.count, "skipped": len(report.skipped), "bytes": report.bytes}
     out = paths.METRICS / "pack" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-
-
-def pack_fingerprint(cfg: Config) -> dict:
-    """The params an LMDB was built with; readers refuse an LMDB built with others."""
-    return {"resize": cfg.pack.resize}
 
 
 if __name__ == "__main__":

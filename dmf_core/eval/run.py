@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dmf_core import paths
-from dmf_core.config import Config
+from dmf_core.config import Config, expected_lmdb_meta
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TargetSplits:
         self.paths = {s: paths.lmdb_path(target, s) for s in ("query", "gallery")}
         self.loaders = {
             s: build_test_loader(p, cfg.augment, img.height, img.width, cfg.evaluate.batch_size,
-                                 cfg.train.num_workers)
+                                 cfg.train.num_workers, expected_meta=expected_lmdb_meta(cfg))
             for s, p in self.paths.items()
         }
         self.sidecars = {s: loader.dataset.sidecar for s, loader in self.loaders.items()}

@@ -1,0 +1,193 @@
+"""Dataset, transforms, caption picking and DataLoader builders over a packed split."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dmf_core.data.lmdb_store import pack_split
+from dmf_core.data.loader import (
+    CaptionPicker,
+    ReidImageDataset,
+    build_test_loader,
+    build_test_transform,
+    build_train_loader,
+    build_train_transform,
+    set_epoch,
+)
+
+# torchvision 0.29 flags its codecs deprecated; loader.py filters it, pytest resets filters per test
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+@dataclass(frozen=True)
+class Aug:  # the fields of dmf_core.config.AugmentConfig
+    flip: float = 0.5
+    pad: int = 4
+    erasing: float = 0.5
+    mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+def make_split(tmp: Path, ids: int = 8, per_id: int = 6, captions: bool = True, png: bool = False):
+    rng = np.random.default_rng(0)
+    root = tmp / "raw"
+    rows, caps = [], []
+    for pid in range(ids):
+        for n in range(per_id):
+            rel = f"{pid:04d}_c{n % 2}_{n:02d}.{'png' if png and n == 0 else 'jpg'}"
+            arr = np.kron(rng.integers(0, 255, (10, 5, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+            root.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / rel)
+            rows.append({"image_id": rel, "split": "train", "pid": pid * 3, "camid": n % 2, "dataset": "t"})
+            caps += [{"image_id": rel, "caption_idx": j, "caption": f"person {pid} view {n} text {j}"}
+                     for j in range(3)]
+    caps = pd.DataFrame(caps)
+    out = tmp / "lmdb" / "t-train.lmdb"
+    pack_split(pd.DataFrame(rows), root, out, relabel=True, captions=caps if captions else None,
+               params_fingerprint={"resize": None})
+    return out, caps
+
+
+def test_transforms_shapes():
+    img = torch.randint(0, 256, (3, 40, 20), dtype=torch.uint8)
+    train = build_train_transform(64, 32, Aug())(img)
+    test = build_test_transform(64, 32, Aug())(img)
+    assert train.shape == test.shape == (3, 64, 32) and train.dtype == test.dtype == torch.float32
+    assert -1.0 <= float(test.min()) and float(test.max()) <= 1.0
+    assert torch.equal(test, build_test_transform(64, 32, Aug())(img))
+    plain = build_train_transform(64, 32, Aug(flip=0, pad=0, erasing=0))(img)
+    assert torch.allclose(plain, test)
+
+
+def test_fused_augment_matches_v2_semantics():
+    img = torch.randint(0, 256, (3, 40, 20), dtype=torch.uint8)
+    ref = build_test_transform(64, 32, Aug())(img)
+    none = Aug(flip=0, pad=0, erasing=0)
+    assert torch.allclose(build_train_transform(64, 32, none)(img), ref, atol=1e-6)
+    flipped = build_train_transform(64, 32, Aug(flip=1.0, pad=0, erasing=0))(img)
+    assert torch.allclose(flipped, ref.flip(-1), atol=1e-6)
+    torch.manual_seed(0)
+    shifted = build_train_transform(64, 32, Aug(flip=0, pad=4, erasing=0))(img)
+    # some placement of the padded image: every crop is ref shifted by (dy, dx) in [-4, 4] with fill -1
+    found = False
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            cand = torch.full_like(ref, -1.0)
+            ys, xs = slice(max(0, dy), 64 + min(0, dy)), slice(max(0, dx), 32 + min(0, dx))
+            yr, xr = slice(max(0, -dy), 64 + min(0, -dy)), slice(max(0, -dx), 32 + min(0, -dx))
+            cand[:, ys, xs] = ref[:, yr, xr]
+            found |= torch.allclose(cand, shifted, atol=1e-6)
+    assert found
+    erased = build_train_transform(64, 32, Aug(flip=0, pad=0, erasing=1.0))(img)
+    diff = (erased != ref).any(0)
+    rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
+    assert diff.sum() > 0 and (erased[:, diff] == 0).all()
+    box = diff[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.float().mean() > 0.9  # one rectangle
+    # flip/pad/erasing frequencies follow p (same RNG use as v2: torch's default generator)
+    torch.manual_seed(1)
+    aug = build_train_transform(64, 32, Aug(flip=0.5, pad=0, erasing=0))
+    flips = sum(torch.allclose(aug(img), ref.flip(-1), atol=1e-6) for _ in range(200))
+    assert 70 < flips < 130
+
+
+def test_dataset_items_and_pickle(tmp_path):
+    out, caps = make_split(tmp_path, png=True)
+    picker = CaptionPicker(caps, seed=0)
+    ds = ReidImageDataset(out, build_test_transform(48, 24, Aug()), captions=picker,
+                          expected_meta={"resize": None})
+    assert len(ds) == 48 and ds.num_classes == 8
+    item = ds[5]
+    assert item["image"].shape == (3, 48, 24) and type(item["image"]) is torch.Tensor
+    assert item["label"] == ds.labels[5] and item["pid"] == ds.pids[5] and item["index"] == 5
+    assert item["caption"].startswith(f"person {item['pid'] // 3} ")
+    ds2 = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(ds2[5]["image"], item["image"]) and ds2[5]["caption"] == item["caption"]
+    assert ds.load_image(0).dtype == torch.uint8  # png decodes too
+
+
+def test_dataset_refuses_other_params_and_captions(tmp_path):
+    out, caps = make_split(tmp_path)
+    with pytest.raises(ValueError, match="t-train.lmdb: built with resize"):
+        ReidImageDataset(out, None, expected_meta={"resize": [64, 32]})
+    other = caps.copy()
+    other.loc[0, "caption"] = "changed"
+    with pytest.raises(ValueError, match="other captions"):
+        ReidImageDataset(out, None, captions=CaptionPicker(other, seed=0))
+    out2, _ = make_split(tmp_path / "nocap", captions=False)
+    with pytest.raises(ValueError, match="images have no caption"):
+        ReidImageDataset(out2, None, captions=CaptionPicker(caps.iloc[3:], seed=0))
+
+
+def test_captions_resolved_by_image_id_when_packed_without_refs(tmp_path):
+    """The pipeline packs pixels once; captions join by image_id at load time."""
+    out, caps = make_split(tmp_path, captions=True)
+    out2, _ = make_split(tmp_path / "nocap", captions=False)
+    with_refs = ReidImageDataset(out, None, captions=CaptionPicker(caps, seed=0))
+    by_id = ReidImageDataset(out2, None, captions=CaptionPicker(caps, seed=0))
+    assert [with_refs.captions.pick(i, with_refs._cap_start[i], with_refs._cap_count[i]) for i in range(10)] == \
+        [by_id.captions.pick(i, by_id._cap_start[i], by_id._cap_count[i]) for i in range(10)]
+
+
+def test_caption_picker_reproducible(tmp_path):
+    caps = pd.DataFrame({"image_id": ["a"] * 5 + ["b"] * 2, "caption_idx": list(range(5)) + [0, 1],
+                         "caption": [f"a{j} é" for j in range(5)] + ["b0", "b1"]})
+    p, q = CaptionPicker(caps, seed=3), CaptionPicker(caps.iloc[::-1], seed=3)
+    picks = [p.pick(i, 0, 5, epoch=e) for e in range(4) for i in range(20)]
+    assert picks == [q.pick(i, 0, 5, epoch=e) for e in range(4) for i in range(20)]
+    assert set(picks) == {f"a{j} é" for j in range(5)}  # all captions get used
+    assert [p.pick(i, 0, 5, epoch=0) for i in range(20)] != [p.pick(i, 0, 5, epoch=1) for i in range(20)]
+    r = CaptionPicker(caps, seed=4)
+    assert [p.pick(i, 0, 5, epoch=0) for i in range(20)] != [r.pick(i, 0, 5, epoch=0) for i in range(20)]
+    assert p.pick(0, 5, 2) in {"b0", "b1"} and p.pick(0, 5, 0) == ""
+    p.set_epoch(2)
+    assert p.pick(7, 0, 5) == p.pick(7, 0, 5, epoch=2)
+    assert pickle.loads(pickle.dumps(p)).pick(7, 0, 5) == p.pick(7, 0, 5)
+
+
+def test_train_loader_two_workers(tmp_path):
+    out, caps = make_split(tmp_path)
+    P, K = 4, 3
+    loader = build_train_loader(out, Aug(), 48, 24, P, K, seed=0, num_workers=2, captions=caps,
+                                expected_meta={"resize": None})
+    seen = {}
+    for epoch in (0, 1):
+        set_epoch(loader, epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader) > 0
+        for b in batches:
+            assert b["image"].shape == (P * K, 3, 48, 24)
+            assert len(set(b["label"].tolist())) == P and len(b["caption"]) == P * K
+            for lbl, pid in zip(b["label"].tolist(), b["pid"].tolist()):
+                assert pid == lbl * 3
+        seen[epoch] = [(b["index"].tolist(), b["caption"]) for b in batches]
+        images1 = [{"image": b["image"]} for b in batches]
+    assert seen[0] != seen[1]
+    # reproducible: a fresh loader (num_workers=0) at epoch 1 gives the same indices and captions
+    again = build_train_loader(out, Aug(), 48, 24, P, K, seed=0, num_workers=0, captions=caps, epoch=1)
+    batches0 = list(again)
+    assert [(b["index"].tolist(), b["caption"]) for b in batches0] == seen[1]
+    # ... and the same augmented images (seeded per (seed, epoch, index), not per worker)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches0, images1))
+    state = torch.get_rng_state()
+    list(again)
+    assert torch.equal(state, torch.get_rng_state())  # main-process RNG untouched
+    assert not list(out.parent.glob("*-lock"))
+
+
+def test_test_loader_order(tmp_path):
+    out, _ = make_split(tmp_path)
+    loader = build_test_loader(out, Aug(), 48, 24, batch_size=10, num_workers=2)
+    first = loader.dataset[0]["image"]  # the main process opens the env before workers fork
+    idx = torch.cat([b["index"] for b in loader]).tolist()
+    assert idx == list(range(48))
+    assert torch.equal(next(iter(loader))["image"][0], first)
+    assert loader.dataset.sidecar["image_id"].is_monotonic_increasing
