@@ -21,12 +21,12 @@ def main(cfg: Config) -> None:
     out_json = out_parquet.with_name(out_parquet.stem + "_coco.json")
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     if c.finegpr_c:
-        captions = cap.read_finegpr_c(Path(c.finegpr_c), manifest)
+        captions = cap.read_finegpr_c(Path(c.finegpr_c), manifest, on_bad_rows=c.on_bad_rows)
         cap.write_captions(captions, out_parquet, out_json)
         metrics = cap.caption_metrics(captions)
     else:
         attributes_file = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
-        result = cap.generate_captions(manifest, read_attributes(attributes_file), per_image=c.per_image,
+        result = cap.generate_captions(manifest, read_attributes(attributes_file, on_bad_rows=c.on_bad_rows), per_image=c.per_image,
                                        seed=c.seed, viewpoint_words=c.viewpoint_words,
                                        on_bad_rows=c.on_bad_rows)
         cap.write_captions(result, out_parquet, out_json)
