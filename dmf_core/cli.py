@@ -1,10 +1,22 @@
-"""The `dmf` command: what a re-ID user touches outside `dvc repro`."""
+"""The `dmf` command: what a re-ID user touches outside `dvc repro`.
+
+  dmf search    query images -> top-k matches in a packed gallery split (JSON + ranked-list PNG)
+  dmf extract   features of a packed split or of image files -> .npy + parquet of ids
+  dmf datasets  every known dataset, its state here and what to do next
+  dmf doctor    versions, GPUs, disk, offline text encoder, DVC and git, before a long run
+  dmf matrix    the cross-domain evaluation matrix of the last run
+  dmf showcase  a sheet of SynthPed images with their captions (README picture)
+
+Errors are one line on stderr and a non-zero exit code; `dmf --debug <command>` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,10 +31,14 @@ def _doctor(args: argparse.Namespace) -> int:
     import torch
 
     rows = [("python", sys.version.split()[0]), ("torch", torch.__version__),
+            ("torch built for CUDA", torch.version.cuda or "no (CPU build)"),
             ("cuda available", str(torch.cuda.is_available()))]
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         rows.append((f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB"))
+    if torch.cuda.is_available():
+        rows.append(("bf16 supported", str(torch.cuda.is_bf16_supported())))
+    rows.append(("cpu threads", str(os.cpu_count())))
     for where in (paths.DATA, paths.MODELS):
         probe = where if where.exists() else Path(".")
         rows.append((f"free disk ({where}/)", f"{shutil.disk_usage(probe).free / 2**30:.1f} GiB"))
@@ -41,6 +57,7 @@ def _doctor(args: argparse.Namespace) -> int:
     git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True)
     rows.append(("git repository", "yes" if git.returncode == 0 else "no: run `git init`"))
     rows.append(("dvc initialised", "yes" if Path(".dvc").is_dir() else "no: run `dvc init`"))
+    rows.append(("dvc remote", _dvc_remote()))
     rows.append(("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -48,37 +65,176 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dvc_remote() -> str:
+    """The default DVC remote from .dvc/config (+ config.local), or how to add one."""
+    parser = configparser.ConfigParser()
+    parser.read([".dvc/config", ".dvc/config.local"])
+    remotes = {s.split('"')[1]: parser[s].get("url", "?") for s in parser.sections() if s.startswith("remote ")}
+    default = parser.get("core", "remote", fallback=None) if parser.has_section("core") else None
+    if not remotes:
+        return "none: `dvc remote add -d store <url>` to share data and models (docs/scaling.md)"
+    if default in remotes:
+        return f"{default} -> {remotes[default]} (default)"
+    return ", ".join(f"{k} -> {v}" for k, v in remotes.items()) + " (no default: `dvc remote default <name>`)"
+
+
 def _matrix(args: argparse.Namespace) -> int:
     """Print the cross-domain evaluation matrix of the last `dvc repro`."""
     path = paths.REPORTS / "eval_matrix.md"
     if not path.exists():
-        raise SystemExit(f"dmf: error: {path} not found; run `dvc repro` first")
+        raise FileNotFoundError(f"{path} not found; run `dvc repro` first")
     print(path.read_text())
     if args.json:
         print(json.dumps(json.loads((paths.METRICS / "eval_matrix.json").read_text()), indent=2))
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    """Query image(s) or folder(s) -> the top-k matches in a packed gallery split (faiss, cosine)."""
+    from dmf_core.search import search
+
+    record = search(args.queries, model_dir=args.model, gallery=args.gallery, k=args.k, out_dir=args.out,
+                    flip=args.flip, batch_size=args.batch_size, device=args.device,
+                    num_workers=args.num_workers, gallery_features=args.gallery_features,
+                    plot_queries=args.plot_queries)
+    for q in record["queries"][: args.print]:
+        best = ", ".join(f"{m['image_id']} ({m['distance']:.3f})" for m in q["matches"][:3])
+        print(f"{q['query']}: {best}{', ...' if len(q['matches']) > 3 else ''}")
+    print(f"wrote {record['outputs']['json']} and {record['outputs']['png']}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    """Features of a packed split or of image files/folders -> .npy + a parquet of ids."""
+    from dmf_core.search import extract_to_files
+
+    npy, parquet, n = extract_to_files(args.source, args.out, model_dir=args.model, split=args.split,
+                                       batch_size=args.batch_size, flip=args.flip, device=args.device,
+                                       num_workers=args.num_workers)
+    print(f"wrote {n} features to {npy} and their ids to {parquet}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    """Every registered or configured dataset: its state here, its size, and what to do next."""
+    from dmf_core.datasets_status import collect, format_table
+
+    rows = collect(args.params)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(format_table(rows, verbose=args.verbose))
+    return 0
+
+
+def _showcase(args: argparse.Namespace) -> int:
+    """A sheet of SynthPed images with their captions under them (the README picture)."""
+    from dmf_core.showcase import sample_sheet_with_captions
+
+    out = sample_sheet_with_captions(args.out, dataset=args.dataset, num=args.num, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="DIR",
+                   help="a trained model folder (model.safetensors + meta.json), e.g. models/finetune/sp_market")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
+    p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dmf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    doctor = sub.add_parser("doctor", help=_doctor.__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", dest="log_info", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    doctor = sub.add_parser("doctor", help=_doctor.__doc__, description=_doctor.__doc__)
     doctor.set_defaults(func=_doctor)
-    matrix = sub.add_parser("matrix", help=_matrix.__doc__)
+
+    matrix = sub.add_parser("matrix", help=_matrix.__doc__, description=_matrix.__doc__)
     matrix.add_argument("--json", action="store_true", help="also print metrics/eval_matrix.json")
     matrix.set_defaults(func=_matrix)
+
+    search = sub.add_parser(
+        "search", help=_search.__doc__, description=_search.__doc__,
+        epilog="example: dmf search my_queries/ --model models/finetune/sp_market --gallery sp_cuhk -k 10")
+    search.add_argument("queries", nargs="+", help="query image files and/or folders (searched recursively)")
+    search.add_argument("--gallery", required=True, metavar="NAME|LMDB",
+                        help="a packed dataset name (its gallery split) or a .lmdb file, e.g. "
+                             "data/lmdb/sp_cuhk/sp_cuhk-gallery.lmdb")
+    search.add_argument("-k", type=_positive_int, default=10, help="matches per query (default 10)")
+    search.add_argument("--out", default="reports/search", metavar="DIR",
+                        help="where search.json and search.png go (default reports/search)")
+    search.add_argument("--gallery-features", metavar="NPY",
+                        help="reuse gallery features written by `dmf extract` for the same model and split")
+    search.add_argument("--plot-queries", type=_positive_int, default=8,
+                        help="queries drawn in the PNG (default 8; the JSON has all)")
+    search.add_argument("--print", type=int, default=5, metavar="N", help="queries summarised on stdout (default 5)")
+    _add_model_args(search)
+    search.set_defaults(func=_search)
+
+    extract = sub.add_parser(
+        "extract", help=_extract.__doc__, description=_extract.__doc__,
+        epilog="examples: dmf extract sp_cuhk --split gallery --model models/finetune/sp_market --out feats/cuhk_gallery\n"
+               "          dmf extract photos/ --model models/finetune/sp_market --out feats/photos")
+    extract.add_argument("source", nargs="+",
+                         help="a packed dataset name (with --split), a .lmdb file, or image files/folders")
+    extract.add_argument("--split", default="gallery", choices=("train", "query", "gallery"),
+                         help="split of a dataset name (default gallery)")
+    extract.add_argument("--out", required=True, metavar="PATH",
+                         help="output stem: writes PATH.npy (float32, L2-normalised) and PATH.parquet (ids)")
+    _add_model_args(extract)
+    extract.set_defaults(func=_extract)
+
+    datasets = sub.add_parser("datasets", help=_datasets.__doc__, description=_datasets.__doc__)
+    datasets.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    datasets.add_argument("--json", action="store_true", help="machine-readable output")
+    datasets.add_argument("--verbose", action="store_true", help="how to get every dataset, not only missing ones")
+    datasets.set_defaults(func=_datasets)
+
+    showcase = sub.add_parser("showcase", help=_showcase.__doc__, description=_showcase.__doc__)
+    showcase.add_argument("--out", default="docs/img/captions_sample.png", help="PNG to write")
+    showcase.add_argument("--dataset", default="synthped", help="a FineGPR-format dataset with captions")
+    showcase.add_argument("--num", type=_positive_int, default=6, help="images (one per identity)")
+    showcase.add_argument("--seed", type=int, default=0, help="which identities and images")
+    showcase.set_defaults(func=_showcase)
     return parser
+
+
+def _error_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    if isinstance(exc, KeyError) and text.startswith(("'", '"')):
+        text = text.strip("'\"")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.log_info else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"dmf {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # one clear line unless --debug
         if args.debug:
             raise
-        print(f"dmf {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dmf {args.command}: error: {_error_line(exc)}", file=sys.stderr)
         return 1
 
 

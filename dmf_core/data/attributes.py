@@ -143,8 +143,12 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
     if first is None:
         raise AttributeFileError(f"{path}: empty file; expected a header row pid,{','.join(ATTRIBUTE_COLUMNS)}")
     sep = _sniff_delimiter(lines[first], path)
-    frame = pd.read_csv(io.StringIO("\n".join(lines[first:])), sep=sep, dtype=str, keep_default_na=False,
-                        skip_blank_lines=True, engine="python" if len(sep) > 1 else "c")
+    try:
+        frame = pd.read_csv(io.StringIO("\n".join(lines[first:])), sep=sep, dtype=str, keep_default_na=False,
+                            skip_blank_lines=True, engine="python" if len(sep) > 1 else "c")
+    except pd.errors.ParserError as exc:  # reliability (issue 9): a ragged row names the file, not just pandas
+        raise AttributeFileError(f"{path}: rows do not all have the header's {lines[first].count(sep) + 1} "
+                                 f"cells ({exc}; line numbers count from the header)") from None
     # Map headers.
     mapping: dict[str, str] = {}
     unknown: list[str] = []

@@ -865,8 +865,22 @@ def write_captions(result_or_df: CaptionResult | pd.DataFrame, parquet_path: Pat
     parquet_path, coco_json_path = Path(parquet_path), Path(coco_json_path)
     parquet_path.parent.mkdir(parents=True, exist_ok=True)
     coco_json_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, parquet_path, compression="zstd", row_group_size=1 << 20, store_schema=False)
+    # reliability (issue 9): both files go to temporary names first and replace the outputs only when
+    # both are complete, so a full disk (or a kill) mid-write never leaves a half or mismatched pair.
+    tmp_parquet = parquet_path.with_name(parquet_path.name + ".tmp")
+    tmp = coco_json_path.with_name(coco_json_path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp_parquet, compression="zstd", row_group_size=1 << 20, store_schema=False)
+        _write_coco(table, n, tmp, chunk)
+        tmp_parquet.replace(parquet_path)
+        tmp.replace(coco_json_path)
+    finally:
+        tmp_parquet.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
+
+def _write_coco(table: pa.Table, n: int, tmp: Path, chunk: int) -> None:
+    """The COCO-style JSON of :func:`write_captions`, streamed in chunks into ``tmp``."""
     ids = table.column("image_id")
     new_img = np.ones(n, dtype=bool)
     if n > 1:
@@ -874,7 +888,6 @@ def write_captions(result_or_df: CaptionResult | pd.DataFrame, parquet_path: Pat
     img_num = np.cumsum(new_img, dtype=np.int64)  # 1-based COCO image id of every annotation
     first_rows = np.flatnonzero(new_img)
     captions = table.column("caption")
-    tmp = coco_json_path.with_name(coco_json_path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(b'{"info": {"description": "dmf FineGPR-C style captions", "version": "1"},\n"images": [\n')
         first = True
@@ -892,7 +905,6 @@ def write_captions(result_or_df: CaptionResult | pd.DataFrame, parquet_path: Pat
             first = _write_joined(fh, ['{"id": ', ann, ', "image_id": ', pa.array(img_num[s:e]), ', "caption": ',
                                        caps, "}"], ",\n", first)
         fh.write(b"\n]}\n")
-    tmp.replace(coco_json_path)
 
 
 def read_finegpr_c(json_path: Path, manifest: pd.DataFrame, *, on_bad_rows: str = "fail") -> pd.DataFrame:
@@ -909,6 +921,8 @@ def read_finegpr_c(json_path: Path, manifest: pd.DataFrame, *, on_bad_rows: str 
         data = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise CaptionInputError(f"{json_path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:  # reliability (issue 9): name the file instead of a bare codec error
+        raise CaptionInputError(f"{json_path}: not UTF-8 text ({exc})") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise CaptionInputError(f"{json_path}: expected a COCO-style object with 'images' and 'annotations'")
     images = pd.DataFrame(data["images"])
@@ -918,6 +932,10 @@ def read_finegpr_c(json_path: Path, manifest: pd.DataFrame, *, on_bad_rows: str 
         missing = [c for c in cols if c not in frame.columns]
         if missing and len(frame):
             raise CaptionInputError(f"{json_path}: {name} entries lack key(s) {missing}")
+        # reliability (issue 9): a key present in some entries only (or null) must not crash later
+        if name == "images" and len(frame) and frame[cols].isna().any().any():
+            lacking = frame[frame[cols].isna().any(axis=1)].head(_MAX_LISTED).to_dict("records")
+            raise CaptionInputError(f"{json_path}: images entries lack 'id' or 'file_name', e.g. {lacking}")
     if not len(anns):
         raise CaptionInputError(f"{json_path}: no annotations")
     man_ids = manifest["image_id"].astype(str)

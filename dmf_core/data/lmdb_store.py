@@ -219,6 +219,7 @@ def pack_split(
     cap_sorted = _sorted_captions(captions) if captions is not None else None
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(image_root, rows["image_id"].astype(str).tolist(), out_path, resize)
     tmp_lmdb, side, tmp_side = partial_path(out_path), sidecar_path(out_path), partial_path(sidecar_path(out_path))
     report_file = corrupt_report_path(out_path)
     # Start clean: drop leftovers of an interrupted run and the previous outputs.
@@ -302,17 +303,22 @@ def pack_split(
         _remove(tmp_lmdb)  # a clean failure leaves nothing; a kill leaves only the .partial file
         raise
     env.close()
-    _fsync_path(tmp_lmdb)
-    lmdb_bytes = tmp_lmdb.stat().st_size
-    _write_sidecar(frame, tmp_side, lmdb_bytes)
-    _fsync_path(tmp_side)
-    if report.skipped:
-        report_file.write_text(json.dumps(
-            {"lmdb": str(out_path), "skipped": [{"image_id": i, "reason": r} for i, r in report.skipped]},
-            indent=2) + "\n")
-        log.warning("%s: skipped %d corrupt or unreadable images (listed in %s)", out_path,
-                    len(report.skipped), report_file)
-    os.replace(tmp_side, side)
+    try:  # reliability (issue 9): a full disk while writing the sidecar/report leaves no partial files
+        _fsync_path(tmp_lmdb)
+        lmdb_bytes = tmp_lmdb.stat().st_size
+        _write_sidecar(frame, tmp_side, lmdb_bytes)
+        _fsync_path(tmp_side)
+        if report.skipped:
+            report_file.write_text(json.dumps(
+                {"lmdb": str(out_path), "skipped": [{"image_id": i, "reason": r} for i, r in report.skipped]},
+                indent=2) + "\n")
+            log.warning("%s: skipped %d corrupt or unreadable images (listed in %s)", out_path,
+                        len(report.skipped), report_file)
+        os.replace(tmp_side, side)
+    except BaseException:
+        for stale in (tmp_lmdb, tmp_side, side, report_file):
+            _remove(stale)
+        raise
     os.replace(tmp_lmdb, out_path)
     _fsync_path(out_path.parent)
     report.count = len(frame)
@@ -320,6 +326,31 @@ def pack_split(
     log.info("%s: %d images, %.1f MB, %.1f s (%.0f images/s)", out_path, report.count, report.bytes / 1e6,
              report.seconds, report.images_per_s)
     return report
+
+
+def _check_free_space(image_root: Path, image_ids: list[str], out_path: Path, resize) -> None:
+    """Refuse up front when the LMDB would not fit on the disk (reliability, issue 9).
+
+    Estimate: the source files' bytes (values are the original bytes), or h*w*3/4 bytes per image
+    when re-encoding, + 10 % + 16 MiB for LMDB pages, the sidecar and the report.
+    """
+    from dmf_core.data import extract  # free_bytes is looked up at call time (tests monkeypatch it)
+
+    if resize is not None:
+        need = len(image_ids) * int(resize[0]) * int(resize[1]) * 3 // 4
+    else:
+        need = 0
+        for image_id in image_ids:
+            try:
+                need += os.stat(image_root / image_id).st_size
+            except OSError:
+                pass  # reported as unreadable while packing
+    required = int(need * 1.1) + (16 << 20)
+    avail = extract.free_bytes(out_path.parent)
+    if required > avail:
+        raise extract.InsufficientSpaceError(
+            f"{out_path}: packing needs about {required / 2**20:.1f} MiB but only {avail / 2**20:.1f} MiB "
+            f"are free on {out_path.parent}; free some space or move data/lmdb to a larger disk")
 
 
 def _labels(pids: np.ndarray, relabel: bool) -> np.ndarray:

@@ -65,11 +65,29 @@ def _atomic_write_bytes(path: Path, writer) -> None:
     os.replace(tmp, path)
 
 
+def _save_safetensors_sorted(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the ``__metadata__`` keys in sorted order.
+
+    Reliability fix (issue 9): safetensors serialises ``__metadata__`` from a Rust HashMap, whose
+    order changes from process to process, so the same weights gave a different file (and DVC hash)
+    on every run and downstream stages re-ran needlessly. Reordering keeps the header's length.
+    """
+    from safetensors.torch import save
+
+    data = save(state, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        fixed = json.dumps(header, separators=(",", ":")).encode()
+        if len(fixed) <= n:  # same keys and values: same length; pad like safetensors does
+            data = data[:8] + fixed.ljust(n, b" ") + data[8 + n:]
+    Path(path).write_bytes(data)
+
+
 def save_model(model: nn.Module, out_dir: str | Path, *, cfg: Config, num_classes: int, stage: str,
                extra: dict | None = None) -> dict:
     """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the metadata."""
-    from safetensors.torch import save_file
-
     model = unwrap(model)
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -85,7 +103,7 @@ def save_model(model: nn.Module, out_dir: str | Path, *, cfg: Config, num_classe
         **(extra or {}),
     }
     _atomic_write_bytes(out_dir / MODEL_FILE,
-                        lambda p: save_file(state, str(p), metadata={"format": FORMAT, "stage": stage}))
+                        lambda p: _save_safetensors_sorted(state, p, {"format": FORMAT, "stage": stage}))
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 

@@ -1,0 +1,120 @@
+"""Ranked-list pictures: a few queries with their top-k gallery images under the protocol.
+
+Frames: green = true match, red = wrong identity, grey with a "same cam" label = a same-pid
+same-camera item that the protocol removes (shown where it would have ranked, not counted).
+Images come through ``load_image(kind, index)`` (``kind`` is ``"query"`` or ``"gallery"``) returning
+a PIL image, so the pictures do not care where images live.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GREEN, RED, GREY, BLUE = "#1a9641", "#d7191c", "#9e9e9e", "#2b83ba"
+
+
+def _frame(ax, color: str, width: float = 4.0) -> None:
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(width)
+        spine.set_visible(True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict], ranks: Sequence[Sequence[int]],
+                     out_png: Path, *, load_image: Callable[[str, int], object], top_k: int = 10,
+                     distances: Sequence[Sequence[float]] | None = None, thumb=(64, 32),
+                     title: str | None = None) -> Path:
+    """One row per query: the query image, then its ``top_k`` gallery images in ``ranks[i]`` order.
+
+    ``query_items[i]`` / ``gallery_items[j]``: dicts with ``index`` (for ``load_image``), ``pid`` and
+    ``camid``. ``ranks[i]``: gallery positions (into ``gallery_items``) nearest first, removed items
+    included (they are drawn grey and do not use up a rank). Writes a small PNG (thumbnails of
+    ``thumb`` = (height, width) pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(query_items) != len(ranks):
+        raise ValueError(f"ranks: {len(ranks)} lists for {len(query_items)} queries")
+    if not query_items:
+        raise ValueError("plot_ranked_list: no queries to show")
+    rows = []
+    for qi, q in enumerate(query_items):
+        shown, kept = [], 0
+        for pos, j in enumerate(ranks[qi]):
+            g = gallery_items[int(j)]
+            same_pid, same_cam = g["pid"] == q["pid"], g["camid"] == q["camid"]
+            kind = "removed" if (same_pid and same_cam) else ("match" if same_pid else "wrong")
+            if kind != "removed":
+                kept += 1
+            d = None if distances is None else float(distances[qi][pos])
+            shown.append((g, kind, kept, d))
+            if kept >= top_k:
+                break
+        rows.append(shown)
+    ncols = 1 + max(len(r) for r in rows)
+    h, w = thumb
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * 0.75, len(rows) * 1.45), squeeze=False)
+    for i, (q, shown) in enumerate(zip(query_items, rows)):
+        ax = axes[i][0]
+        ax.imshow(load_image("query", int(q["index"])).convert("RGB").resize((w, h)))
+        _frame(ax, BLUE)
+        ax.set_title(f"query\npid {q['pid']} c{q['camid']}", fontsize=6)
+        for c, (g, kind, kept, d) in enumerate(shown, start=1):
+            ax = axes[i][c]
+            ax.imshow(load_image("gallery", int(g["index"])).convert("RGB").resize((w, h)))
+            color = {"match": GREEN, "wrong": RED, "removed": GREY}[kind]
+            _frame(ax, color, 2.0 if kind == "removed" else 4.0)
+            label = "same cam" if kind == "removed" else f"#{kept}"
+            if d is not None:
+                label += f"\n{d:.2f}"
+            ax.set_title(label, fontsize=6, color=color if kind == "removed" else "black")
+        for c in range(len(shown) + 1, ncols):
+            axes[i][c].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(pad=0.3)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    size = out_png.stat().st_size
+    if size > 400_000:
+        log.warning("%s is %.0f KB (> 400 KB)", out_png, size / 1e3)
+    return out_png
+
+
+def ranked_list_for_queries(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids, *,
+                            load_image: Callable[[str, int], object], num_queries: int = 4, seed: int = 0,
+                            out_png: Path, top_k: int = 10, metric: str = "cosine") -> Path:
+    """Pick ``num_queries`` queries that have a true match (seeded), rank the gallery by ``metric``
+    distance and draw :func:`plot_ranked_list`. Only the chosen rows of distances are computed."""
+    from dmf_core.eval.distances import distance
+
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    valid = [i for i in range(len(q_pids))
+             if np.any((g_pids == q_pids[i]) & (g_camids != q_camids[i]))]
+    if not valid:
+        raise ValueError("ranked list: no query has a true match in the gallery")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(valid, size=min(num_queries, len(valid)), replace=False).tolist())
+    dist = distance(np.asarray(query_feats)[chosen], gallery_feats, metric)
+    ranks, dists = [], []
+    for row in dist:
+        order = np.argsort(row, kind="stable")[: top_k * 4 + 20]
+        ranks.append(order)
+        dists.append(row[order])
+    q_items = [{"index": i, "pid": int(q_pids[i]), "camid": int(q_camids[i])} for i in chosen]
+    g_items = [{"index": j, "pid": int(p), "camid": int(c)} for j, (p, c) in enumerate(zip(g_pids, g_camids))]
+    return plot_ranked_list(q_items, g_items, ranks, out_png, load_image=load_image, top_k=top_k,
+                            distances=dists)

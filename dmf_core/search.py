@@ -1,0 +1,355 @@
+"""Features and retrieval with a trained model, outside the pipeline: ``dmf extract`` and ``dmf search``.
+
+- :func:`extract_to_files`: features of a packed LMDB split or of image files/folders, in
+  batches, with a progress bar -> ``<out>.npy`` (float32, N x D, L2-normalised f, the test-time
+  feature of the evaluation: pre-BNNeck, optionally flip-averaged) + ``<out>.parquet`` (one row per
+  feature, in the same order: ``key, image_id, pid, camid`` for an LMDB split, ``path`` for files).
+- :func:`search`: query images -> the top-k of a packed gallery split by cosine distance
+  (``1 - cos``) with a faiss inner-product index over the L2-normalised features; writes a JSON of
+  (gallery image, distance) per query and a ranked-list PNG.
+
+The model directory (``models/finetune/<source>`` or ``models/pretrain``) carries its own config
+in ``meta.json``: input size and normalisation come from there, not from params.yaml, so a model
+is always fed what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from dmf_core import paths
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PARQUET_META_KEY = b"dmf.features"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named in ``inputs``: files as given, folders searched recursively (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or folder")
+    if not files:
+        raise FileNotFoundError("no query images given")
+    return files
+
+
+def resolve_split(source: str | Path, split: str) -> Path:
+    """A packed split: an ``.lmdb`` path as given, or a dataset name -> data/lmdb/<name>/<name>-<split>.lmdb."""
+    source = Path(source)
+    if source.suffix == ".lmdb":
+        return source
+    if len(source.parts) == 1 and not source.exists():
+        return paths.lmdb_path(str(source), split)
+    raise ValueError(f"{source}: expected a packed split (<...>.lmdb) or a dataset name under data/lmdb/")
+
+
+def is_lmdb_source(source: str | Path) -> bool:
+    source = Path(source)
+    return source.suffix == ".lmdb" or (len(source.parts) == 1 and not source.exists()
+                                        and paths.lmdb_dir(str(source)).is_dir())
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded and transformed like a test split; item ``{"image", "index"}``."""
+
+    def __init__(self, files: Sequence[Path], transform):
+        self.files = [Path(f) for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        from dmf_core.data.loader import decode_to_tensor
+
+        path = self.files[i]
+        try:
+            image = decode_to_tensor(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - PIL/torchvision raise many types on bad data
+            raise ValueError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+        return {"image": self.transform(image), "index": i}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and features
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    meta: dict
+    cfg: object  # dmf_core.config.Config the model was trained with
+    device: torch.device
+    path: Path
+
+    def transform(self):
+        from dmf_core.data.loader import build_test_transform
+
+        img = self.cfg.model.image
+        return build_test_transform(img.height, img.width, self.cfg.augment)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    return torch.device(device)
+
+
+def load(model_dir: str | Path, device: str = "auto") -> LoadedModel:
+    """The model a training stage wrote (``model.safetensors`` + ``meta.json``), in eval mode."""
+    from dmf_core.config import config_from_dict
+    from dmf_core.train.checkpoint import load_model
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model folder not found (expected e.g. models/finetune/<source>; "
+                                "run `dvc repro` or `dvc pull` first)")
+    dev = pick_device(device)
+    model, meta = load_model(model_dir, device=dev)
+    return LoadedModel(model=model, meta=meta, cfg=config_from_dict(meta["config"]), device=dev, path=model_dir)
+
+
+@torch.inference_mode()
+def embed(loaded: LoadedModel, loader, *, flip: bool = False, desc: str = "features") -> np.ndarray:
+    """L2-normalised f of every image ``loader`` yields, in order (float32, N x D)."""
+    model = loaded.model.eval()
+    chunks = []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+        images = batch["image"].to(loaded.device, non_blocking=True)
+        feats = model.embed_images(images).float()
+        if flip:
+            feats = feats + model.embed_images(images.flip(-1)).float()
+        chunks.append(torch.nn.functional.normalize(feats, dim=1).cpu())
+    if not chunks:
+        return np.zeros((0, int(loaded.meta.get("feature_dim") or 0)), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+
+
+def lmdb_loader(lmdb_path: Path, loaded: LoadedModel, batch_size: int, num_workers: int = 0):
+    from dmf_core.data.loader import build_test_loader
+
+    img = loaded.cfg.model.image
+    return build_test_loader(Path(lmdb_path), loaded.cfg.augment, img.height, img.width, batch_size,
+                             num_workers, pin_memory=loaded.device.type == "cuda")
+
+
+def files_loader(files: Sequence[Path], loaded: LoadedModel, batch_size: int, num_workers: int = 0):
+    return torch.utils.data.DataLoader(ImageFiles(files, loaded.transform()), batch_size=batch_size,
+                                       shuffle=False, num_workers=num_workers,
+                                       pin_memory=loaded.device.type == "cuda")
+
+
+def _ids_frame_of_split(sidecar: pd.DataFrame) -> pd.DataFrame:
+    return sidecar[["key", "image_id", "pid", "camid"]].reset_index(drop=True)
+
+
+def features_paths(out: str | Path) -> tuple[Path, Path]:
+    """``feats`` or ``feats.npy`` -> (``feats.npy``, ``feats.parquet``)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".npy" else out
+    return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".parquet")
+
+
+def write_features(out: str | Path, feats: np.ndarray, ids: pd.DataFrame, info: dict) -> tuple[Path, Path]:
+    """``<out>.npy`` + ``<out>.parquet`` (ids in feature order; ``info`` in the schema metadata)."""
+    if len(ids) != len(feats):
+        raise ValueError(f"{out}: {len(feats)} features but {len(ids)} id rows")
+    npy, parquet = features_paths(out)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, feats)
+    table = pa.Table.from_pandas(ids.reset_index(drop=True), preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[PARQUET_META_KEY] = json.dumps(info, sort_keys=True).encode()
+    pq.write_table(table.replace_schema_metadata(meta), parquet)
+    return npy, parquet
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """What :func:`write_features` wrote: (features, ids, info)."""
+    npy, parquet = features_paths(path)
+    for p in (npy, parquet):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found (write it with `dmf extract ... --out {npy}`)")
+    feats = np.load(npy, allow_pickle=False)
+    pfile = pq.ParquetFile(parquet)
+    info = json.loads((pfile.schema_arrow.metadata or {}).get(PARQUET_META_KEY, b"{}"))
+    ids = pfile.read().to_pandas()
+    if len(ids) != len(feats):
+        raise ValueError(f"{parquet}: {len(ids)} rows, but {npy} holds {len(feats)} features")
+    return feats, ids, info
+
+
+def extract_to_files(source: Sequence[str | Path], out: str | Path, *, model_dir: str | Path,
+                     split: str = "gallery", batch_size: int = 128, flip: bool = False, device: str = "auto",
+                     num_workers: int = 0) -> tuple[Path, Path, int]:
+    """Features of one packed split (an ``.lmdb`` path or a dataset name + ``split``) or of image
+    files/folders -> ``<out>.npy`` + ``<out>.parquet``. Returns (npy, parquet, count)."""
+    loaded = load(model_dir, device)
+    if len(source) == 1 and is_lmdb_source(source[0]):
+        lmdb_path = resolve_split(source[0], split)
+        loader = lmdb_loader(lmdb_path, loaded, batch_size, num_workers)
+        ids = _ids_frame_of_split(loader.dataset.sidecar)
+        origin = {"lmdb": str(lmdb_path)}
+        desc = f"extract {lmdb_path.name}"
+    else:
+        files = list_images(source)
+        loader = files_loader(files, loaded, batch_size, num_workers)
+        ids = pd.DataFrame({"path": [str(f) for f in files]})
+        origin = {"files": [str(s) for s in source]}
+        desc = f"extract {len(files)} images"
+    feats = embed(loaded, loader, flip=flip, desc=desc)
+    info = {**origin, "model": str(loaded.path), "params_hash": loaded.meta.get("params_hash"),
+            "flip": bool(flip), "normalised": True, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0}
+    npy, parquet = write_features(out, feats, ids, info)
+    log.info("%d features of dim %d -> %s, %s", len(feats), info["dim"], npy, parquet)
+    return npy, parquet, len(feats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_cosine(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each Q x k, of the k nearest gallery rows by cosine distance
+    (``1 - cos``); rows of both inputs must be L2-normalised. Exact search (faiss ``IndexFlatIP``)."""
+    import faiss
+
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query {query.shape} and gallery {gallery.shape} features differ in dimension")
+    k = min(int(k), len(gallery))
+    if k <= 0:
+        raise ValueError(f"top-k: k={k} (gallery of {len(gallery)} images)")
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    sims, idx = index.search(query, k)
+    return (1.0 - sims).astype(np.float32), idx.astype(np.int64)
+
+
+def _gallery_features(loaded: LoadedModel, gallery_lmdb: Path, sidecar: pd.DataFrame, cached: str | Path | None,
+                      flip: bool, batch_size: int, num_workers: int) -> np.ndarray:
+    if cached is not None:
+        feats, ids, info = read_features(cached)
+        if "image_id" not in ids or ids["image_id"].astype(str).tolist() != sidecar["image_id"].astype(str).tolist():
+            raise ValueError(f"{cached}: its rows are not the images of {gallery_lmdb} in key order "
+                             f"(extract them with `dmf extract {gallery_lmdb} --model {loaded.path}`)")
+        if info.get("params_hash") not in (None, loaded.meta.get("params_hash")):
+            raise ValueError(f"{cached}: extracted with another model (params_hash {info.get('params_hash')}, "
+                             f"{loaded.path} has {loaded.meta.get('params_hash')})")
+        if bool(info.get("flip", False)) != bool(flip):
+            raise ValueError(f"{cached}: extracted with flip={info.get('flip')}, this search uses flip={flip}")
+        return feats
+    loader = lmdb_loader(gallery_lmdb, loaded, batch_size, num_workers)
+    return embed(loaded, loader, flip=flip, desc=f"gallery {gallery_lmdb.name}")
+
+
+def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str | Path, k: int = 10,
+           out_dir: str | Path = "reports/search", flip: bool = False, batch_size: int = 128,
+           device: str = "auto", num_workers: int = 0, gallery_features: str | Path | None = None,
+           plot_queries: int = 8) -> dict:
+    """Top-k gallery matches of each query image; writes ``search.json`` and ``search.png``
+    under ``out_dir`` and returns the JSON record."""
+    from dmf_core.data.lmdb_store import LmdbReader
+
+    files = list_images(queries)
+    gallery_lmdb = resolve_split(gallery, "gallery")
+    reader = LmdbReader(gallery_lmdb)
+    loaded = load(model_dir, device)
+    sidecar = reader.sidecar
+    g_feats = _gallery_features(loaded, gallery_lmdb, sidecar, gallery_features, flip, batch_size, num_workers)
+    q_feats = embed(loaded, files_loader(files, loaded, batch_size, num_workers), flip=flip, desc="queries")
+    dist, idx = topk_cosine(q_feats, g_feats, k)
+
+    record = {"model": str(loaded.path), "gallery": str(gallery_lmdb), "k": int(idx.shape[1]),
+              "distance": "cosine (1 - cos of L2-normalised features)", "flip": bool(flip), "queries": []}
+    for qi, path in enumerate(files):
+        matches = []
+        for rank, (gi, d) in enumerate(zip(idx[qi].tolist(), dist[qi].tolist()), start=1):
+            row = sidecar.iloc[gi]
+            matches.append({"rank": rank, "image_id": str(row["image_id"]), "key": str(row["key"]),
+                            "pid": int(row["pid"]), "camid": int(row["camid"]), "distance": round(float(d), 6)})
+        record["queries"].append({"query": str(path), "matches": matches})
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "search.json", out_dir / "search.png"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    shown = min(len(files), max(1, int(plot_queries)))
+    plot_matches(files[:shown], idx[:shown], dist[:shown], gallery_image=lambda gi: _decode(reader, gi),
+                 gallery_label=lambda gi: f"id {int(sidecar['pid'].iloc[gi])} cam {int(sidecar['camid'].iloc[gi])}",
+                 out_png=png_path)
+    record["outputs"] = {"json": str(json_path), "png": str(png_path)}
+    log.info("%d queries, top-%d of %d gallery images -> %s, %s", len(files), record["k"], len(sidecar),
+             json_path, png_path)
+    return record
+
+
+def _decode(reader, index: int):
+    from dmf_core.data.lmdb_store import decode_image
+
+    return decode_image(reader.get_bytes(int(index)))
+
+
+def plot_matches(query_files: Sequence[Path], idx: np.ndarray, dist: np.ndarray, *, gallery_image,
+                 gallery_label, out_png: Path) -> Path:
+    """One row per query: the query, then its top-k gallery images with rank, distance, id, camera."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows, k = len(query_files), idx.shape[1]
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.15 * (k + 1), 2.3 * rows), squeeze=False)
+    for r, qpath in enumerate(query_files):
+        with Image.open(qpath) as im:
+            axes[r, 0].imshow(im.convert("RGB"))
+        axes[r, 0].set_title(f"query\n{Path(qpath).name[:14]}", fontsize=6)
+        for c in range(k):
+            ax = axes[r, c + 1]
+            ax.imshow(gallery_image(int(idx[r, c])))
+            ax.set_title(f"#{c + 1} d={dist[r, c]:.4f}\n{gallery_label(int(idx[r, c]))}", fontsize=6)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for side in axes[r, 0].spines.values():
+            side.set_edgecolor("#1f77b4")
+            side.set_linewidth(2.5)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
