@@ -369,8 +369,37 @@ def _check_positive(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected a probability in [0, 1], got {value!r}")
 
 
+def _check_sizes_and_weights(cfg: Config) -> None:
+    """Sizes of the generator, augmentation and loss settings that would only fail much later."""
+    if cfg.synth is not None:
+        s = cfg.synth
+        sizes = {"synth.height": s.height, "synth.width": s.width,
+                 "synth.synthped.ids": s.synthped.ids, "synth.synthped.images_per_id": s.synthped.images_per_id}
+        for name in ("sp_market", "sp_cuhk", "sp_msmt"):
+            d = getattr(s, name)
+            if d is not None:
+                sizes[f"synth.{name}.train_ids"] = d.train_ids
+                sizes[f"synth.{name}.test_ids"] = d.test_ids
+        for key, value in sizes.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: expected a positive value, got {value!r}")
+    non_negative = {"augment.pad": cfg.augment.pad, "loss.id_weight": cfg.loss.id_weight,
+                    "loss.triplet_weight": cfg.loss.triplet_weight,
+                    "pretrain.grad_clip": cfg.pretrain.grad_clip or 0.0,
+                    "finetune.grad_clip": cfg.finetune.grad_clip or 0.0,
+                    "loss.triplet_margin": cfg.loss.triplet_margin or 0.0}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    if len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:
+        raise ConfigError(f"augment.std: expected three positive numbers, got {cfg.augment.std!r}")
+    if len(cfg.augment.mean) != 3:
+        raise ConfigError(f"augment.mean: expected three numbers, got {cfg.augment.mean!r}")
+
+
 def _check_consistency(cfg: Config) -> None:
     _check_positive(cfg)
+    _check_sizes_and_weights(cfg)
     if cfg.fusion.dim % cfg.fusion.heads:
         raise ConfigError(
             f"fusion.dim: {cfg.fusion.dim} is not divisible by fusion.heads={cfg.fusion.heads}"

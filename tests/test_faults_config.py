@@ -55,18 +55,16 @@ def test_image_smaller_than_a_patch(params_dict):
         config_from_dict(params_dict)
 
 
-# Gaps found by this sweep (config.py belongs to the lead; reported, not edited here). Each of these
-# is accepted today and fails only later (generator, augmentation or optimiser). strict=True: the
-# day config.py refuses them, this test flips to XPASS and must be moved into CHECKED above.
+# Gaps found by the fault sweep, now refused by dmf_core/config.py before any work (they used to
+# fail only later, in the generator, the augmentation or the optimiser).
 UNCHECKED = [("synth.height", -8), ("synth.width", 0), ("synth.synthped.ids", -3),
              ("synth.synthped.images_per_id", 0), ("synth.sp_market.train_ids", -1), ("augment.pad", -4),
              ("pretrain.grad_clip", -1.0), ("loss.triplet_margin", -0.3), ("loss.id_weight", -1.0),
              ("augment.std", [0.5, 0.0, 0.5])]
 
 
-@pytest.mark.xfail(strict=True, reason="not validated by dmf_core/config.py yet (docs/reliability.md, gaps)")
 @pytest.mark.parametrize(("key", "value"), UNCHECKED, ids=[f"{k}={v}" for k, v in UNCHECKED])
-def test_unchecked_sizes_should_be_refused(params_dict, key, value):
+def test_late_failing_sizes_are_refused(params_dict, key, value):
     _set(params_dict, key, value)
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         config_from_dict(params_dict)
