@@ -8,7 +8,7 @@ import torch
 
 from dmf_core.eval.distances import cosine_distance, euclidean_distance
 from dmf_core.eval.ranking import evaluate_features, evaluate_rank, evaluate_rank_argsort
-from tests._torchreid_ref import rank_module
+from _torchreid_ref import rank_module
 
 
 @pytest.fixture(scope="module")

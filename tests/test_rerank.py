@@ -12,7 +12,7 @@ from dmf_core.eval.rerank import (
     k_reciprocal_rerank,
     rerank_from_features,
 )
-from tests._torchreid_ref import rerank_module
+from _torchreid_ref import rerank_module
 
 
 @pytest.fixture(scope="module")
