@@ -27,7 +27,7 @@ repro: venv
 	@cat reports/eval_matrix.md
 
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -o addopts="" -q
 
 lint: venv
 	$(BIN)/ruff check dmf_core stages tests benchmarks
