@@ -49,13 +49,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_model: bool):
+def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_model: bool, text_dim=None,
+            num_classes=None):
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
     with_text = stage == "pretrain" and cfg.fusion.mode == "shared"
-    num_classes = max(st.P * 4, 64)
-    model = build_model(cfg, num_classes, with_text=with_text, pretrained=False).to(device).train()
+    num_classes = num_classes or max(st.P * 4, 64)
+    model = build_model(cfg, num_classes, with_text=with_text, pretrained=False,
+                        text_dim=text_dim).to(device).train()
     opt = build_optimizer(model, st)
-    fwd = torch.compile(model) if compile_model else model
+    fwd = torch.compile(model, mode=compile_model) if compile_model else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
@@ -73,9 +75,9 @@ def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_model
     return step, model, with_text
 
 
-def compute_throughput(cfg, stage, device, precision, steps, warmup, compile_model) -> float:
+def compute_throughput(cfg, stage, device, precision, steps, warmup, compile_model, text_dim=None) -> float:
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
-    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model)
+    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model, text_dim)
     b = st.P * st.K
     img = cfg.model.image
     images = torch.randn(b, 3, img.height, img.width, device=device)
@@ -119,7 +121,8 @@ def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) 
     return lmdb, caps_path
 
 
-def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_model, lmdb, caps) -> dict:
+def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_model, lmdb, caps,
+                      text_dim=None) -> dict:
     from dmf_core.data.loader import build_train_loader, set_epoch
 
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
@@ -145,7 +148,8 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
         n += len(next(it)["image"])
     alone = n / (time.perf_counter() - t0)
 
-    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model)
+    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model, text_dim,
+                                     num_classes=int(loader.dataset.labels.max()) + 1)
     text_dim = model.text_proj.in_features if with_text else 0
 
     def run(batch):
@@ -182,7 +186,13 @@ def main() -> None:
     ap.add_argument("--loader", action="store_true", help="also measure with the real LMDB loader")
     ap.add_argument("--ids", type=int, default=32, help="identities in the throwaway LMDB")
     ap.add_argument("--per-id", type=int, default=16)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", nargs="?", const="default", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="torch.compile the model (mode; reduce-overhead adds CUDA graphs)")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: train.num_workers)")
+    ap.add_argument("--text-dim", type=int, default=None,
+                    help="width of the caption states (default: read from the text encoder's config; "
+                         "give it where that encoder is not on disk)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -191,6 +201,8 @@ def main() -> None:
     if args.profile == "tiny":
         params = tiny(params)
     params["model"]["image"]["pretrained"] = None
+    if args.workers is not None:
+        params["train"]["num_workers"] = args.workers
     cfg = config_from_dict(params)
     device = torch.device(args.device)
     torch.set_num_threads(cfg.train.threads)
@@ -208,6 +220,7 @@ def main() -> None:
         "vit": f"depth {cfg.model.image.depth} dim {cfg.model.image.dim}",
         "fusion": f"{cfg.fusion.layers}x{cfg.fusion.dim} ({cfg.fusion.mode})",
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "loader_workers": cfg.train.num_workers, "compiled": args.compile,
     }
     tmp = None
     if args.loader:
@@ -217,10 +230,12 @@ def main() -> None:
     for stage in stages:
         st = cfg.pretrain if stage == "pretrain" else cfg.finetune
         entry = {"batch": st.P * st.K, "compute_images_per_s": round(
-            compute_throughput(cfg, stage, device, precision, args.steps, args.warmup, args.compile), 1)}
+            compute_throughput(cfg, stage, device, precision, args.steps, args.warmup, args.compile,
+                               args.text_dim), 1)}
         if args.loader:
             entry.update({k + "_images_per_s": round(v, 1) for k, v in loader_throughput(
-                cfg, stage, device, precision, args.steps, args.warmup, args.compile, lmdb, caps).items()})
+                cfg, stage, device, precision, args.steps, args.warmup, args.compile, lmdb, caps,
+                args.text_dim).items()})
         result[stage] = entry
     if tmp is not None:
         tmp.cleanup()

@@ -146,6 +146,9 @@ class TrainConfig:
     threads: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = 1
+    # torch.compile mode for the training forward/backward (null: eager). On CUDA,
+    # reduce-overhead adds CUDA graphs: the paper's batch of 64 is launch-bound without them.
+    compile: Literal["default", "reduce-overhead"] | None = None
 
 
 @dataclass(frozen=True)

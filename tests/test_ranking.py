@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _torchreid_ref import rank_module
 
 from dmf_core.eval.distances import cosine_distance, euclidean_distance
 from dmf_core.eval.ranking import evaluate_features, evaluate_rank, evaluate_rank_argsort
-from _torchreid_ref import rank_module
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _torchreid_ref import rerank_module
 
 from dmf_core.eval.distances import cosine_distance, euclidean_distance
 from dmf_core.eval.rerank import (
@@ -12,7 +13,6 @@ from dmf_core.eval.rerank import (
     k_reciprocal_rerank,
     rerank_from_features,
 )
-from _torchreid_ref import rerank_module
 
 
 @pytest.fixture(scope="module")

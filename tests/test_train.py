@@ -104,7 +104,8 @@ def test_pretrain_image_only_writes_outputs(params_dict, tmp_path):
         assert isinstance(saved[key], float)
     run = saved["run"]
     assert run["seed"] == cfg.seed and run["world_size"] == 1 and run["effective_batch"] == 8
-    assert run["precision"] == "fp32" and run["torch"] == torch.__version__ and run["wall_s"] > 0
+    expected_precision = "bf16" if torch.cuda.is_available() else "fp32"  # precision: auto
+    assert run["precision"] == expected_precision and run["torch"] == torch.__version__ and run["wall_s"] > 0
     lines = paths["curve_path"].read_text().splitlines()
     assert lines[0].split("\t") == CURVE_COLUMNS and len(lines) == 3
     model, meta2 = ckpt.load_model(paths["out_dir"])

@@ -106,11 +106,13 @@ def build_model(
     *,
     with_text: bool | None = None,
     pretrained: bool = True,
+    text_dim: int | None = None,
 ) -> DMFModel:
     """The model described by ``cfg``.
 
     ``with_text`` (default: ``fusion.mode == "shared"``) adds the caption path; fine-tuning and
-    evaluation build without it. ``pretrained`` loads ``model.image.pretrained`` into the ViT when set.
+    evaluation build without it. ``text_dim`` is the width of the caption token states when the caller
+knows it (default: read from the text encoder's config). ``pretrained`` loads ``model.image.pretrained`` into the ViT when set.
     A trainable text encoder (``model.text.freeze: false``) is built into the model (imports transformers).
     """
     img = cfg.model.image
@@ -122,11 +124,13 @@ def build_model(
         load_pretrained(vit, img.pretrained)
     if with_text is None:
         with_text = cfg.fusion.mode == "shared"
-    text_dim, text_encoder = None, None
-    if with_text:
+    text_encoder = None
+    if not with_text:
+        text_dim = None
+    else:
         from dmf_core.model.text import TextEncoder, text_hidden_size
 
-        text_dim = text_hidden_size(cfg.model.text.name)
+        text_dim = text_dim or text_hidden_size(cfg.model.text.name)
         if not cfg.model.text.freeze:
             text_encoder = TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=False)
     fusion = FusionEncoder(
