@@ -128,6 +128,9 @@ class LossConfig:
     triplet_weight: float = 1.0
     triplet_margin: float | None = None
     label_smoothing: float = 0.1
+    # Pretraining with captions: batch-hard triplet over images and captions together ("joint",
+    # ARCHITECTURE.md), or within each modality ("within"; the shared classifier links them).
+    triplet_scope: Literal["joint", "within"] = "joint"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from dmf_core import paths
 
@@ -139,20 +138,12 @@ def load(model_dir: str | Path, device: str = "auto") -> LoadedModel:
     return LoadedModel(model=model, meta=meta, cfg=config_from_dict(meta["config"]), device=dev, path=model_dir)
 
 
-@torch.inference_mode()
 def embed(loaded: LoadedModel, loader, *, flip: bool = False, desc: str = "features") -> np.ndarray:
     """L2-normalised f of every image ``loader`` yields, in order (float32, N x D)."""
+    from dmf_core.eval.features import extract_features
+
     model = loaded.model.eval()
-    chunks = []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
-        images = batch["image"].to(loaded.device, non_blocking=True)
-        feats = model.embed_images(images).float()
-        if flip:
-            feats = feats + model.embed_images(images.flip(-1)).float()
-        chunks.append(torch.nn.functional.normalize(feats, dim=1).cpu())
-    if not chunks:
-        return np.zeros((0, int(loaded.meta.get("feature_dim") or 0)), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+    return extract_features(model.embed_images, loader, flip=flip, device=loaded.device, desc=desc)
 
 
 def lmdb_loader(lmdb_path: Path, loaded: LoadedModel, batch_size: int, num_workers: int = 0):
@@ -240,24 +231,6 @@ def extract_to_files(source: Sequence[str | Path], out: str | Path, *, model_dir
 # ---------------------------------------------------------------------------------------------
 
 
-def topk_cosine(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices), each Q x k, of the k nearest gallery rows by cosine distance
-    (``1 - cos``); rows of both inputs must be L2-normalised. Exact search (faiss ``IndexFlatIP``)."""
-    import faiss
-
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"query {query.shape} and gallery {gallery.shape} features differ in dimension")
-    k = min(int(k), len(gallery))
-    if k <= 0:
-        raise ValueError(f"top-k: k={k} (gallery of {len(gallery)} images)")
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    sims, idx = index.search(query, k)
-    return (1.0 - sims).astype(np.float32), idx.astype(np.int64)
-
-
 def _gallery_features(loaded: LoadedModel, gallery_lmdb: Path, sidecar: pd.DataFrame, cached: str | Path | None,
                       flip: bool, batch_size: int, num_workers: int) -> np.ndarray:
     if cached is not None:
@@ -282,6 +255,7 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     """Top-k gallery matches of each query image; writes ``search.json`` and ``search.png``
     under ``out_dir`` and returns the JSON record."""
     from dmf_core.data.lmdb_store import LmdbReader
+    from dmf_core.eval.retrieval import topk
 
     files = list_images(queries)
     gallery_lmdb = resolve_split(gallery, "gallery")
@@ -290,7 +264,10 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     sidecar = reader.sidecar
     g_feats = _gallery_features(loaded, gallery_lmdb, sidecar, gallery_features, flip, batch_size, num_workers)
     q_feats = embed(loaded, files_loader(files, loaded, batch_size, num_workers), flip=flip, desc="queries")
-    dist, idx = topk_cosine(q_feats, g_feats, k)
+    if q_feats.shape[1] != g_feats.shape[1]:
+        raise ValueError(f"query features ({q_feats.shape[1]}-d) and gallery features ({g_feats.shape[1]}-d) "
+                         "differ in dimension")
+    dist, idx = topk(q_feats, g_feats, k)
 
     record = {"model": str(loaded.path), "gallery": str(gallery_lmdb), "k": int(idx.shape[1]),
               "distance": "cosine (1 - cos of L2-normalised features)", "flip": bool(flip), "queries": []}
@@ -307,49 +284,32 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     json_path, png_path = out_dir / "search.json", out_dir / "search.png"
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     shown = min(len(files), max(1, int(plot_queries)))
-    plot_matches(files[:shown], idx[:shown], dist[:shown], gallery_image=lambda gi: _decode(reader, gi),
-                 gallery_label=lambda gi: f"id {int(sidecar['pid'].iloc[gi])} cam {int(sidecar['camid'].iloc[gi])}",
-                 out_png=png_path)
+    plot_search_results(files[:shown], idx[:shown], dist[:shown], reader, png_path)
     record["outputs"] = {"json": str(json_path), "png": str(png_path)}
     log.info("%d queries, top-%d of %d gallery images -> %s, %s", len(files), record["k"], len(sidecar),
              json_path, png_path)
     return record
 
 
-def _decode(reader, index: int):
-    from dmf_core.data.lmdb_store import decode_image
-
-    return decode_image(reader.get_bytes(int(index)))
-
-
-def plot_matches(query_files: Sequence[Path], idx: np.ndarray, dist: np.ndarray, *, gallery_image,
-                 gallery_label, out_png: Path) -> Path:
-    """One row per query: the query, then its top-k gallery images with rank, distance, id, camera."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.ndarray, reader,
+                        out_png: Path) -> Path:
+    """One row per query (identity unknown): the query file, then its top-k gallery images with
+    rank, distance, id and camera; the evaluation's ranked-list drawing."""
     from PIL import Image
 
-    rows, k = len(query_files), idx.shape[1]
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.15 * (k + 1), 2.3 * rows), squeeze=False)
-    for r, qpath in enumerate(query_files):
-        with Image.open(qpath) as im:
-            axes[r, 0].imshow(im.convert("RGB"))
-        axes[r, 0].set_title(f"query\n{Path(qpath).name[:14]}", fontsize=6)
-        for c in range(k):
-            ax = axes[r, c + 1]
-            ax.imshow(gallery_image(int(idx[r, c])))
-            ax.set_title(f"#{c + 1} d={dist[r, c]:.4f}\n{gallery_label(int(idx[r, c]))}", fontsize=6)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        for side in axes[r, 0].spines.values():
-            side.set_edgecolor("#1f77b4")
-            side.set_linewidth(2.5)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    from dmf_core.data.lmdb_store import decode_image
+    from dmf_core.eval.visualise import plot_ranked_list
+
+    sidecar = reader.sidecar
+
+    def load_image(role: str, index: int):
+        if role == "query":
+            with Image.open(query_files[index]) as im:
+                return im.convert("RGB")
+        return decode_image(reader.get_bytes(int(index)))
+
+    queries = [{"index": i, "pid": None, "camid": None, "label": Path(f).name[:14]} for i, f in enumerate(query_files)]
+    gallery = [{"index": int(j), "pid": int(sidecar["pid"].iloc[j]), "camid": int(sidecar["camid"].iloc[j])}
+               for j in range(len(sidecar))]
+    return plot_ranked_list(queries, gallery, idx.tolist(), out_png, load_image=load_image,
+                            top_k=idx.shape[1], distances=dist.tolist(), thumb=(96, 48))

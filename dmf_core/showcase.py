@@ -42,6 +42,8 @@ def sample_sheet_with_captions(out_png: str | Path, *, dataset: str = "synthped"
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from dmf_core.eval.visualise import save_png
+
     manifest = Path(manifest or paths.manifest_path(dataset))
     captions = Path(captions or paths.captions_parquet(dataset))
     raw_root = Path(raw_root or paths.raw_dir(dataset))
@@ -67,7 +69,7 @@ def sample_sheet_with_captions(out_png: str | Path, *, dataset: str = "synthped"
                  va="top", linespacing=1.2)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=130, facecolor="white")
+    save_png(fig, out_png, dpi=130, facecolor="white")
     plt.close(fig)
     log.info("%d captioned samples -> %s", n, out_png)
     return out_png

@@ -181,31 +181,38 @@ def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
     assert (project / "models" / "pretrain" / "model.safetensors").is_file()
 
 
+def _clear(work: Path) -> None:
+    """Empty a training stage's runs/ folder: the next run trains from scratch, not resumes at the end."""
+    for p in sorted(work.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+
+
 def _results(project: Path) -> dict:
-    """What the downstream stages produce, minus wall-clock facts."""
+    """What the training and downstream stages produce, minus wall-clock facts."""
     cell = json.loads((project / "metrics/eval/sp_market__sp_market.json").read_text())
     cell.pop("run", None)
     out = {"eval": cell, "matrix_md": (project / "reports/eval_matrix.md").read_text(),
            "matrix": json.loads((project / "metrics/eval_matrix.json").read_text())}
-    out.update(tree_digest(project / "models/finetune/sp_market/model.safetensors"))
+    out.update(tree_digest(project / "models/pretrain/model.safetensors",
+                           project / "models/finetune/sp_market/model.safetensors"))
     return out
 
 
-def test_sigkill_finetune_evaluate_report_then_repro_gives_the_same_results(project):
-    """Training: killed mid-run (resumes from runs/ or restarts) -> bit-identical weights, same metrics.
+def test_sigkill_training_evaluate_report_then_repro_gives_the_same_results(project):
+    """pretrain, finetune (killed mid-run: resume from runs/ or restart), evaluate, report: after
+    `dvc repro`, bit-identical weights and the same metrics as an uninterrupted run.
 
     Depends on the previous test for data and the pretrained model (module-scoped project)."""
     seed = int(os.environ.get("DMF_FAULT_SEED", time.time_ns() % 100_000)) + 1
     rng = random.Random(seed)
-    stages = ["finetune@sp_market", "evaluate@sp_market-sp_market", "report"]
+    stages = ["pretrain", "finetune@sp_market", "evaluate@sp_market-sp_market", "report"]
     run(["dvc", "repro", "pretrain", "pack@sp_market"], project, timeout=400)  # no-op after the tests above
+    _clear(project / "runs")
     script_s = {stage: _repro(stage, project)[0] for stage in stages}  # the uninterrupted reference, timed
     want = _results(project)
     for stage in stages:
-        if stage.startswith("finetune"):  # train from scratch (runs/ persists, so a re-run would resume at the end)
-            work = project / "runs/finetune"
-            for p in sorted(work.rglob("*"), reverse=True):
-                p.unlink() if p.is_file() else p.rmdir()
+        if stage in ("pretrain", "finetune@sp_market"):  # from scratch (runs/ persists)
+            _clear(project / "runs" / stage.split("@")[0])
         fraction = rng.uniform(0.3, 0.8)
         lock_before = (project / "dvc.lock").read_bytes()
         _, killed = _repro(stage, project, kill_fraction=fraction, script_s=script_s[stage])

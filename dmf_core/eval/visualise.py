@@ -19,6 +19,20 @@ log = logging.getLogger(__name__)
 GREEN, RED, GREY, BLUE = "#1a9641", "#d7191c", "#9e9e9e", "#2b83ba"
 
 
+def save_png(fig, out_png: Path, dpi: int, **savefig_kwargs) -> Path:
+    """Save ``fig`` as a 256-colour palette PNG: a page of photos stays a few hundred KB, not MBs."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **savefig_kwargs)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
+    return out_png
+
+
 def _frame(ax, color: str, width: float = 4.0) -> None:
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
@@ -35,7 +49,8 @@ def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict],
     """One row per query: the query image, then its ``top_k`` gallery images in ``ranks[i]`` order.
 
     ``query_items[i]`` / ``gallery_items[j]``: dicts with ``index`` (for ``load_image``), ``pid`` and
-    ``camid``. ``ranks[i]``: gallery positions (into ``gallery_items``) nearest first, removed items
+    ``camid``; a query whose ``pid`` is None (a search for an unknown person, optional ``label``) gets
+    neutral frames and each match is titled with its id and camera instead of being judged. ``ranks[i]``: gallery positions (into ``gallery_items``) nearest first, removed items
     included (they are drawn grey and do not use up a rank). Writes a small PNG (thumbnails of
     ``thumb`` = (height, width) pixels)."""
     import matplotlib
@@ -53,7 +68,10 @@ def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict],
         for pos, j in enumerate(ranks[qi]):
             g = gallery_items[int(j)]
             same_pid, same_cam = g["pid"] == q["pid"], g["camid"] == q["camid"]
-            kind = "removed" if (same_pid and same_cam) else ("match" if same_pid else "wrong")
+            if q["pid"] is None:
+                kind = "unjudged"
+            else:
+                kind = "removed" if (same_pid and same_cam) else ("match" if same_pid else "wrong")
             if kind != "removed":
                 kept += 1
             d = None if distances is None else float(distances[qi][pos])
@@ -68,15 +86,18 @@ def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict],
         ax = axes[i][0]
         ax.imshow(load_image("query", int(q["index"])).convert("RGB").resize((w, h)))
         _frame(ax, BLUE)
-        ax.set_title(f"query\npid {q['pid']} c{q['camid']}", fontsize=6)
+        ax.set_title(f"query\n{q.get('label', '')}" if q["pid"] is None else f"query\npid {q['pid']} c{q['camid']}",
+                     fontsize=6)
         for c, (g, kind, kept, d) in enumerate(shown, start=1):
             ax = axes[i][c]
             ax.imshow(load_image("gallery", int(g["index"])).convert("RGB").resize((w, h)))
-            color = {"match": GREEN, "wrong": RED, "removed": GREY}[kind]
-            _frame(ax, color, 2.0 if kind == "removed" else 4.0)
+            color = {"match": GREEN, "wrong": RED, "removed": GREY, "unjudged": GREY}[kind]
+            _frame(ax, color, 2.0 if kind in ("removed", "unjudged") else 4.0)
             label = "same cam" if kind == "removed" else f"#{kept}"
             if d is not None:
-                label += f"\n{d:.2f}"
+                label += f"\n{d:.4f}"  # cosine distances of a good model are small
+            if kind == "unjudged":
+                label += f"\nid {g['pid']} c{g['camid']}"
             ax.set_title(label, fontsize=6, color=color if kind == "removed" else "black")
         for c in range(len(shown) + 1, ncols):
             axes[i][c].axis("off")
@@ -85,7 +106,7 @@ def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict],
     fig.tight_layout(pad=0.3)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
+    save_png(fig, out_png, dpi=90)
     plt.close(fig)
     size = out_png.stat().st_size
     if size > 400_000:

@@ -69,10 +69,12 @@ def dmf_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: Config) 
         all_labels = torch.cat([labels, labels])
     else:
         feats, logits, all_labels = out["image_feat"], out["image_logits"], labels
-    losses = {
-        "id_loss": id_loss(logits, all_labels, lc.label_smoothing),
-        "triplet_loss": triplet_loss(feats, all_labels, lc.triplet_margin),
-    }
+    if "text_feat" in out and lc.triplet_scope == "within":
+        triplet = 0.5 * (triplet_loss(out["image_feat"], labels, lc.triplet_margin)
+                         + triplet_loss(out["text_feat"], labels, lc.triplet_margin))
+    else:
+        triplet = triplet_loss(feats, all_labels, lc.triplet_margin)
+    losses = {"id_loss": id_loss(logits, all_labels, lc.label_smoothing), "triplet_loss": triplet}
     if "text_feat" in out and cfg.fusion.align_weight > 0:
         losses["align_loss"] = align_loss(out["image_feat"], out["text_feat"], labels)
     else:
