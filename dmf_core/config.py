@@ -131,6 +131,9 @@ class LossConfig:
     # Pretraining with captions: batch-hard triplet over images and captions together ("joint",
     # ARCHITECTURE.md), or within each modality ("within"; the shared classifier links them).
     triplet_scope: Literal["joint", "within"] = "joint"
+    # Which feature the triplet sees: f (TransReID) or BN(f), the BNNeck output. BN(f) is
+    # scale-free: the triplet cannot be lowered by shrinking every f onto one point (docs/training.md).
+    triplet_feature: Literal["f", "bnneck"] = "f"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class DMFModel(nn.Module):
         text_mask: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Training forward: features and ID logits of the images and, if given, of their captions.
+        """Training forward: f (``*_feat``), BN(f) (``*_neck``) and ID logits of the images and, if
+        given, of their captions (one BNNeck batch over both).
 
         Captions come either as precomputed token states (frozen text encoder) or as strings
         (trainable text encoder registered in this model).
@@ -92,11 +93,15 @@ class DMFModel(nn.Module):
             text_states, text_mask = self.text_encoder(captions)
         if text_states is not None:
             out["text_feat"] = self.embed_text_states(text_states, text_mask)
-            feats = torch.cat([out["image_feat"], out["text_feat"]])
-            logits = self.head(feats)
+            neck = self.head.bnneck(torch.cat([out["image_feat"], out["text_feat"]]))
+            out["image_neck"], out["text_neck"] = neck.split(len(images))
+        else:
+            neck = out["image_neck"] = self.head.bnneck(out["image_feat"])
+        logits = self.head.classifier(neck)
+        if text_states is not None:
             out["image_logits"], out["text_logits"] = logits.split(len(images))
         else:
-            out["image_logits"] = self.head(out["image_feat"])
+            out["image_logits"] = logits
         return out
 
 

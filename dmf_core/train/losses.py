@@ -63,15 +63,16 @@ def dmf_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: Config) 
     together, with the same labels, so both modalities share one identity space.
     """
     lc = cfg.loss
+    key = "feat" if lc.triplet_feature == "f" else "neck"
     if "text_feat" in out:
-        feats = torch.cat([out["image_feat"], out["text_feat"]])
+        feats = torch.cat([out[f"image_{key}"], out[f"text_{key}"]])
         logits = torch.cat([out["image_logits"], out["text_logits"]])
         all_labels = torch.cat([labels, labels])
     else:
-        feats, logits, all_labels = out["image_feat"], out["image_logits"], labels
+        feats, logits, all_labels = out[f"image_{key}"], out["image_logits"], labels
     if "text_feat" in out and lc.triplet_scope == "within":
-        triplet = 0.5 * (triplet_loss(out["image_feat"], labels, lc.triplet_margin)
-                         + triplet_loss(out["text_feat"], labels, lc.triplet_margin))
+        triplet = 0.5 * (triplet_loss(out[f"image_{key}"], labels, lc.triplet_margin)
+                         + triplet_loss(out[f"text_{key}"], labels, lc.triplet_margin))
     else:
         triplet = triplet_loss(feats, all_labels, lc.triplet_margin)
     losses = {"id_loss": id_loss(logits, all_labels, lc.label_smoothing), "triplet_loss": triplet}
