@@ -129,8 +129,9 @@ class LossConfig:
     triplet_margin: float | None = None
     label_smoothing: float = 0.1
     # Pretraining with captions: batch-hard triplet over images and captions together ("joint",
-    # ARCHITECTURE.md), or within each modality ("within"; the shared classifier links them).
-    triplet_scope: Literal["joint", "within"] = "joint"
+    # ARCHITECTURE.md), within each modality ("within"), or over the images alone ("images"); in
+    # the last two the shared ID classifier is what links the modalities (docs/training.md).
+    triplet_scope: Literal["joint", "within", "images"] = "joint"
     # Which feature the triplet sees: f (TransReID) or BN(f), the BNNeck output. BN(f) is
     # scale-free: the triplet cannot be lowered by shrinking every f onto one point (docs/training.md).
     triplet_feature: Literal["f", "bnneck"] = "f"

@@ -72,6 +72,26 @@ def test_dmf_losses_combine_modalities_with_weights(params_dict):
     assert image_only["align_loss"] == 0
 
 
+@pytest.mark.parametrize("feature", ["f", "bnneck"])
+@pytest.mark.parametrize("scope", ["joint", "within", "images"])
+def test_triplet_scope_and_feature_pick_the_right_features(params_dict, scope, feature):
+    params_dict["loss"].update(triplet_scope=scope, triplet_feature=feature)
+    cfg = config_from_dict(params_dict)
+    g = torch.Generator().manual_seed(2)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = {k: torch.randn(6, 8, generator=g) for k in ("image_feat", "text_feat", "image_neck", "text_neck")}
+    out.update(image_logits=torch.randn(6, 3, generator=g), text_logits=torch.randn(6, 3, generator=g))
+    key = "feat" if feature == "f" else "neck"
+    img, txt = out[f"image_{key}"], out[f"text_{key}"]
+    want = {"joint": triplet_loss(torch.cat([img, txt]), torch.cat([y, y])),
+            "within": 0.5 * (triplet_loss(img, y) + triplet_loss(txt, y)),
+            "images": triplet_loss(img, y)}[scope]
+    assert torch.allclose(dmf_losses(out, y, cfg)["triplet_loss"], want)
+    # without captions every scope is the image triplet
+    alone = dmf_losses({k: out[k] for k in ("image_feat", "image_neck", "image_logits")}, y, cfg)
+    assert torch.allclose(alone["triplet_loss"], triplet_loss(img, y))
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 100, 10, 0.002) == pytest.approx(0.01)
     assert lr_factor(5, 100, 10, 0.002) == pytest.approx(0.01 + 0.99 * 0.5)

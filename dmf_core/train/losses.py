@@ -73,6 +73,8 @@ def dmf_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: Config) 
     if "text_feat" in out and lc.triplet_scope == "within":
         triplet = 0.5 * (triplet_loss(out[f"image_{key}"], labels, lc.triplet_margin)
                          + triplet_loss(out[f"text_{key}"], labels, lc.triplet_margin))
+    elif "text_feat" in out and lc.triplet_scope == "images":
+        triplet = triplet_loss(out[f"image_{key}"], labels, lc.triplet_margin)
     else:
         triplet = triplet_loss(feats, all_labels, lc.triplet_margin)
     losses = {"id_loss": id_loss(logits, all_labels, lc.label_smoothing), "triplet_loss": triplet}
