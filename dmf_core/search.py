@@ -264,9 +264,6 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     sidecar = reader.sidecar
     g_feats = _gallery_features(loaded, gallery_lmdb, sidecar, gallery_features, flip, batch_size, num_workers)
     q_feats = embed(loaded, files_loader(files, loaded, batch_size, num_workers), flip=flip, desc="queries")
-    if q_feats.shape[1] != g_feats.shape[1]:
-        raise ValueError(f"query features ({q_feats.shape[1]}-d) and gallery features ({g_feats.shape[1]}-d) "
-                         "differ in dimension")
     dist, idx = topk(q_feats, g_feats, k)
 
     record = {"model": str(loaded.path), "gallery": str(gallery_lmdb), "k": int(idx.shape[1]),

@@ -49,8 +49,9 @@ def plot_ranked_list(query_items: Sequence[dict], gallery_items: Sequence[dict],
     """One row per query: the query image, then its ``top_k`` gallery images in ``ranks[i]`` order.
 
     ``query_items[i]`` / ``gallery_items[j]``: dicts with ``index`` (for ``load_image``), ``pid`` and
-    ``camid``; a query whose ``pid`` is None (a search for an unknown person, optional ``label``) gets
-    neutral frames and each match is titled with its id and camera instead of being judged. ``ranks[i]``: gallery positions (into ``gallery_items``) nearest first, removed items
+    ``camid``; a query whose ``pid`` is None (a search for an unknown person, optional ``label``)
+    gets neutral frames and each match is titled with its id and camera instead of being judged.
+    ``ranks[i]``: gallery positions (into ``gallery_items``) nearest first, removed items
     included (they are drawn grey and do not use up a rank). Writes a small PNG (thumbnails of
     ``thumb`` = (height, width) pixels)."""
     import matplotlib

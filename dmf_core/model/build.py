@@ -116,8 +116,9 @@ def build_model(
     """The model described by ``cfg``.
 
     ``with_text`` (default: ``fusion.mode == "shared"``) adds the caption path; fine-tuning and
-    evaluation build without it. ``text_dim`` is the width of the caption token states when the caller
-knows it (default: read from the text encoder's config). ``pretrained`` loads ``model.image.pretrained`` into the ViT when set.
+    evaluation build without it. ``text_dim`` is the width of the caption token states when the
+    caller knows it (default: read from the text encoder's config). ``pretrained`` loads
+    ``model.image.pretrained`` into the ViT when set.
     A trainable text encoder (``model.text.freeze: false``) is built into the model (imports transformers).
     """
     img = cfg.model.image
