@@ -120,6 +120,9 @@ class FusionConfig:
     drop_path: float = 0.0
     mode: Literal["shared", "image_only"] = "shared"
     align_weight: float = 0.0
+    # BNNeck batch statistics in shared pretraining: over images and captions together ("joint"),
+    # or per modality, so that the gap between them does not set the scale (docs/training.md).
+    bnneck: Literal["joint", "per_modality"] = "joint"
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,10 @@ class DMFModel(nn.Module):
         num_classes: int,
         text_dim: int | None = None,
         text_encoder: nn.Module | None = None,
+        bnneck_per_modality: bool = False,
     ) -> None:
         super().__init__()
+        self.bnneck_per_modality = bnneck_per_modality
         self.image_encoder = image_encoder
         self.image_proj = nn.Linear(image_encoder.dim, fusion.dim)
         self.text_proj = nn.Linear(text_dim, fusion.dim) if text_dim else None
@@ -93,8 +95,13 @@ class DMFModel(nn.Module):
             text_states, text_mask = self.text_encoder(captions)
         if text_states is not None:
             out["text_feat"] = self.embed_text_states(text_states, text_mask)
-            neck = self.head.bnneck(torch.cat([out["image_feat"], out["text_feat"]]))
-            out["image_neck"], out["text_neck"] = neck.split(len(images))
+            if self.bnneck_per_modality:  # batch statistics of each modality on its own
+                out["image_neck"] = self.head.bnneck(out["image_feat"])
+                out["text_neck"] = self.head.bnneck(out["text_feat"])
+                neck = torch.cat([out["image_neck"], out["text_neck"]])
+            else:
+                neck = self.head.bnneck(torch.cat([out["image_feat"], out["text_feat"]]))
+                out["image_neck"], out["text_neck"] = neck.split(len(images))
         else:
             neck = out["image_neck"] = self.head.bnneck(out["image_feat"])
         logits = self.head.classifier(neck)
@@ -144,4 +151,5 @@ def build_model(
         image_tokens=vit.num_tokens, text_tokens=cfg.model.text.max_length if with_text else None,
         dropout=cfg.fusion.dropout, drop_path=cfg.fusion.drop_path,
     )
-    return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder)
+    return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
+                    bnneck_per_modality=cfg.fusion.bnneck == "per_modality")
