@@ -33,5 +33,17 @@ lint: venv
 	$(BIN)/ruff check dmf_core stages tests benchmarks
 
 # Switch to the paper profile (real datasets, ViT-B/16, GPU): see docs/datasets.md first.
+# The params.yaml it replaces is kept as params.yaml.bak-<YYYYmmdd-HHMMSS> (a -1, -2, ... suffix
+# when that name is taken: an earlier backup is never overwritten); the recipe prints the name.
+# Restore with `cp params.yaml.bak-<stamp> params.yaml`. Nothing is backed up when params.yaml
+# already equals configs/paper.yaml.
 paper:
-	cp configs/paper.yaml params.yaml
+	@set -e; \
+	if [ -f params.yaml ] && ! cmp -s params.yaml configs/paper.yaml; then \
+	  backup=params.yaml.bak-$$(date +%Y%m%d-%H%M%S); base=$$backup; n=0; \
+	  while [ -e "$$backup" ] || [ -L "$$backup" ]; do n=$$((n + 1)); backup=$$base-$$n; done; \
+	  cp -p params.yaml "$$backup"; \
+	  echo "make paper: saved your previous params.yaml as $$backup (restore: cp $$backup params.yaml)"; \
+	fi; \
+	cp configs/paper.yaml params.yaml; \
+	echo "make paper: params.yaml is now configs/paper.yaml"

@@ -8,6 +8,7 @@ with a message that names the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from dmf_core.paths import RAW
 
 
 class ConfigError(ValueError):
@@ -451,20 +454,78 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(f"captions.viewpoint_words.{key}: angles must lie in [0, 360]")
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Refuse NaN and infinities anywhere (YAML ``.nan``, ``.inf``, ``-.inf``).
+
+    Every comparison with NaN is false, so a NaN learning rate or rate would slip through each
+    range check below and only show up as a NaN loss hours later; an infinity is never a
+    meaningful size, rate or weight either. Runs on the parsed YAML, before the schema, so it
+    covers every key, typed float or not.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key or 'params'}: expected a finite number, got {value!r} "
+                          "(NaN and infinities are refused)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(k, f"{key}.{k}" if key else str(k))
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_dir_sources(cfg: Config, root: Path) -> None:
+    """Refuse a ``source: dir`` folder inside (or containing) ``data/raw/``.
+
+    ``data/raw/<name>/`` is the download stage's output: ``dvc repro`` deletes it before the
+    stage runs, so a dataset kept there (or reached there through a symlink or ``..``) would be
+    lost, and a folder that contains ``data/raw/`` would be linked into itself. Paths are
+    resolved (symlinks followed) against ``root``, the project root stages run in.
+    """
+    raw = (root / RAW).resolve()
+    for name, spec in cfg.datasets.items():
+        if spec.source != "dir" or not spec.location:
+            continue
+        where = (root / spec.location).resolve()
+        if _inside(where, raw):
+            problem = f"resolves to {where}, inside {RAW}/ ({raw})"
+        elif _inside(raw, where):
+            problem = f"resolves to {where}, which contains {RAW}/ ({raw})"
+        else:
+            continue
+        raise ConfigError(
+            f"datasets.{name}.location: {spec.location!r} {problem}. {RAW}/<name>/ is the download "
+            f"stage's output and DVC deletes it before the stage runs, so the data would be lost. "
+            f"Move the extracted folder elsewhere, e.g. data/extracted/{name}/, data/archives/{name}/ "
+            f"or outside the project, and point datasets.{name}.location there")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
 
-def config_from_dict(data: Any) -> Config:
-    """Build and validate a :class:`Config` from an already parsed mapping."""
+def config_from_dict(data: Any, *, root: str | Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from an already parsed mapping.
+
+    ``root`` is the project root relative dataset locations are resolved against: the
+    current directory by default, the DVC working directory every stage runs in.
+    """
+    _check_finite(data, "")
     cfg = _build(Config, data, "")
     _check_consistency(cfg)
+    _check_dir_sources(cfg, Path.cwd() if root is None else Path(root))
     return cfg
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read ``path`` (YAML) and return the validated configuration or raise ConfigError."""
+def load_config(path: str | Path = "params.yaml", *, root: str | Path | None = None) -> Config:
+    """Read ``path`` (YAML) and return the validated configuration or raise ConfigError.
+
+    ``root``: see :func:`config_from_dict`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -479,7 +540,7 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of parameters, got {type(data).__name__}")
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, root=root)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

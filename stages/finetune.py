@@ -19,6 +19,7 @@ def main(cfg: Config, source: str) -> None:
     train(cfg, "finetune",
           train_lmdb=paths.lmdb_path(source, "train"),
           init_from=paths.pretrain_model_dir(),
+          dataset_name=source,
           out_dir=paths.finetune_model_dir(source),
           metrics_path=paths.METRICS / "finetune" / f"{source}.json",
           curve_path=paths.PLOTS / "train" / f"finetune_{source}.tsv",

@@ -72,3 +72,17 @@ def test_stage_stops_before_work_with_one_line(tmp_path, params_dict):
     assert "fusion.dim: expected an integer, got 3.5" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(("key", "yaml_value"), [("pretrain.lr", ".nan"), ("augment.erasing", ".inf"),
+                                                 ("loss.label_smoothing", "-.inf"), ("fusion.dropout", ".NaN")])
+def test_yaml_nan_and_infinities_are_refused(tmp_path, key, yaml_value):
+    """YAML's .nan / .inf / -.inf parse to floats that every range check lets through."""
+    section, leaf = key.split(".")
+    text = (ROOT / "params.yaml").read_text()
+    data = yaml.safe_load(text)
+    data[section][leaf] = "@VALUE@"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(data).replace("'@VALUE@'", yaml_value))
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.{leaf}: expected a finite number"):
+        load_config(bad)

@@ -1,7 +1,8 @@
 """Fault injection, hostile files: archives, images, pickles (see docs/reliability.md).
 
-Complements test_extract.py (zip-slip, escaping symlinks, relative hard links, truncation),
-test_layouts.py / test_lmdb.py (truncated and garbage JPEGs) with the cases they do not build.
+Complements test_extract.py (zip-slip, escaping and chained links, hard links, the marker,
+truncation), test_layouts.py / test_lmdb.py (truncated and garbage JPEGs) with the cases they do
+not build.
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def test_symlink_then_file_through_it_refused(tmp_path):
     with pytest.raises(UnsafeArchiveError):
         safe_extract(archive, tmp_path / "out" / "t", progress=False)
     assert not (tmp_path / "out" / "escaped.txt").exists()
+
+
+def _realpath_bypass_tar(path: Path) -> Path:
+    """The CVE-2025-4517 shape: 16 one-letter links to 247-char folders make a short name whose real
+    path nears PATH_MAX; realpath() stops resolving past it (ENAMETOOLONG, non-strict) and so checks
+    ``escape`` as text, while the kernel follows the short names to the root's parent."""
+    comp, steps, path_so_far, members = "d" * 247, "abcdefghijklmnop", "", []
+    for step in steps:
+        members += [(_info(f"{path_so_far}{comp}", tarfile.DIRTYPE), None),
+                    (_info(f"{path_so_far}{step}", tarfile.SYMTYPE, comp), None)]
+        path_so_far += comp + "/"
+    deep = "/".join(steps) + "/" + "l" * 254
+    members += [(_info(deep, tarfile.SYMTYPE, "../" * len(steps)), None),
+                (_info("escape", tarfile.SYMTYPE, deep + "/.."), None),
+                (_info("escape/pwned.txt"), b"pwned")]
+    return _tar(path, members)
+
+
+def test_tar_realpath_bypass_cve_2025_4517_refused(tmp_path):
+    """Python 3.11.7's own filter="data" lets this archive write out/pwned.txt; our resolver refuses it."""
+    archive = _realpath_bypass_tar(tmp_path / "cve.tar.gz")
+    with pytest.raises(UnsafeArchiveError, match=r"File name too long|leads outside"):
+        safe_extract(archive, tmp_path / "out" / "t", progress=False)
+    assert not (tmp_path / "out" / "pwned.txt").exists() and not (tmp_path / "pwned.txt").exists()
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz"])

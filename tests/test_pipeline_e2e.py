@@ -1,11 +1,13 @@
 """End to end: the DVC pipeline in a temporary git repo, with a tiny parameter override.
 
 `dvc repro` builds everything, a second `dvc repro` runs nothing, `dvc exp run -S fusion.dim=...`
-re-runs pretraining and what follows (nothing upstream), and `dvc metrics diff` shows new numbers.
+re-runs pretraining and what follows (nothing upstream), `dvc metrics diff` shows new numbers, and
+`dvc exp run -S pretrain.lr=...` changes the fine-tuned model (no stale state is resumed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,3 +104,13 @@ def test_repro_then_noop_then_experiment(project):
     eval_diff = diff["metrics/eval/sp_market__sp_cuhk.json"]
     changed = [k for k in ("rank1", "rank5", "mAP", "mINP") if eval_diff.get(k, {}).get("diff")]
     assert changed, eval_diff
+
+    # Another pretraining must reach the fine-tuned model: no state of the last fine-tuning
+    # may be resumed as "done" (runs/finetune/ persists between runs).
+    finetuned = project / "models/finetune/sp_market/model.safetensors"
+    before = hashlib.sha256(finetuned.read_bytes()).hexdigest()
+    exp = _run(["dvc", "exp", "run", "-S", "pretrain.lr=0.003"], project)
+    assert {"pretrain", "finetune@sp_market"} <= _ran_stages(exp), exp
+    assert hashlib.sha256(finetuned.read_bytes()).hexdigest() != before
+    run = json.loads((project / "metrics/finetune/sp_market.json").read_text())["run"]
+    assert run["resumed_from_epoch"] == 0

@@ -71,24 +71,6 @@ def test_count_is_exact_for_many_shapes():
         assert len(groups) == len(set(groups)) or K == 1 or min(np.bincount(labels)) < K
 
 
-def test_resume_from_state():
-    labels = toy_labels()
-    s = PKSampler(labels, 4, 2, seed=1)
-    s.set_epoch(2)
-    full = list(s)
-    it = iter(s)
-    head = [next(it) for _ in range(3)]
-    state = s.state_dict()
-    assert state["epoch"] == 2 and state["position"] == 3
-    t = PKSampler(labels, 4, 2, seed=1)
-    t.load_state_dict(state)
-    assert head + list(t) == full
-    t.set_epoch(3)
-    assert len(list(t)) == len(t)  # the skip applies to the resumed epoch only
-    with pytest.raises(ValueError, match="seed"):
-        PKSampler(labels, 4, 2, seed=9).load_state_dict(state)
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="fewer than P"):
         PKSampler(np.arange(3), 4, 2, seed=0)

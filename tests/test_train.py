@@ -69,8 +69,7 @@ def memory_stage_data(cfg, stage: str, *, ids: int = 8, per_id: int = 4, rank: i
         ds.epoch = epoch
 
     caps = [ds.caption(i, j) for i in range(len(ds)) for j in range(2)] if with_text else None
-    return StageData(loader=loader, num_classes=ids, num_images=len(ds), set_epoch=set_epoch,
-                     sampler=sampler, captions=caps)
+    return StageData(loader=loader, num_classes=ids, num_images=len(ds), set_epoch=set_epoch, captions=caps)
 
 
 def tiny_cfg(params: dict, **stage_overrides):
@@ -152,7 +151,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(params_dict, tmp_path):
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
@@ -160,17 +159,21 @@ SCRIPT = textwrap.dedent("""
     from dmf_core.config import config_from_dict
     from dmf_core.train.distributed import init_distributed
     from dmf_core.train.loop import train
-    from test_train import memory_stage_data
+    from test_train import memory_stage_data, stop_at
 
     cfg = config_from_dict(json.loads(Path({cfg!r}).read_text()))
     dist = init_distributed("cpu")
     data = memory_stage_data(cfg, "pretrain", rank=dist.rank, world_size=dist.world_size, sleep={sleep})
+    if os.environ.get("STOP_AT_EPOCH"):  # leave a checkpoint behind, as a killed run would
+        data = stop_at(data, int(os.environ["STOP_AT_EPOCH"]))
     out = Path({out!r})
+    # Each rank its own work folder: hosts that share no filesystem.
+    work = out / (f"work{{dist.rank}}" if os.environ.get("WORK_PER_RANK") else "work")
     def dump(model):
         save_file({{k: v.contiguous() for k, v in model.state_dict().items()}},
                   str(out / f"rank{{dist.rank}}.safetensors"))
     train(cfg, "pretrain", data, out_dir=out / "model", metrics_path=out / "metrics.json",
-          curve_path=out / "curve.tsv", work_dir=out / "work", dist=dist, on_end=dump)
+          curve_path=out / "curve.tsv", work_dir=work, dist=dist, on_end=dump)
 """)
 
 
@@ -183,9 +186,9 @@ def _script(tmp_path: Path, cfg_dict: dict, out: Path, sleep: float = 0.0) -> Pa
     return path
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DMF_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", DMF_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **extra)
     return env
 
 
@@ -238,7 +241,107 @@ def test_changed_params_do_not_resume(params_dict, tmp_path):
     assert m["run"]["resumed_from_epoch"] == 0
 
 
-@pytest.mark.timeout(120)
+class StopTraining(RuntimeError):
+    """Raised from ``set_epoch`` to leave a checkpoint behind, as a killed run would."""
+
+
+def stop_at(data: StageData, epoch: int) -> StageData:
+    moved = data.set_epoch
+
+    def set_epoch(e: int) -> None:
+        if e == epoch:
+            raise StopTraining(f"stopped before epoch {e + 1}")
+        moved(e)
+
+    data.set_epoch = set_epoch
+    return data
+
+
+def test_finetune_after_another_pretraining_does_not_resume_its_state(params_dict, tmp_path):
+    """Two pretrainings, each fine-tuned in the same work directory: the state the first left
+    behind is never resumed over the second (it was the stale-model bug)."""
+    cfg = tiny_cfg(params_dict, epochs=2)
+    pre_a, pre_b = outputs(tmp_path, "pre_a"), outputs(tmp_path, "pre_b")
+    train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **pre_a)
+    cfg_b = tiny_cfg(json.loads(json.dumps(ckpt.to_dict(cfg))), epochs=2)
+    cfg_b = config_from_dict({**ckpt.to_dict(cfg_b), "pretrain": {**ckpt.to_dict(cfg_b)["pretrain"], "lr": 0.004}})
+    train(cfg_b, "pretrain", memory_stage_data(cfg_b, "pretrain"), **pre_b)
+    ft = outputs(tmp_path, "ft")  # one work directory for every fine-tuning below
+
+    with pytest.raises(StopTraining):
+        train(cfg, "finetune", stop_at(memory_stage_data(cfg, "finetune"), 1), init_from=pre_a["out_dir"], **ft)
+    assert ckpt.load_training_state(ft["work_dir"])["epoch"] == 1
+    m_b = train(cfg, "finetune", memory_stage_data(cfg, "finetune"), init_from=pre_b["out_dir"], **ft)
+    assert m_b["run"]["resumed_from_epoch"] == 0
+    assert ckpt.load_training_state(ft["work_dir"]) is None  # finished: nothing left to pick up
+    weights_b = _weights(ft["out_dir"] / "model.safetensors")
+
+    # Positive control: the same inputs do resume.
+    with pytest.raises(StopTraining):
+        train(cfg, "finetune", stop_at(memory_stage_data(cfg, "finetune"), 1), init_from=pre_a["out_dir"], **ft)
+    m_a = train(cfg, "finetune", memory_stage_data(cfg, "finetune"), init_from=pre_a["out_dir"], **ft)
+    assert m_a["run"]["resumed_from_epoch"] == 1
+    weights_a = _weights(ft["out_dir"] / "model.safetensors")
+    assert any(not torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tmp_path, monkeypatch):
+    from dmf_core.train import fingerprint as fp
+
+    cfg = tiny_cfg(params_dict)
+    d = ckpt.to_dict(cfg)
+
+    def fingerprint(d, inputs=None):
+        return fp.training_fingerprint(config_from_dict(d), "finetune", datasets=["synthped", "sp_market"],
+                                       inputs=inputs or {"init_weights": "a"}, num_classes=8,
+                                       num_images=32, world_size=1)
+
+    base = fingerprint(d)
+    changed = json.loads(json.dumps(d))
+    for section, key, value in [("pretrain", "lr", 0.5), ("captions", "per_image", 7), ("pack", "resize", [8, 4]),
+                                ("seed", None, 3)]:
+        other = json.loads(json.dumps(d))
+        if key is None:
+            other[section] = value
+        else:
+            other[section][key] = value
+        assert fingerprint(other) != base, (section, key)
+    changed["synth"]["synthped"]["ids"] += 1
+    assert fingerprint(changed) != base
+    assert fingerprint(d, {"init_weights": "b"}) != base
+    same = json.loads(json.dumps(d))
+    same["train"]["checkpoint_every"] = 5
+    same["evaluate"]["flip"] = not same["evaluate"]["flip"]
+    same["finetune"]["sources"] = ["sp_msmt"]
+    assert fingerprint(same) == base
+    code = fp.code_digest()
+    monkeypatch.setattr(fp, "CODE_ROOT", tmp_path)
+    (tmp_path / "loss.py").write_text("x = 1\n")
+    assert fp.code_digest() != code
+
+
+def test_lmdb_digest_follows_the_image_content(tmp_path):
+    from dmf_core.train.fingerprint import lmdb_digest
+
+    lmdb, _ = _pack_toy(tmp_path / "a")
+    again, _ = _pack_toy(tmp_path / "b")
+    assert lmdb_digest(lmdb) == lmdb_digest(again)  # same content, other folder
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from dmf_core.data.lmdb_store import LmdbReader, pack_split
+
+    rows = LmdbReader(again).sidecar[["image_id", "pid", "camid"]].assign(split="train", dataset="toy")
+    first = tmp_path / "b" / "raw" / rows["image_id"].iloc[0]
+    Image.fromarray(np.zeros((32, 16, 3), np.uint8)).save(first)  # one image changes, nothing else
+    changed = tmp_path / "c" / "toy-train.lmdb"
+    captions = pd.read_parquet(tmp_path / "b" / "captions.parquet")
+    pack_split(pd.DataFrame(rows), tmp_path / "b" / "raw", changed, captions=captions, relabel=True)
+    assert lmdb_digest(changed) != lmdb_digest(lmdb)
+
+
+@pytest.mark.timeout(360)
 def test_ddp_two_gloo_ranks_keep_identical_weights(params_dict, tmp_path):
     cfg = tiny_cfg(params_dict, epochs=2)
     from dmf_core.config import to_dict
@@ -255,7 +358,25 @@ def test_ddp_two_gloo_ranks_keep_identical_weights(params_dict, tmp_path):
     assert metrics["run"]["world_size"] == 2 and metrics["run"]["effective_batch"] == 16
     assert sorted(p.name for p in (out / "model").iterdir()) == ["meta.json", "model.safetensors"]
     assert (out / "curve.tsv").read_text().splitlines()[0].split("\t") == CURVE_COLUMNS
-    assert (out / "work" / ckpt.STATE_FILE).is_file()
+    assert not (out / "work" / ckpt.STATE_FILE).exists()  # a finished run leaves no state to resume
+
+    # Stopped after epoch 1, then resumed where only rank 0 can see the checkpoint: rank 0
+    # decides and sends the state, so both ranks resume at epoch 1 and end where the
+    # uninterrupted run ended.
+    resumed = tmp_path / "ddp_resumed"
+    script = _script(tmp_path, to_dict(cfg), resumed)
+    stopped = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)],
+                             env=_env(STOP_AT_EPOCH="1", WORK_PER_RANK="1"), timeout=110, cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert stopped.returncode != 0 and "stopped before epoch 2" in stopped.stderr
+    assert (resumed / "work0" / ckpt.STATE_FILE).is_file() and not (resumed / "work1").exists()
+    subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)],
+                   check=True, env=_env(WORK_PER_RANK="1"), timeout=110, cwd=tmp_path)
+    assert json.loads((resumed / "metrics.json").read_text())["run"]["resumed_from_epoch"] == 1
+    for rank in (0, 1):
+        got = _weights(resumed / f"rank{rank}.safetensors")
+        for k in a:
+            assert torch.equal(got[k], a[k]), (rank, k)
 
 
 def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):

@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from dmf_core.data.images import decode_rgb
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -87,11 +89,10 @@ def frame_digest(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode stored bytes to an RGB PIL image (fully loaded); raises on corrupt data."""
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im if im.mode == "RGB" else im.convert("RGB")
+def decode_image(data: bytes, name: str = "stored image") -> Image.Image:
+    """Decode stored bytes to an RGB PIL image (fully loaded); raises on corrupt data, and
+    DecompressionBombError naming ``name`` before decoding an image over PIL's pixel limit."""
+    return decode_rgb(data, name)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def _load_one(image_root: Path, image_id: str, resize: list[int] | None):
     if not data:
         return None, 0, 0, "empty file"
     try:
-        im = decode_image(data)
+        im = decode_image(data, image_id)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad data
         return None, 0, 0, f"does not decode: {exc.__class__.__name__}: {exc}"
     if resize is not None:

@@ -3,6 +3,8 @@ DataLoader builders.
 
 - Images are decoded with ``torchvision.io.decode_image`` on the stored bytes (about 2.5x faster
   than PIL plus a PIL->tensor conversion here; PIL is the fallback for formats torchvision lacks),
+  once PIL has read the header and checked the declared size against its decompression-bomb
+  limit (:mod:`dmf_core.data.images`; torchvision's decoder has no limit of its own),
   then augmented as uint8 tensors (:class:`ReidTrainAugment`: the v2 chain's semantics fused into
   one pass, about 1.6x faster here; ``build_train_transform(..., fused=False)`` gives the stock
   ``torchvision.transforms.v2`` chain) and converted to float last.
@@ -27,8 +29,8 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode
 from torchvision.transforms import v2
 
+from dmf_core.data.images import open_checked
 from dmf_core.data.lmdb_store import LmdbReader, caption_refs, captions_digest
-from dmf_core.data.lmdb_store import decode_image as _pil_decode
 from dmf_core.data.sampler import PKSampler
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,20 @@ _MASK64 = (1 << 64) - 1
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_to_tensor(data: bytes) -> torch.Tensor:
-    """Stored bytes -> uint8 RGB tensor 3xHxW."""
+def decode_to_tensor(data: bytes, name: str = "image") -> torch.Tensor:
+    """Stored bytes -> uint8 RGB tensor 3xHxW.
+
+    torchvision's decoder has no pixel limit (it allocates whatever the header declares), so
+    PIL reads the header first and an image over PIL's limit raises DecompressionBombError
+    naming ``name`` before any decoder runs (:func:`~dmf_core.data.images.open_checked`).
+    """
+    header = open_checked(data, name)
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return _tv_decode(buf, mode=ImageReadMode.RGB)
     except RuntimeError:
-        im = _pil_decode(data)
+        header.load()
+        im = header if header.mode == "RGB" else header.convert("RGB")
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -228,6 +237,7 @@ class ReidImageDataset(torch.utils.data.Dataset):
         self.labels = self.sidecar["label"].to_numpy(dtype=np.int64)
         self.pids = self.sidecar["pid"].to_numpy(dtype=np.int64)
         self.camids = self.sidecar["camid"].to_numpy(dtype=np.int64)
+        self._image_ids = self.sidecar["image_id"].to_numpy()  # names images in decode errors
         self.captions = captions
         if captions is not None:
             if "caption_start" in self.sidecar.columns:
@@ -278,8 +288,9 @@ class ReidImageDataset(torch.utils.data.Dataset):
             return self.transform(image)
 
     def load_image(self, i: int) -> torch.Tensor:
-        """Decoded, untransformed uint8 3xHxW."""
-        return decode_to_tensor(self.reader.get_bytes(i))
+        """Decoded, untransformed uint8 3xHxW (an image over PIL's pixel limit raises
+        DecompressionBombError naming the LMDB and the image_id)."""
+        return decode_to_tensor(self.reader.get_bytes(i), f"{self.path}: {self._image_ids[i]}")
 
     def __getitem__(self, i) -> dict:
         i = int(i)
@@ -308,7 +319,6 @@ def build_train_loader(
     seed: int,
     *,
     epoch: int = 0,
-    sampler_state: dict | None = None,
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -318,7 +328,7 @@ def build_train_loader(
 ) -> torch.utils.data.DataLoader:
     """P x K training loader of one rank. ``loader.batch_sampler`` is the :class:`PKSampler`
     (``len(loader)`` batches per epoch, the same on every rank); call :func:`set_epoch` before
-    each epoch; resume with ``sampler_state`` (from ``loader.batch_sampler.state_dict(position)``).
+    each epoch (training resumes at epoch boundaries, so no position within an epoch is kept).
     Augmentations are seeded per (seed, epoch, index), so a batch is the same with any
     ``num_workers`` and after a resume.
     ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch."""
@@ -327,11 +337,7 @@ def build_train_loader(
     dataset = ReidImageDataset(lmdb_path, build_train_transform(height, width, cfg_augment),
                                captions=captions, expected_meta=expected_meta, augment_seed=seed)
     sampler = PKSampler(dataset.labels, P, K, seed=seed, rank=rank, world_size=world_size)
-    if sampler_state is not None:
-        sampler.load_state_dict(sampler_state)
-        epoch = sampler.epoch
-    else:
-        sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     # own generator: creating an iterator draws a worker base seed, keep the global RNG out of it
     generator = torch.Generator().manual_seed(int(seed) * 1000 + int(rank))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from dmf_core.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_checked
+
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("image_id", "split", "pid", "camid", "dataset")
@@ -28,7 +29,6 @@ FINEGPR_COLUMNS = ("viewpoint", "weather", "illumination", "scene")
 SPLITS = ("train", "query", "gallery")
 _STRING_COLUMNS = ("image_id", "split", "dataset")
 _INT_COLUMNS = ("pid", "camid", *FINEGPR_COLUMNS)
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
 
 
 class StatisticsError(ValueError):
@@ -182,16 +182,17 @@ def check_statistics(df: pd.DataFrame, expected: Mapping[str, Mapping[str, int |
 
 
 def _check_image(path: Path) -> str | None:
-    """None when the image decodes completely, else the reason."""
-    from PIL import Image
+    """None when the image decodes completely, else the reason.
 
+    Runs in a thread pool, so the size guard is :func:`~dmf_core.data.images.open_checked`'s
+    plain pixel-count check (no ``warnings.catch_warnings``: it swaps process-global state and
+    is not thread-safe); an image over the limit is refused from its header, never decoded.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                if img.width <= 0 or img.height <= 0:
-                    return "empty image"
+        with open_checked(path, path.name) as img:
+            img.load()
+            if img.width <= 0 or img.height <= 0:
+                return "empty image"
     except FileNotFoundError:
         return "missing file"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image, never a crash

@@ -1,4 +1,4 @@
-"""P x K identity batch sampler, DDP-aware and resumable.
+"""P x K identity batch sampler, DDP-aware and reproducible from (seed, epoch).
 
 One epoch's plan is a pure function of ``(labels, P, K, seed, epoch)``, computed identically on
 every rank:
@@ -46,8 +46,6 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         if len(ids) < self.P:
             raise ValueError(f"PKSampler: {len(ids)} identities, fewer than P={self.P}")
         self.epoch = 0
-        self._position = 0  # batches to skip at the next __iter__ (resume)
-        self._yielded = 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._num_batches = self._count_batches()
         if self._num_batches == 0:
@@ -107,36 +105,11 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
     # -- Sampler API -------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self._position = 0
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self._num_batches
 
     def __iter__(self):
-        batches = self.plan()
-        start, self._position = self._position, 0
-        self._yielded = start
-        for batch in batches[start:]:
-            self._yielded += 1
+        for batch in self.plan():
             yield batch.tolist()
-
-    def state_dict(self, position: int | None = None) -> dict:
-        """``{"epoch", "position", ...}``. ``position`` = batches of this epoch already trained on;
-        pass it explicitly when a DataLoader with workers prefetches (the sampler's own count runs
-        ahead of training by up to ``num_workers * prefetch_factor`` batches)."""
-        return {"epoch": self.epoch, "position": int(self._yielded if position is None else position),
-                "seed": self.seed, "P": self.P, "K": self.K, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "P", "K", "world_size"):
-            if name in state and state[name] != getattr(self, name):
-                raise ValueError(
-                    f"PKSampler.load_state_dict: {name}={state[name]!r} in the checkpoint, "
-                    f"{getattr(self, name)!r} now"
-                )
-        self.epoch = int(state["epoch"])
-        self._position = int(state["position"])
-        if not 0 <= self._position <= len(self):
-            raise ValueError(f"PKSampler.load_state_dict: position {self._position} not in [0, {len(self)}]")

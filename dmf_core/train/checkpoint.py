@@ -3,8 +3,9 @@
 - ``save_model`` / ``load_model``: the stage outputs, ``model.safetensors`` + ``meta.json``
   (config, number of classes, params hash, library versions). No pickles.
 - ``save_training_state`` / ``load_training_state``: ``last.pt`` under the persisted work
-  folder (model, optimizer, scheduler, sampler, RNG, epoch, curve so far), written atomically
-  and read back with ``torch.load(weights_only=True)``.
+  folder (fingerprint, model, optimizer, scheduler, epoch, curve so far), written atomically
+  and read back with ``torch.load(weights_only=True)``; ``remove_training_state`` once the
+  stage's outputs are written. No RNG state: every epoch reseeds from (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -188,31 +189,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def rng_state() -> dict:
-    import random
-
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_training_state(work_dir: str | Path, state: dict) -> Path:
     """Atomically write ``work_dir/last.pt`` (a crash mid-write leaves the previous one intact)."""
     path = Path(work_dir) / STATE_FILE
@@ -229,3 +205,8 @@ def load_training_state(work_dir: str | Path) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start over, say why
         log.warning("%s: unreadable training state (%s); starting from scratch", path, exc)
         return None
+
+
+def remove_training_state(work_dir: str | Path) -> None:
+    """Delete ``work_dir/last.pt`` (the run it belongs to is finished)."""
+    (Path(work_dir) / STATE_FILE).unlink(missing_ok=True)

@@ -8,8 +8,12 @@ Per epoch: loader moved to the epoch (sampler order, caption choice), all RNGs r
 (seed, epoch, rank), losses summed on the device (one host sync per ``SYNC_EVERY`` steps for the
 non-finite guard), and at the end of the epoch the curve row, the tracking scalars and -- every
 ``train.checkpoint_every`` epochs -- the resumable state ``work_dir/last.pt``. A re-run resumes
-from that state when it was written with the same training params; the result is then identical
-to an uninterrupted run (exactly so with ``train.num_workers: 0``).
+from that state only when its fingerprint (params, upstream params, content of the inputs, code:
+:mod:`dmf_core.train.fingerprint`) is the same; the result is then identical to an uninterrupted
+run (exactly so with ``train.num_workers: 0``). A finished run deletes its state.
+
+``train`` reads top to bottom: :func:`setup`, :func:`resume`, :func:`train_one_epoch` +
+:func:`end_epoch` per epoch, :func:`finalise`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dmf_core.train.distributed import (
     all_reduce_mean,
     barrier,
     broadcast_buffers,
+    broadcast_object,
     cleanup,
     init_distributed,
     seed_everything,
@@ -61,17 +66,18 @@ class StageData:
     """What the loop needs from the data side.
 
     ``loader`` yields dicts with ``image`` (B,3,H,W float), ``label`` (B,) and, with captions,
-    ``caption`` (list of B str); ``set_epoch(epoch)`` moves sampler order and caption choice;
-    ``sampler`` (optional) provides ``state_dict()`` for the checkpoint.
+    ``caption`` (list of B str); ``set_epoch(epoch)`` moves sampler order and caption choice.
+    ``datasets`` names the datasets it was built from and ``inputs`` holds content digests of
+    what it read (LMDB, captions): both go into the resume fingerprint.
     """
 
     loader: Iterable[dict]
     num_classes: int
     num_images: int
     set_epoch: Any = None
-    sampler: Any = None
     captions: list[str] | None = None  # every caption of the set, to precompute token states
-    info: dict = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -82,21 +88,6 @@ def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
 
 def uses_captions(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "shared"
-
-
-def training_fingerprint(cfg: Config, stage: Stage, data: StageData, world_size: int) -> str:
-    """What a checkpoint must agree on to be resumed: every param that changes the trajectory."""
-    d = to_dict(cfg)
-    st = dict(d[stage])
-    st.pop("sources", None)
-    train = dict(d["train"])
-    for k in ("checkpoint_every", "nproc"):
-        train.pop(k, None)
-    return ckpt.params_hash({
-        "stage": stage, "seed": d["seed"], "model": d["model"], "fusion": d["fusion"], "loss": d["loss"],
-        "augment": d["augment"], "train": train, "stage_cfg": st, "num_classes": data.num_classes,
-        "num_images": data.num_images, "world_size": world_size, "info": data.info,
-    })
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -124,8 +115,9 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parquet: Path | None,
-                     dist: DistInfo) -> StageData:
+                     dist: DistInfo, dataset_name: str | None = None) -> StageData:
     from dmf_core.data.loader import CaptionPicker, build_train_loader, set_epoch
+    from dmf_core.train.fingerprint import file_sha256, lmdb_digest
 
     st = stage_config(cfg, stage)
     picker = None
@@ -141,10 +133,14 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
     )
     dataset = loader.dataset
     captions = [picker.text(i) for i in range(len(picker))] if picker is not None else None
+    inputs = {"train_lmdb": lmdb_digest(train_lmdb)} if dist.is_main else {}
+    if picker is not None and dist.is_main:
+        inputs["captions"] = file_sha256(captions_parquet)
+    datasets = [cfg.pretrain.dataset] if stage == "pretrain" else [cfg.pretrain.dataset, dataset_name]
     return StageData(
         loader=loader, num_classes=dataset.num_classes, num_images=len(dataset),
-        set_epoch=lambda epoch: set_epoch(loader, epoch), sampler=loader.batch_sampler,
-        captions=captions, info={"lmdb": str(train_lmdb), "captions": str(captions_parquet or "")},
+        set_epoch=lambda epoch: set_epoch(loader, epoch), captions=captions,
+        datasets=[d for d in datasets if d], inputs=inputs,
     )
 
 
@@ -159,11 +155,13 @@ def run_stage(
     work_dir: Path,
     init_from: Path | None = None,
     captions_parquet: Path | None = None,
+    dataset_name: str | None = None,
 ) -> dict:
-    """Train one stage from the packed LMDB and write its outputs (rank 0); returns the metrics."""
+    """Train one stage from the packed LMDB and write its outputs (rank 0); returns the metrics.
+    ``dataset_name`` is the fine-tuning source (its params enter the resume fingerprint)."""
     dist = init_distributed()
     try:
-        data = build_stage_data(cfg, stage, Path(train_lmdb), captions_parquet, dist)
+        data = build_stage_data(cfg, stage, Path(train_lmdb), captions_parquet, dist, dataset_name)
         return train(cfg, stage, data, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
                      curve_path=Path(curve_path), work_dir=Path(work_dir), init_from=init_from, dist=dist)
     finally:
@@ -191,6 +189,220 @@ def _all_finite(model: nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+@dataclass
+class Run:
+    """Everything one training run holds between its phases."""
+
+    cfg: Config
+    stage: Stage
+    st: StageTrainConfig
+    data: StageData
+    dist: DistInfo
+    work_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    precision: str
+    with_text: bool
+    fingerprint: str | None = None  # rank 0 only: the others never read or write the state
+    cache: Any = None
+    start_epoch: int = 0
+    curve: list = field(default_factory=list)
+    totals: dict = field(default_factory=lambda: {"images": 0, "train_s": 0.0})
+    batch_size: int | None = None
+
+
+def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from: Path | None,
+          dist: DistInfo) -> Run:
+    """Model (identical on every rank), optimizer, schedule and, on rank 0, the fingerprint."""
+    from dmf_core.model.build import build_model
+    from dmf_core.train.fingerprint import model_input_digests, training_fingerprint
+
+    torch.set_num_threads(cpu_threads(cfg, dist))
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    st = stage_config(cfg, stage)
+    with_text = uses_captions(cfg, stage)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, data.num_classes, with_text=with_text,
+                        pretrained=stage == "pretrain" or init_from is None)
+    if stage == "finetune" and init_from is not None:
+        ckpt.load_init_weights(model, init_from)
+    model.to(dist.device)
+    steps_per_epoch = len(data.loader) // st.accumulate
+    if steps_per_epoch == 0:
+        raise ValueError(f"{stage}: {len(data.loader)} batches per epoch, fewer than {stage}.accumulate="
+                         f"{st.accumulate}; lower P/K or accumulate")
+    optimizer = build_optimizer(model, st)
+    run = Run(cfg=cfg, stage=stage, st=st, data=data, dist=dist, work_dir=Path(work_dir), model=model,
+              optimizer=optimizer, scheduler=build_scheduler(optimizer, st, steps_per_epoch),
+              steps_per_epoch=steps_per_epoch, precision=resolve_precision(cfg, dist.device),
+              with_text=with_text)
+    if dist.is_main:
+        inputs = {**data.inputs, **model_input_digests(cfg, init_from=init_from, with_text=with_text)}
+        run.fingerprint = training_fingerprint(
+            cfg, stage, datasets=data.datasets, inputs=inputs, num_classes=data.num_classes,
+            num_images=data.num_images, world_size=dist.world_size)
+    if with_text and cfg.model.text.freeze:
+        from dmf_core.model.text import CaptionStateCache, TextEncoder
+
+        encoder = TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=True).to(dist.device)
+        run.cache = CaptionStateCache(encoder)
+    return run
+
+
+def resume(run: Run) -> None:
+    """Rank 0 decides: the saved state is resumed only when its fingerprint is this run's. The
+    decision and the state itself are broadcast, so ranks on hosts without a shared filesystem
+    start from the same epoch and weights (and none waits for a collective the others skip)."""
+    path = run.work_dir / ckpt.STATE_FILE
+    state = None
+    if run.dist.is_main:
+        state = ckpt.load_training_state(run.work_dir)
+        if state is not None and state.get("fingerprint") != run.fingerprint:
+            log.warning("%s: written by a run with other params, inputs or code; starting from scratch", path)
+            state = None
+    if run.dist.distributed:
+        state = broadcast_object(state)
+    if state is None:
+        return
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.start_epoch, run.curve, run.totals = state["epoch"], list(state["curve"]), dict(state["totals"])
+    log.info("resuming %s from %s at epoch %d/%d", run.stage, path, run.start_epoch, run.st.epochs)
+
+
+def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    device = run.dist.device
+    images = batch["image"].to(device, non_blocking=True)
+    labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
+    kwargs = {}
+    if run.with_text and run.cache is not None:
+        kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(batch["caption"], device)
+    elif run.with_text:
+        kwargs["captions"] = batch["caption"]
+    return images, labels, kwargs
+
+
+def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Module, autocast) -> dict:
+    """One pass over the loader; returns the curve row (losses averaged over ranks, lr)."""
+    st, dist = run.st, run.dist
+    seed_everything(epoch_seed(run.cfg.seed, epoch, dist.rank))
+    if run.data.set_epoch is not None:
+        run.data.set_epoch(epoch)
+    ddp_model.train()
+    sums = torch.zeros(len(LOSS_NAMES), device=dist.device)
+    n_batches, n_images = 0, 0
+    epoch_t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(run.data.loader, desc=f"{run.stage} {epoch + 1}/{st.epochs}", leave=False,
+               disable=None if dist.is_main else True)
+    for i, batch in enumerate(bar):
+        if i >= run.steps_per_epoch * st.accumulate:
+            break  # an incomplete accumulation group at the end is dropped
+        images, labels, kwargs = _batch_inputs(run, batch)
+        sync_now = (i + 1) % st.accumulate == 0
+        no_sync = ddp_model.no_sync() if dist.distributed and not sync_now else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                losses = dmf_losses(forward(images, **kwargs), labels, run.cfg)
+            (losses["loss"] / st.accumulate).backward()
+        if sync_now:
+            if st.grad_clip:
+                nn.utils.clip_grad_norm_(run.model.parameters(), st.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+        sums += torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
+        n_batches += 1
+        n_images += len(images)
+        run.batch_size = run.batch_size or len(images)
+        # Single process: stop early on a non-finite loss. Under DDP every rank must run the
+        # same number of steps, so the (all-reduced) check at the end of the epoch decides.
+        if not dist.distributed and n_batches % SYNC_EVERY == 0 and not bool(sums.isfinite().all()):
+            break
+    bar.close()
+    broadcast_buffers(run.model)
+    epoch_s = time.perf_counter() - epoch_t0
+    means = all_reduce_mean(sums / max(n_batches, 1)).tolist()
+    if not all(math.isfinite(v) for v in means) or not _all_finite(run.model):
+        bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, means))
+        kept = run.curve[-1]["epoch"] if run.curve else run.start_epoch
+        raise NonFiniteLossError(
+            f"{run.stage}: non-finite loss in epoch {epoch + 1} ({bad}); the last good checkpoint "
+            f"{run.work_dir / ckpt.STATE_FILE} is kept (epoch {kept}). "
+            f"Lower {run.stage}.lr, set {run.stage}.grad_clip or check the data")
+    run.totals["images"] += n_images * dist.world_size
+    run.totals["train_s"] += epoch_s
+    row = {"epoch": epoch + 1, **dict(zip(LOSS_NAMES, means)), "lr": run.optimizer.param_groups[0]["lr"]}
+    if dist.is_main:
+        log.info("%s epoch %d/%d: %s lr=%.3g %.0f img/s", run.stage, epoch + 1, st.epochs,
+                 " ".join(f"{k}={v:.4f}" for k, v in zip(LOSS_NAMES, means)), row["lr"],
+                 n_images * dist.world_size / max(epoch_s, 1e-9))
+    return row
+
+
+def end_epoch(run: Run, row: dict, curve_path: Path, tracker: Tracker) -> None:
+    """Rank 0: the curve so far, the tracking scalars and, when due, the resumable state."""
+    run.curve.append(row)
+    if not run.dist.is_main:
+        return
+    epoch = row["epoch"]
+    write_tsv(curve_path, run.curve, CURVE_COLUMNS)
+    tracker.scalars("loss", {k: row[k] for k in LOSS_NAMES}, epoch)
+    tracker.scalar("lr", "lr", row["lr"], epoch)
+    if epoch == run.st.epochs or epoch % run.cfg.train.checkpoint_every == 0:
+        ckpt.save_training_state(run.work_dir, {
+            "fingerprint": run.fingerprint, "epoch": epoch, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "curve": run.curve, "totals": run.totals,
+        })
+
+
+def stage_metrics(run: Run, started: float) -> dict:
+    cfg, st, dist = run.cfg, run.st, run.dist
+    final = run.curve[-1] if run.curve else {k: float("nan") for k in LOSS_NAMES}
+    totals = run.totals
+    return {
+        "stage": run.stage,
+        "epochs": st.epochs,
+        **{k: final[k] for k in LOSS_NAMES},
+        "images_per_s": totals["images"] / totals["train_s"] if totals["train_s"] > 0 else None,
+        "num_classes": run.data.num_classes,
+        "num_images": run.data.num_images,
+        "run": {
+            "seed": cfg.seed,
+            "world_size": dist.world_size,
+            "effective_batch": (run.batch_size or st.P * st.K) * dist.world_size * st.accumulate,
+            "precision": run.precision,
+            "device": str(dist.device.type),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "with_captions": run.with_text,
+            "train_s": round(totals["train_s"], 2),
+            "wall_s": round(time.perf_counter() - started, 2),
+            "resumed_from_epoch": run.start_epoch,
+        },
+    }
+
+
+def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metrics_path: Path,
+             curve_path: Path, init_from: Path | None) -> None:
+    """Rank 0: model, curve and metrics; then the training state goes, so that no later run
+    (with other inputs, or after a code change DVC re-runs the stage for) can take it for done."""
+    if not run.dist.is_main:
+        return
+    ckpt.save_model(run.model, out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
+                    extra={"epochs": run.st.epochs, "init_from": str(init_from) if init_from else None})
+    write_tsv(curve_path, run.curve, CURVE_COLUMNS)
+    write_metrics(metrics_path, metrics)
+    tracker.single_values({k: metrics[k] for k in (*LOSS_NAMES, "images_per_s")})
+    ckpt.remove_training_state(run.work_dir)
+
+
 def train(
     cfg: Config,
     stage: Stage,
@@ -210,181 +422,36 @@ def train(
     """
     started = time.perf_counter()
     dist = dist or init_distributed()
-    torch.set_num_threads(cpu_threads(cfg, dist))
-    device = dist.device
-    st = stage_config(cfg, stage)
-    with_text = uses_captions(cfg, stage)
-    precision = resolve_precision(cfg, device)
-    work_dir, out_dir = Path(work_dir), Path(out_dir)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    run = setup(cfg, stage, data, Path(work_dir), init_from, dist)
+    resume(run)
 
-    # Model: identical initialisation on every rank (DDP also broadcasts rank 0's weights).
-    from dmf_core.model.build import build_model
-
-    seed_everything(cfg.seed)
-    model = build_model(cfg, data.num_classes, with_text=with_text,
-                        pretrained=stage == "pretrain" or init_from is None)
-    if stage == "finetune" and init_from is not None:
-        ckpt.load_init_weights(model, init_from)
-    model.to(device)
-
-    cache = None
-    if with_text and cfg.model.text.freeze:
-        from dmf_core.model.text import CaptionStateCache, TextEncoder
-
-        encoder = TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=True).to(device)
-        cache = CaptionStateCache(encoder)
-
-    steps_per_epoch = len(data.loader) // st.accumulate
-    if steps_per_epoch == 0:
-        raise ValueError(f"{stage}: {len(data.loader)} batches per epoch, fewer than {stage}.accumulate="
-                         f"{st.accumulate}; lower P/K or accumulate")
-    optimizer = build_optimizer(model, st)
-    scheduler = build_scheduler(optimizer, st, steps_per_epoch)
-
-    # Resume.
-    fingerprint = training_fingerprint(cfg, stage, data, dist.world_size)
-    start_epoch, curve, totals = 0, [], {"images": 0, "train_s": 0.0}
-    state = ckpt.load_training_state(work_dir)
-    if state is not None and state.get("fingerprint") != fingerprint:
-        log.warning("%s: written with other training params; starting from scratch", work_dir / ckpt.STATE_FILE)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, curve, totals = state["epoch"], list(state["curve"]), dict(state["totals"])
-        log.info("resuming %s from %s at epoch %d/%d", stage, work_dir / ckpt.STATE_FILE, start_epoch, st.epochs)
-
-    ddp_model: nn.Module = model
+    ddp_model: nn.Module = run.model
     if dist.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    forward = compiled_forward(ddp_model, cfg.train.compile, device)
-
-    tracker = Tracker(cfg.tracking.clearml, cfg.tracking.project, f"{stage}", enabled=dist.is_main,
-                      config=to_dict(cfg), tags=[stage])
-    if cache is not None and data.captions and start_epoch < st.epochs:
-        t0 = time.perf_counter()
-        cache.warm(data.captions, progress=dist.is_main)
-        log.info("caption token states: %d distinct captions in %.1f s", len(cache), time.perf_counter() - t0)
-
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+            run.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    forward = compiled_forward(ddp_model, cfg.train.compile, dist.device)
+    autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if run.precision == "bf16"
                 else contextlib.nullcontext())
-    batch_size = None
-    for epoch in range(start_epoch, st.epochs):
-        seed_everything(epoch_seed(cfg.seed, epoch, dist.rank))
-        if data.set_epoch is not None:
-            data.set_epoch(epoch)
-        ddp_model.train()
-        sums = torch.zeros(len(LOSS_NAMES), device=device)
-        n_batches, n_images = 0, 0
-        epoch_t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(data.loader, desc=f"{stage} {epoch + 1}/{st.epochs}", leave=False,
-                   disable=None if dist.is_main else True)
-        for i, batch in enumerate(bar):
-            if i >= steps_per_epoch * st.accumulate:
-                break  # an incomplete accumulation group at the end is dropped
-            images = batch["image"].to(device, non_blocking=True)
-            labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
-            kwargs = {}
-            if with_text:
-                if cache is not None:
-                    kwargs["text_states"], kwargs["text_mask"] = cache.encode(batch["caption"], device)
-                else:
-                    kwargs["captions"] = batch["caption"]
-            sync_now = (i + 1) % st.accumulate == 0
-            no_sync = ddp_model.no_sync() if dist.distributed and not sync_now else contextlib.nullcontext()
-            with no_sync:
-                with autocast:
-                    out = forward(images, **kwargs)
-                    losses = dmf_losses(out, labels, cfg)
-                (losses["loss"] / st.accumulate).backward()
-            if sync_now:
-                if st.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            sums += torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
-            n_batches += 1
-            n_images += len(images)
-            batch_size = batch_size or len(images)
-            # Single process: stop early on a non-finite loss. Under DDP every rank must run the
-            # same number of steps, so the (all-reduced) check at the end of the epoch decides.
-            if not dist.distributed and n_batches % SYNC_EVERY == 0 and not bool(sums.isfinite().all()):
-                break
-        bar.close()
-        broadcast_buffers(model)
-        epoch_s = time.perf_counter() - epoch_t0
-        means = all_reduce_mean(sums / max(n_batches, 1)).tolist()
-        if not all(math.isfinite(v) for v in means) or not _all_finite(model):
-            tracker.close()
-            bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, means))
-            raise NonFiniteLossError(
-                f"{stage}: non-finite loss in epoch {epoch + 1} ({bad}); the last good checkpoint "
-                f"{work_dir / ckpt.STATE_FILE} is kept (epoch {start_epoch if not curve else curve[-1]['epoch']}). "
-                f"Lower {stage}.lr, set {stage}.grad_clip or check the data"
-            )
-        totals["images"] += n_images * dist.world_size
-        totals["train_s"] += epoch_s
-        row = {"epoch": epoch + 1, **dict(zip(LOSS_NAMES, means)), "lr": optimizer.param_groups[0]["lr"]}
-        curve.append(row)
-        log.info("%s epoch %d/%d: %s lr=%.3g %.0f img/s", stage, epoch + 1, st.epochs,
-                 " ".join(f"{k}={v:.4f}" for k, v in zip(LOSS_NAMES, means)), row["lr"],
-                 n_images * dist.world_size / max(epoch_s, 1e-9))
-        if dist.is_main:
-            write_tsv(curve_path, curve, CURVE_COLUMNS)
-            tracker.scalars("loss", {k: row[k] for k in LOSS_NAMES}, epoch + 1)
-            tracker.scalar("lr", "lr", row["lr"], epoch + 1)
-            last = epoch + 1 == st.epochs
-            if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
-                ckpt.save_training_state(work_dir, {
-                    "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "sampler": data.sampler.state_dict() if hasattr(data.sampler, "state_dict") else {},
-                    "rng": ckpt.rng_state(), "curve": curve, "totals": totals,
-                })
-        barrier()
+    if run.cache is not None and data.captions and run.start_epoch < run.st.epochs:
+        t0 = time.perf_counter()
+        run.cache.warm(data.captions, progress=dist.is_main)
+        log.info("caption token states: %d distinct captions in %.1f s", len(run.cache), time.perf_counter() - t0)
 
-    # Outputs (rank 0).
-    final = curve[-1] if curve else {k: float("nan") for k in LOSS_NAMES}
-    per_rank_batch = batch_size or (stage_config(cfg, stage).P * stage_config(cfg, stage).K)
-    metrics = {
-        "stage": stage,
-        "epochs": st.epochs,
-        **{k: final[k] for k in LOSS_NAMES},
-        "images_per_s": totals["images"] / totals["train_s"] if totals["train_s"] > 0 else None,
-        "num_classes": data.num_classes,
-        "num_images": data.num_images,
-        "run": {
-            "seed": cfg.seed,
-            "world_size": dist.world_size,
-            "effective_batch": per_rank_batch * dist.world_size * st.accumulate,
-            "precision": precision,
-            "device": str(device.type),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "with_captions": with_text,
-            "train_s": round(totals["train_s"], 2),
-            "wall_s": round(time.perf_counter() - started, 2),
-            "resumed_from_epoch": start_epoch,
-        },
-    }
-    if tracker.active:
-        metrics["run"]["clearml_task"] = str(tracker.task.id)
-    if dist.is_main:
-        ckpt.save_model(model, out_dir, cfg=cfg, num_classes=data.num_classes, stage=stage,
-                        extra={"epochs": st.epochs, "init_from": str(init_from) if init_from else None})
-        write_tsv(curve_path, curve, CURVE_COLUMNS)
-        write_metrics(metrics_path, metrics)
-        tracker.single_values({k: metrics[k] for k in (*LOSS_NAMES, "images_per_s")})
-    tracker.close()
+    tracker = Tracker(cfg.tracking.clearml, cfg.tracking.project, stage, enabled=dist.is_main,
+                      config=to_dict(cfg), tags=[stage])
+    try:
+        for epoch in range(run.start_epoch, run.st.epochs):
+            row = train_one_epoch(run, epoch, ddp_model, forward, autocast)
+            end_epoch(run, row, Path(curve_path), tracker)
+            barrier()
+        metrics = stage_metrics(run, started)
+        if tracker.active:
+            metrics["run"]["clearml_task"] = str(tracker.task.id)
+        finalise(run, metrics, tracker, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
+                 curve_path=Path(curve_path), init_from=init_from)
+    finally:
+        tracker.close()
     if on_end is not None:
-        on_end(model)
+        on_end(run.model)
     barrier()
     return metrics
