@@ -27,6 +27,8 @@ from dmf_core.data.manifest import check_statistics, read_manifest, verify_image
 from dmf_core.data.registry import REGISTRY, get_entry
 
 FAST = {"backoff": 0.01, "timeout": 5.0, "progress": False}
+# The loopback server is plain http, which fetch.download refuses without a pinned sha256: the
+# url tests below pin one (datasets.<name>.sha256 / acquire_file(sha256=...)).
 
 # ---------------------------------------------------------------------------------------------
 # Registry
@@ -98,7 +100,8 @@ def test_acquire_url_parse_check_and_rerun(tmp_path, server, kind):
     layout, name, expected, fmt = _layout_case(kind, src)
     archive = (make_zip if fmt == "zip" else make_tar)(src, tmp_path / f"built.{fmt}")
     url = server.add(f"/files/{name}.{fmt}", archive.read_bytes())
-    spec = DatasetSpec(layout=layout, source="url", location=url)
+    spec = DatasetSpec(layout=layout, source="url", location=url,
+                       sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
     dirs = {"raw_dir": tmp_path / "data/raw" / name, "lock_file": tmp_path / "data/checksums.json",
             "cache_dir": tmp_path / "data/archives", "download_options": FAST}
 
@@ -147,8 +150,10 @@ def test_acquire_wrong_checksum_and_lock_mismatch(tmp_path, server):
         acquire("rp", bad, **dirs)
     assert not (tmp_path / "raw").exists() and not read_lock(dirs["lock_file"])
 
-    good = DatasetSpec(layout="randperson", source="url", location=url)
-    acquire("rp", good, **dirs)  # first use records the hash
+    pinned = DatasetSpec(layout="randperson", source="url", location=url,
+                         sha256=hashlib.sha256(data).hexdigest())
+    acquire("rp", pinned, **dirs)  # records the hash
+    good = DatasetSpec(layout="randperson", source="url", location=url)  # from now on, the lock file's hash
     # the server now serves other bytes and the cache is gone: the lock file catches it
     server.files["/randperson_subset.zip"] = data[:100] + bytes([data[100] ^ 1]) + data[101:]
     (tmp_path / "archives" / "randperson_subset.zip").unlink()
@@ -157,7 +162,8 @@ def test_acquire_wrong_checksum_and_lock_mismatch(tmp_path, server):
 
 
 def test_acquire_404_names_how_to_get(tmp_path, server):
-    spec = DatasetSpec(layout="market", source="url", location=server.url("/gone/Market-1501-v15.09.15.zip"))
+    spec = DatasetSpec(layout="market", source="url", location=server.url("/gone/Market-1501-v15.09.15.zip"),
+                       sha256="0" * 64)
     with pytest.raises(DownloadError, match="HTTP 404.*data/archives/Market-1501-v15.09.15.zip"):
         acquire("market1501", spec, raw_dir=tmp_path / "raw", lock_file=tmp_path / "l.json",
                 cache_dir=tmp_path / "a", download_options=FAST)
@@ -235,13 +241,14 @@ def test_acquire_too_little_disk_space(tmp_path, monkeypatch):
 
 def test_acquire_file_weights(tmp_path, server):
     payload = b"not really a checkpoint"
+    sha = hashlib.sha256(payload).hexdigest()
     url = server.add("/jx_vit_base_p16_224-80ecf9dd.pth", payload)
     with pytest.raises(ChecksumError, match="80ecf9dd"):  # the registry's hash prefix is enforced
         acquire_file("vit_base_jx", location=url, lock_file=tmp_path / "l.json", cache_dir=tmp_path / "m",
-                     download_options=FAST)
+                     sha256=sha, download_options=FAST)
     url2 = server.add("/other.pth", payload)
     path = acquire_file("other_weights", location=url2, lock_file=tmp_path / "l.json",
-                        cache_dir=tmp_path / "m", download_options=FAST)
+                        cache_dir=tmp_path / "m", sha256=sha, download_options=FAST)
     assert path.read_bytes() == payload
     assert read_lock(tmp_path / "l.json")["other_weights"]["sha256"] == hashlib.sha256(payload).hexdigest()
 
