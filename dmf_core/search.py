@@ -8,8 +8,10 @@
   (``1 - cos``) with a faiss inner-product index over the L2-normalised features; writes a JSON of
   (gallery image, distance) per query and a ranked-list PNG.
 
-The model directory (``models/finetune/<source>`` or ``models/pretrain``) carries its own config
-in ``meta.json``: input size and normalisation come from there, not from params.yaml, so a model
+Both embed through :class:`~dmf_core.extractor.FeatureExtractor` (image files directly; an LMDB
+split through the evaluation's test loader, decoded to [0, 1], then the extractor's model call).
+The model directory (``models/finetune/<source>`` or ``models/pretrain``) carries its own
+``config.json``: input size and normalisation come from there, not from params.yaml, so a model
 is always fed what it was trained on.
 """
 
@@ -18,14 +20,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from dmf_core import paths
 
@@ -75,89 +75,36 @@ def is_lmdb_source(source: str | Path) -> bool:
                                         and paths.lmdb_dir(str(source)).is_dir())
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded and transformed like a test split; item ``{"image", "index"}``."""
-
-    def __init__(self, files: Sequence[Path], transform):
-        self.files = [Path(f) for f in files]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        from dmf_core.data.loader import decode_to_tensor
-
-        path = self.files[i]
-        try:
-            image = decode_to_tensor(path.read_bytes())
-        except Exception as exc:  # noqa: BLE001 - PIL/torchvision raise many types on bad data
-            raise ValueError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-        return {"image": self.transform(image), "index": i}
-
-
 # ---------------------------------------------------------------------------------------------
 # Model and features
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    meta: dict
-    cfg: object  # dmf_core.config.Config the model was trained with
-    device: torch.device
-    path: Path
+def load_extractor(model_dir: str | Path, device: str = "auto", *, batch_size: int = 128, flip: bool = False,
+                   num_workers: int = 0):
+    """The :class:`~dmf_core.extractor.FeatureExtractor` of a model folder a training stage wrote."""
+    from dmf_core.extractor import FeatureExtractor
 
-    def transform(self):
-        from dmf_core.data.loader import build_test_transform
-
-        img = self.cfg.model.image
-        return build_test_transform(img.height, img.width, self.cfg.augment)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    return torch.device(device)
-
-
-def load(model_dir: str | Path, device: str = "auto") -> LoadedModel:
-    """The model a training stage wrote (``model.safetensors`` + ``meta.json``), in eval mode."""
-    from dmf_core.config import config_from_dict
-    from dmf_core.train.checkpoint import load_model
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found (expected e.g. models/finetune/<source>; "
                                 "run `dvc repro` or `dvc pull` first)")
-    dev = pick_device(device)
-    model, meta = load_model(model_dir, device=dev)
-    return LoadedModel(model=model, meta=meta, cfg=config_from_dict(meta["config"]), device=dev, path=model_dir)
+    return FeatureExtractor.from_pretrained(model_dir, device=device, batch_size=batch_size, flip=flip,
+                                            num_workers=num_workers)
 
 
-def embed(loaded: LoadedModel, loader, *, flip: bool = False, desc: str = "features") -> np.ndarray:
-    """L2-normalised f of every image ``loader`` yields, in order (float32, N x D)."""
-    from dmf_core.eval.features import extract_features
-
-    model = loaded.model.eval()
-    return extract_features(model.embed_images, loader, flip=flip, device=loaded.device, desc=desc)
-
-
-def lmdb_loader(lmdb_path: Path, loaded: LoadedModel, batch_size: int, num_workers: int = 0):
+def split_features(extractor, lmdb_path: Path, desc: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """Features of every image of a packed split, in key order, and the split's sidecar: the
+    evaluation's test loader with the [0, 1] transform, through the extractor's model call."""
     from dmf_core.data.loader import build_test_loader
+    from dmf_core.extractor import UNIT_RANGE
 
-    img = loaded.cfg.model.image
-    return build_test_loader(Path(lmdb_path), loaded.cfg.augment, img.height, img.width, batch_size,
-                             num_workers, pin_memory=loaded.device.type == "cuda")
+    loader = build_test_loader(Path(lmdb_path), UNIT_RANGE, *extractor.input_size, extractor.batch_size,
+                               extractor.num_workers, pin_memory=extractor.device.type == "cuda")
+    return extractor.embed_batches(loader, desc=desc).numpy(), loader.dataset.sidecar
 
 
-def files_loader(files: Sequence[Path], loaded: LoadedModel, batch_size: int, num_workers: int = 0):
-    return torch.utils.data.DataLoader(ImageFiles(files, loaded.transform()), batch_size=batch_size,
-                                       shuffle=False, num_workers=num_workers,
-                                       pin_memory=loaded.device.type == "cuda")
+def file_features(extractor, files: Sequence[Path], desc: str) -> np.ndarray:
+    return extractor([str(f) for f in files], desc=desc).numpy()
 
 
 def _ids_frame_of_split(sidecar: pd.DataFrame) -> pd.DataFrame:
@@ -205,21 +152,18 @@ def extract_to_files(source: Sequence[str | Path], out: str | Path, *, model_dir
                      num_workers: int = 0) -> tuple[Path, Path, int]:
     """Features of one packed split (an ``.lmdb`` path or a dataset name + ``split``) or of image
     files/folders -> ``<out>.npy`` + ``<out>.parquet``. Returns (npy, parquet, count)."""
-    loaded = load(model_dir, device)
+    extractor = load_extractor(model_dir, device, batch_size=batch_size, flip=flip, num_workers=num_workers)
     if len(source) == 1 and is_lmdb_source(source[0]):
         lmdb_path = resolve_split(source[0], split)
-        loader = lmdb_loader(lmdb_path, loaded, batch_size, num_workers)
-        ids = _ids_frame_of_split(loader.dataset.sidecar)
+        feats, sidecar = split_features(extractor, lmdb_path, f"extract {lmdb_path.name}")
+        ids = _ids_frame_of_split(sidecar)
         origin = {"lmdb": str(lmdb_path)}
-        desc = f"extract {lmdb_path.name}"
     else:
         files = list_images(source)
-        loader = files_loader(files, loaded, batch_size, num_workers)
+        feats = file_features(extractor, files, f"extract {len(files)} images")
         ids = pd.DataFrame({"path": [str(f) for f in files]})
         origin = {"files": [str(s) for s in source]}
-        desc = f"extract {len(files)} images"
-    feats = embed(loaded, loader, flip=flip, desc=desc)
-    info = {**origin, "model": str(loaded.path), "params_hash": loaded.meta.get("params_hash"),
+    info = {**origin, "model": str(Path(model_dir)), "params_hash": extractor.meta.get("params_hash"),
             "flip": bool(flip), "normalised": True, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0}
     npy, parquet = write_features(out, feats, ids, info)
     log.info("%d features of dim %d -> %s, %s", len(feats), info["dim"], npy, parquet)
@@ -231,21 +175,21 @@ def extract_to_files(source: Sequence[str | Path], out: str | Path, *, model_dir
 # ---------------------------------------------------------------------------------------------
 
 
-def _gallery_features(loaded: LoadedModel, gallery_lmdb: Path, sidecar: pd.DataFrame, cached: str | Path | None,
-                      flip: bool, batch_size: int, num_workers: int) -> np.ndarray:
+def _gallery_features(extractor, gallery_lmdb: Path, sidecar: pd.DataFrame, cached: str | Path | None
+                      ) -> np.ndarray:
     if cached is not None:
         feats, ids, info = read_features(cached)
         if "image_id" not in ids or ids["image_id"].astype(str).tolist() != sidecar["image_id"].astype(str).tolist():
             raise ValueError(f"{cached}: its rows are not the images of {gallery_lmdb} in key order "
-                             f"(extract them with `dmf extract {gallery_lmdb} --model {loaded.path}`)")
-        if info.get("params_hash") not in (None, loaded.meta.get("params_hash")):
+                             f"(extract them with `dmf extract {gallery_lmdb} --model {extractor.source}`)")
+        if info.get("params_hash") not in (None, extractor.meta.get("params_hash")):
             raise ValueError(f"{cached}: extracted with another model (params_hash {info.get('params_hash')}, "
-                             f"{loaded.path} has {loaded.meta.get('params_hash')})")
-        if bool(info.get("flip", False)) != bool(flip):
-            raise ValueError(f"{cached}: extracted with flip={info.get('flip')}, this search uses flip={flip}")
+                             f"{extractor.source} has {extractor.meta.get('params_hash')})")
+        if bool(info.get("flip", False)) != extractor.flip:
+            raise ValueError(f"{cached}: extracted with flip={info.get('flip')}, this search uses "
+                             f"flip={extractor.flip}")
         return feats
-    loader = lmdb_loader(gallery_lmdb, loaded, batch_size, num_workers)
-    return embed(loaded, loader, flip=flip, desc=f"gallery {gallery_lmdb.name}")
+    return split_features(extractor, gallery_lmdb, f"gallery {gallery_lmdb.name}")[0]
 
 
 def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str | Path, k: int = 10,
@@ -260,13 +204,13 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     files = list_images(queries)
     gallery_lmdb = resolve_split(gallery, "gallery")
     reader = LmdbReader(gallery_lmdb)
-    loaded = load(model_dir, device)
+    extractor = load_extractor(model_dir, device, batch_size=batch_size, flip=flip, num_workers=num_workers)
     sidecar = reader.sidecar
-    g_feats = _gallery_features(loaded, gallery_lmdb, sidecar, gallery_features, flip, batch_size, num_workers)
-    q_feats = embed(loaded, files_loader(files, loaded, batch_size, num_workers), flip=flip, desc="queries")
+    g_feats = _gallery_features(extractor, gallery_lmdb, sidecar, gallery_features)
+    q_feats = file_features(extractor, files, "queries")
     dist, idx = topk(q_feats, g_feats, k)
 
-    record = {"model": str(loaded.path), "gallery": str(gallery_lmdb), "k": int(idx.shape[1]),
+    record = {"model": str(Path(model_dir)), "gallery": str(gallery_lmdb), "k": int(idx.shape[1]),
               "distance": "cosine (1 - cos of L2-normalised features)", "flip": bool(flip), "queries": []}
     for qi, path in enumerate(files):
         matches = []

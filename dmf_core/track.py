@@ -1,18 +1,23 @@
 """Metrics JSON (the source of truth DVC diffs) and an optional ClearML mirror.
 
-ClearML is imported lazily and only when ``tracking.clearml`` is ``offline`` or ``server``,
-only on rank 0, with framework auto-logging off; any tracking failure is logged, never raised,
-so tracking can never fail a stage.
+ClearML is the ``tracking`` extra (``pip install 'dmf[tracking]'``). It is imported lazily and
+only when ``tracking.clearml`` is ``offline`` or ``server``, only on rank 0, with framework
+auto-logging off. Asking for it while it is not installed is a configuration error, raised on
+every rank before any tracking; any other tracking failure is logged, never raised, so tracking
+can never fail a stage.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from dmf_core.runtime import StageError
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +59,29 @@ def write_tsv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
     os.replace(tmp, path)
 
 
+TRACKING_INSTALL = "pip install 'dmf[tracking]'"
+
+
+def require_clearml(mode: str) -> None:
+    """Raise a StageError naming the extra when ``tracking.clearml: <mode>`` needs a missing clearml."""
+    if mode != "none" and importlib.util.find_spec("clearml") is None:
+        raise StageError(f"tracking.clearml is {mode!r} but clearml is not installed: "
+                         f"{TRACKING_INSTALL} (or set tracking.clearml: none)")
+
+
 class Tracker:
-    """Mirror of scalars and configuration to ClearML; a no-op when disabled or off rank 0."""
+    """Mirror of scalars and configuration to ClearML; a no-op when disabled or off rank 0.
+
+    Raises StageError when ``mode`` asks for ClearML and it is not installed (on every rank,
+    ``enabled`` or not, so that all ranks of a run stop alike).
+    """
 
     def __init__(self, mode: str, project: str, task_name: str, *, enabled: bool = True,
                  config: dict | None = None, tags: list[str] | None = None) -> None:
         self.mode = mode
         self.task = None
         self.logger = None
+        require_clearml(mode)
         if mode == "none" or not enabled:
             return
         try:

@@ -55,7 +55,7 @@ def main(cfg: Config, name: str) -> None:
     write_manifest(manifest, paths.manifest_path(name))
     counts = manifest.groupby("split").agg(images=("image_id", "size"), ids=("pid", "nunique"))
     report["splits"] = {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()}
-    out = paths.METRICS / "datasets" / f"{name}.json"
+    out = paths.dataset_stats_json(name)  # statistics, not a DVC metric (docs/contracts.md)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 

@@ -21,7 +21,8 @@ def main(cfg: Config, source: str) -> None:
           init_from=paths.pretrain_model_dir(),
           dataset_name=source,
           out_dir=paths.finetune_model_dir(source),
-          metrics_path=paths.METRICS / "finetune" / f"{source}.json",
+          metrics_path=paths.train_metrics_json("finetune", source),
+          facts_path=paths.train_facts_json("finetune", source),
           curve_path=paths.PLOTS / "train" / f"finetune_{source}.tsv",
           work_dir=paths.RUNS / "finetune" / source)
 

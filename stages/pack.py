@@ -26,7 +26,7 @@ def main(cfg: Config, name: str) -> None:
                             resize=cfg.pack.resize, on_corrupt=cfg.pack.on_corrupt,
                             relabel=split == "train", params_fingerprint=expected_lmdb_meta(cfg))
         summary[split] = {"images": report.count, "skipped": len(report.skipped), "bytes": report.bytes}
-    out = paths.METRICS / "pack" / f"{name}.json"
+    out = paths.pack_stats_json(name)  # statistics, not a DVC metric (docs/contracts.md)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 

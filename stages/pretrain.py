@@ -18,7 +18,8 @@ def main(cfg: Config) -> None:
           train_lmdb=paths.lmdb_path(dataset, "train"),
           captions_parquet=paths.captions_parquet(dataset),
           out_dir=paths.pretrain_model_dir(),
-          metrics_path=paths.METRICS / "pretrain.json",
+          metrics_path=paths.train_metrics_json("pretrain"),
+          facts_path=paths.train_facts_json("pretrain"),
           curve_path=paths.PLOTS / "train" / "pretrain.tsv",
           work_dir=paths.RUNS / "pretrain")
 

@@ -1,26 +1,33 @@
-"""report: every evaluation cell -> the cross-domain matrix (JSON, Markdown table, heatmap)."""
+"""report: every evaluation cell -> the cross-domain matrix (JSON, Markdown table, heatmap) and
+its DVC metric (per cell the five numbers, per source their mean over the targets)."""
 
 from __future__ import annotations
-
-import json
 
 from dmf_core import paths
 from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
+from dmf_core.track import write_metrics
 
 
 def main(cfg: Config) -> None:
-    from dmf_core.eval.matrix import build_matrix, load_eval_results, matrix_markdown, plot_heatmap
+    from dmf_core.eval.matrix import (
+        build_matrix,
+        load_eval_results,
+        matrix_markdown,
+        matrix_metrics,
+        plot_heatmap,
+    )
 
-    results = load_eval_results(paths.METRICS / "eval")
+    results = load_eval_results(paths.EVAL_CELLS)
     wanted = {(s, t) for s in cfg.finetune.sources for t in cfg.evaluate.targets}
     missing = sorted(wanted - set(results))
     if missing:
         raise StageError(f"missing evaluation results for {missing}; run the evaluate stages first")
     results = {key: value for key, value in results.items() if key in wanted}
     matrix = build_matrix(results)
-    (paths.METRICS / "eval_matrix.json").write_text(json.dumps(matrix, indent=2, sort_keys=True) + "\n")
+    write_metrics(paths.eval_matrix_metrics_json(), matrix_metrics(matrix))
     paths.REPORTS.mkdir(exist_ok=True)
+    write_metrics(paths.eval_matrix_json(), matrix)
     (paths.REPORTS / "eval_matrix.md").write_text(matrix_markdown(matrix))
     plot_heatmap(matrix, paths.REPORTS / "eval_heatmap.png")
 

@@ -20,7 +20,7 @@ from dmf_core.config import config_from_dict
 from dmf_core.model.build import build_model
 from dmf_core.train import checkpoint as ckpt
 
-SUBCOMMANDS = ["search", "extract", "datasets", "doctor", "matrix", "showcase"]
+SUBCOMMANDS = ["search", "extract", "export", "datasets", "doctor", "matrix", "showcase"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def world(tmp_path_factory):
         _person(rng, pid).save(queries / f"q{pid}.png")
     _person(rng, 3).save(queries / "sub" / "q3.jpg")
     (queries / "notes.txt").write_text("not an image")
-    return {"root": root, "model": root / "model", "gallery": gallery, "queries": queries, "raw": raw}
+    return {"root": root, "model": root / "model", "gallery": gallery, "queries": queries, "raw": raw, "cfg": cfg}
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -145,15 +145,14 @@ def test_extract_split_and_folder(world, tmp_path, capsys):
     assert list(ids.columns) == ["key", "image_id", "pid", "camid"] and ids["key"].iloc[0] == "00000000"
     assert info["model"] == str(world["model"]) and info["flip"] is False and info["dim"] == 32
 
-    # The same features as the model gives directly (batches change nothing).
-    from dmf_core.search import ImageFiles, load
+    # The same features as the evaluation stage computes (its loader, transform and feature
+    # function; batches change nothing).
+    from dmf_core.data.loader import build_test_loader
+    from dmf_core.eval.features import extract_features
 
-    loaded = load(world["model"], "cpu")
-    files = [world["raw"] / i for i in ids["image_id"]]
-    batch = torch.stack([ImageFiles(files, loaded.transform())[i]["image"] for i in range(len(files))])
-    with torch.no_grad():
-        direct = torch.nn.functional.normalize(loaded.model.embed_images(batch), dim=1).numpy()
-    np.testing.assert_allclose(feats, direct, atol=1e-5)
+    model, _ = ckpt.load_model(world["model"])
+    loader = build_test_loader(world["gallery"], world["cfg"].augment, 32, 16, batch_size=7)
+    np.testing.assert_allclose(feats, extract_features(model.embed_images, loader), atol=1e-5)
 
     rc, _, err = _run(["extract", str(world["queries"]), "--model", str(world["model"]),
                        "--out", str(tmp_path / "q"), "--flip"], capsys)

@@ -11,7 +11,15 @@ from PIL import Image
 
 from dmf_core.eval.distances import cosine_distance, euclidean_distance, l2_normalize
 from dmf_core.eval.features import extract_features
-from dmf_core.eval.matrix import build_matrix, load_eval_results, matrix_markdown, plot_heatmap, write_cmc_tsv
+from dmf_core.eval.matrix import (
+    KEYS,
+    build_matrix,
+    load_eval_results,
+    matrix_markdown,
+    matrix_metrics,
+    plot_heatmap,
+    write_cmc_tsv,
+)
 from dmf_core.eval.retrieval import topk
 from dmf_core.eval.visualise import ranked_list_for_queries
 
@@ -56,7 +64,7 @@ def test_distances_and_topk():
 def _record(r1, m):
     base = {"rank1": r1, "rank5": r1 + 1, "rank10": r1 + 2, "mAP": m, "mINP": m / 2}
     return {**base, "untrained": {k: v / 10 for k, v in base.items()}, "num_query": 5, "num_gallery": 9,
-            "num_valid_query": 5, "run": {"seed": 0}}
+            "num_valid_query": 5}
 
 
 def test_matrix_outputs(tmp_path):
@@ -80,6 +88,33 @@ def test_matrix_outputs(tmp_path):
         load_eval_results(d)
     with pytest.raises(ValueError, match="no evaluation results"):
         build_matrix({})
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """``{"a.x.mAP": value}``: the columns `dvc exp show` makes of a metrics file."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_leaves(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def test_matrix_metrics_hold_the_cells_and_row_means_only():
+    results = {(s, t): _record(r1, m) for (s, t), (r1, m) in
+               {("a", "x"): (50.0, 30.0), ("a", "y"): (70.0, 40.0), ("b", "x"): (20.0, 10.0),
+                ("b", "y"): (30.0, 20.0)}.items()}
+    matrix = build_matrix(results)
+    metrics = matrix_metrics(matrix)
+    assert list(metrics) == ["a", "b"] and list(metrics["a"]) == ["x", "y", "mean"]
+    assert metrics["a"]["y"] == {k: _record(70.0, 40.0)[k] for k in KEYS}
+    assert metrics["a"]["mean"] == matrix["mean"]["a"] and metrics["b"]["mean"]["mAP"] == 15.0
+    columns = _leaves(metrics)
+    # 5 numbers x sources x (targets + mean): no untrained reference, no counts, nothing but numbers
+    assert len(columns) == 5 * 2 * (2 + 1) and "a.x.mAP" in columns and "b.mean.rank10" in columns
+    assert all(isinstance(v, float) for v in columns.values())
+    json.dumps(metrics)
+    with pytest.raises(ValueError, match="target named 'mean'"):
+        matrix_metrics(build_matrix({("a", "mean"): _record(1.0, 1.0)}))
 
 
 def test_cmc_tsv(tmp_path):

@@ -189,10 +189,11 @@ def _clear(work: Path) -> None:
 
 def _results(project: Path) -> dict:
     """What the training and downstream stages produce, minus wall-clock facts."""
-    cell = json.loads((project / "metrics/eval/sp_market__sp_market.json").read_text())
-    cell.pop("run", None)
-    out = {"eval": cell, "matrix_md": (project / "reports/eval_matrix.md").read_text(),
-           "matrix": json.loads((project / "metrics/eval_matrix.json").read_text())}
+    out = {"eval": json.loads((project / "reports/eval/sp_market__sp_market.json").read_text()),
+           "matrix_md": (project / "reports/eval_matrix.md").read_text(),
+           "matrix": json.loads((project / "reports/eval_matrix.json").read_text()),
+           "metrics": [json.loads((project / f"metrics/{name}.json").read_text())
+                       for name in ("pretrain", "finetune/sp_market", "eval_matrix")]}
     out.update(tree_digest(project / "models/pretrain/model.safetensors",
                            project / "models/finetune/sp_market/model.safetensors"))
     return out

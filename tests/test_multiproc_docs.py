@@ -94,12 +94,13 @@ def project(tmp_path_factory) -> Path:
 
 
 def _check_outputs(repo: Path, world_size: int, params: dict) -> dict:
-    metrics = json.loads((repo / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((repo / "reports" / "facts" / "pretrain.json").read_text())
     assert metrics["run"]["world_size"] == world_size
     st = params["pretrain"]
     assert metrics["run"]["effective_batch"] == st["P"] * st["K"] * world_size * st["accumulate"]
     assert metrics["run"]["device"] == "cpu"
-    assert sorted(p.name for p in (repo / "models" / "pretrain").iterdir()) == ["meta.json", "model.safetensors"]
+    assert sorted(p.name for p in (repo / "models" / "pretrain").iterdir()) == [
+        "config.json", "meta.json", "model.safetensors"]
     curve = (repo / "metrics" / "plots" / "train" / "pretrain.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["epoch", "loss", "id_loss", "triplet_loss", "align_loss", "lr"]
     assert len(curve) == 1 + st["epochs"]
@@ -136,7 +137,7 @@ def test_multi_host_command_from_the_docs(project):
     command = "\n".join(line for line in block.splitlines()
                         if not line.startswith(("export ", "NODE_RANK=", "#")))
     assert "--node-rank" in command and "--master-addr" in command
-    for name in ("models", "metrics/pretrain.json", "runs"):
+    for name in ("models", "metrics/pretrain.json", "reports/facts/pretrain.json", "runs"):
         target = project / name
         if target.is_dir():
             shutil.rmtree(target)

@@ -104,7 +104,7 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
             evaluate.main(cfg, source, target)
     _stage("report").main(cfg)
 
-    splits = {name: json.loads(Path(f"metrics/datasets/{name}.json").read_text())["splits"]
+    splits = {name: json.loads(Path(f"reports/stats/datasets/{name}.json").read_text())["splits"]
               for name in params["datasets"]}
     assert splits["finegpr"] == {"train": {"images": 16, "ids": 4}}
     assert splits["market1501"]["query"] == {"images": 3, "ids": 3}
@@ -115,7 +115,7 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
     caps = pd.read_parquet("data/captions/finegpr.parquet")
     assert len(caps) == 16 * cfg.captions.per_image and caps["caption"].str.len().min() > 20
 
-    matrix = json.loads(Path("metrics/eval_matrix.json").read_text())
+    matrix = json.loads(Path("reports/eval_matrix.json").read_text())
     assert matrix["sources"] == sorted(cfg.finetune.sources) and matrix["targets"] == sorted(cfg.evaluate.targets)
     for source in cfg.finetune.sources:
         for target in cfg.evaluate.targets:

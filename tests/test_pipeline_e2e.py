@@ -1,13 +1,18 @@
 """End to end: the DVC pipeline in a temporary git repo, with a tiny parameter override.
 
-`dvc repro` builds everything, a second `dvc repro` runs nothing, `dvc exp run -S fusion.dim=...`
-re-runs pretraining and what follows (nothing upstream), `dvc metrics diff` shows new numbers, and
-`dvc exp run -S pretrain.lr=...` changes the fine-tuned model (no stale state is resumed).
+`dvc repro` builds everything, a second `dvc repro` runs nothing and `dvc metrics diff` shows
+nothing, neither after it nor after a forced re-run of an evaluation with the same inputs (no
+machine-dependent value in a metrics file); `dvc exp show` has the columns the layout promises;
+`dvc exp run -S fusion.dim=...` re-runs pretraining and what follows (nothing upstream),
+`dvc metrics diff` shows new numbers, and `dvc exp run -S pretrain.lr=...` changes the fine-tuned
+model (no stale state is resumed).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -70,6 +75,62 @@ def _tiny_params(params: dict) -> dict:
     return params
 
 
+def _leaves(tree, prefix: str = "") -> dict:
+    """``{"a.b.c": value}`` of a nested dict: one `dvc exp show` column per leaf."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _metric_columns(project: Path) -> dict[str, dict]:
+    """metrics file -> its `dvc exp show` columns (leaf key -> value) in the workspace."""
+    workspace = json.loads(_run(["dvc", "exp", "show", "--no-pager", "--json"], project))[0]
+    assert workspace["rev"] == "workspace", workspace["rev"]
+    return {path: _leaves(entry.get("data", {})) for path, entry in workspace["data"]["metrics"].items()}
+
+
+def _exp_show_header(project: Path, *flags: str) -> list[str]:
+    return next(csv.reader(io.StringIO(_run(["dvc", "exp", "show", "--no-pager", "--csv", *flags], project))))
+
+
+def _expected_metric_columns(params: dict) -> dict[str, int]:
+    """What the layout promises (docs/contracts.md, "Outputs"): final losses per training stage
+    (align_loss only with captions), 5 numbers per matrix cell and per source over the targets."""
+    sources, targets = params["finetune"]["sources"], params["evaluate"]["targets"]
+    return {"metrics/pretrain.json": 4 if params["fusion"]["mode"] == "shared" else 3,
+            **{f"metrics/finetune/{s}.json": 3 for s in sources},
+            "metrics/eval_matrix.json": 5 * len(sources) * (len(targets) + 1)}
+
+
+# Run facts and statistics: none may be a metric (they differ between runs and machines, or are
+# not what a user compares).
+NOT_METRICS = ("wall_s", "train_s", "images_per_s", "torch", "threads", "seed", "world_size",
+               "effective_batch", "precision", "device", "resumed_from_epoch", "clearml_task",
+               "untrained", "num_query", "num_gallery", "num_images", "num_classes", "bytes", "ids")
+
+
+def _check_metrics_layout(project: Path, params: dict) -> int:
+    """The metrics files and their columns are exactly the promised ones; `dvc exp show` has no
+    other columns than its own, the metrics, the params and the deps. Returns the metric count."""
+    columns = _metric_columns(project)
+    assert {path: len(cols) for path, cols in columns.items()} == _expected_metric_columns(params), columns
+    for path, cols in columns.items():
+        for name, value in cols.items():
+            assert not any(part in NOT_METRICS for part in name.split(".")), (path, name)
+            assert isinstance(value, float), (path, name, value)
+    n_metrics = sum(len(cols) for cols in columns.values())
+    n_params = len(_leaves(params))
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    n_deps = len({dep["path"] for stage in lock.values() for dep in stage.get("deps", [])})
+    # Experiment, rev, typ, Created, parent (+ State, Executor while experiments are queued)
+    header = _exp_show_header(project)
+    assert len(header) <= 7 + n_metrics + n_params + n_deps, header
+    return n_metrics
+
+
 def test_repro_then_noop_then_experiment(project):
     params = _tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -79,31 +140,56 @@ def test_repro_then_noop_then_experiment(project):
 
     first = _run(["dvc", "repro"], project)
     assert "evaluate@sp_market-sp_cuhk" in _ran_stages(first)
-    cell = json.loads((project / "metrics/eval/sp_market__sp_cuhk.json").read_text())
+    cell = json.loads((project / "reports/eval/sp_market__sp_cuhk.json").read_text())
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= cell[key] <= 100.0 and 0.0 <= cell["untrained"][key] <= 100.0
+    metric = json.loads((project / "metrics/eval_matrix.json").read_text())
+    assert metric == {"sp_market": {"sp_cuhk": {k: cell[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
+                                    "mean": {k: cell[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}}}
+    matrix = json.loads((project / "reports/eval_matrix.json").read_text())
+    assert matrix["cells"]["sp_market"]["sp_cuhk"]["untrained"] == cell["untrained"]
     matrix_md = (project / "reports/eval_matrix.md").read_text()
     assert "sp_market" in matrix_md and "sp_cuhk" in matrix_md
     assert (project / "reports/eval_heatmap.png").stat().st_size > 1000
     assert (project / "reports/ranked/sp_market__sp_cuhk.png").stat().st_size > 1000
     assert (project / "models/pretrain/model.safetensors").exists()
-    captions = json.loads((project / "metrics/captions.json").read_text())
-    assert captions
+    assert json.loads((project / "reports/stats/captions.json").read_text())
+    assert json.loads((project / "reports/stats/datasets/sp_cuhk.json").read_text())["splits"]["query"]["images"]
+    assert json.loads((project / "reports/stats/pack/sp_cuhk.json").read_text())["gallery"]["bytes"] > 0
+    facts = json.loads((project / "reports/facts/evaluate/sp_market__sp_cuhk.json").read_text())
+    assert facts["wall_s"] > 0 and facts["torch"]
+    n_metrics = _check_metrics_layout(project, params)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "baseline results"], project)
 
     second = _run(["dvc", "repro"], project)
     assert _ran_stages(second) == set(), second
+    assert json.loads(_run(["dvc", "metrics", "diff", "--json"], project)) == {}
 
+    # The same inputs again: new run facts, byte-identical results, so `report` stays up to date
+    # and the metrics do not move when it is forced too.
+    rerun = _run(["dvc", "repro", "-f", "-s", "evaluate@sp_market-sp_cuhk"], project)
+    assert _ran_stages(rerun) == {"evaluate@sp_market-sp_cuhk"}, rerun
+    assert _ran_stages(_run(["dvc", "repro"], project)) == set()
+    assert _ran_stages(_run(["dvc", "repro", "-f", "-s", "report"], project)) == {"report"}
+    assert json.loads(_run(["dvc", "metrics", "diff", "--json"], project)) == {}
     _run(["git", "add", "-A"], project)
-    _run(["git", "commit", "-qm", "baseline results"], project)
+    _run(["git", "commit", "-qm", "re-run facts", "--allow-empty"], project)  # wall_s may round alike
+
     exp = _run(["dvc", "exp", "run", "-S", "fusion.dim=32"], project)
     ran = _ran_stages(exp)
     assert {"pretrain", "finetune@sp_market", "evaluate@sp_market-sp_cuhk", "report"} <= ran, exp
     assert not any(s.startswith(("download", "pack", "captions")) for s in ran), ran
 
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
-    eval_diff = diff["metrics/eval/sp_market__sp_cuhk.json"]
-    changed = [k for k in ("rank1", "rank5", "mAP", "mINP") if eval_diff.get(k, {}).get("diff")]
-    assert changed, eval_diff
+    matrix_diff = diff["metrics/eval_matrix.json"]
+    changed = [k for k in ("rank1", "rank5", "mAP", "mINP") if matrix_diff.get(f"sp_market.sp_cuhk.{k}", {}).get("diff")]
+    assert changed, matrix_diff
+    assert set(diff) <= set(_expected_metric_columns(params)), diff
+    # Side by side, only what differs: the changed metrics, fusion.dim and the deps downstream of it
+    # (models/pretrain, models/finetune/sp_market, reports/eval).
+    only_changed = _exp_show_header(project, "--only-changed")
+    assert "fusion.dim" in only_changed and len(only_changed) <= 7 + n_metrics + 1 + 3, only_changed
 
     # Another pretraining must reach the fine-tuned model: no state of the last fine-tuning
     # may be resumed as "done" (runs/finetune/ persists between runs).
@@ -112,5 +198,5 @@ def test_repro_then_noop_then_experiment(project):
     exp = _run(["dvc", "exp", "run", "-S", "pretrain.lr=0.003"], project)
     assert {"pretrain", "finetune@sp_market"} <= _ran_stages(exp), exp
     assert hashlib.sha256(finetuned.read_bytes()).hexdigest() != before
-    run = json.loads((project / "metrics/finetune/sp_market.json").read_text())["run"]
+    run = json.loads((project / "reports/facts/finetune/sp_market.json").read_text())["run"]
     assert run["resumed_from_epoch"] == 0

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
+import pytest
+
+from dmf_core.runtime import StageError
 from dmf_core.track import Tracker, write_metrics, write_tsv
+
+# clearml is the `tracking` extra: installed in the dev venv (make venv), maybe not elsewhere.
+needs_clearml = pytest.mark.skipif(importlib.util.find_spec("clearml") is None,
+                                   reason="clearml not installed (pip install 'dmf[tracking]')")
 
 
 def test_write_metrics_and_tsv(tmp_path):
@@ -21,9 +30,14 @@ def test_disabled_tracker_is_a_no_op():
     t.scalar("loss", "loss", 1.0, 1)
     t.close()
     assert not t.active
-    assert not Tracker("offline", "dmf", "x", enabled=False).active  # not rank 0
 
 
+@needs_clearml
+def test_tracker_off_rank_0_is_a_no_op():
+    assert not Tracker("offline", "dmf", "x", enabled=False).active
+
+
+@needs_clearml
 def test_clearml_offline_session_holds_the_scalars(monkeypatch):
     monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")
     t = Tracker("offline", "dmf-test", "unit", config={"fusion": {"dim": 32}}, tags=["test"])
@@ -42,6 +56,7 @@ def test_clearml_offline_session_holds_the_scalars(monkeypatch):
         Path(str(folder) + ".zip").unlink(missing_ok=True)
 
 
+@needs_clearml
 def test_tracking_failure_never_raises(monkeypatch):
     import clearml
 
@@ -53,3 +68,17 @@ def test_tracking_failure_never_raises(monkeypatch):
     assert not t.active
     t.scalar("loss", "loss", 1.0, 1)
     t.close()
+
+
+@pytest.mark.parametrize("mode", ["offline", "server"])
+@pytest.mark.parametrize("enabled", [True, False])  # off rank 0 too: every rank stops alike
+def test_missing_clearml_is_a_clear_error_naming_the_extra(monkeypatch, mode, enabled):
+    monkeypatch.setitem(sys.modules, "clearml", None)  # as if not installed
+    with pytest.raises(StageError, match=r"tracking\.clearml is '\w+' but clearml is not installed: "
+                                         r"pip install 'dmf\[tracking\]'"):
+        Tracker(mode, "dmf", "x", enabled=enabled)
+
+
+def test_missing_clearml_is_fine_when_tracking_is_off(monkeypatch):
+    monkeypatch.setitem(sys.modules, "clearml", None)
+    assert not Tracker("none", "dmf", "x").active

@@ -1,5 +1,5 @@
-"""The cross-domain matrix: every ``metrics/eval/<source>__<target>.json`` -> JSON, Markdown, heatmap;
-plus the CMC TSV that DVC plots."""
+"""The cross-domain matrix: every ``reports/eval/<source>__<target>.json`` -> JSON, Markdown, heatmap
+and the matrix's DVC metric; plus the CMC TSV that DVC plots."""
 
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ def _pick(record: dict | None) -> dict | None:
 
 
 def build_matrix(results: dict[tuple[str, str], dict]) -> dict:
-    """JSON-ready matrix: ``{"sources", "targets", "cells": {source: {target: {rank1.., "untrained":
-    {..}, "num_query", "num_gallery"}}}, "mean": {source: {rank1, mAP, mINP over targets}},
-    "untrained_mean": {...}}``; values in percent."""
+    """The whole matrix (``reports/eval_matrix.json``): ``{"sources", "targets", "cells": {source:
+    {target: {rank1.., "untrained": {..}, "num_query", "num_gallery", "num_valid_query"}}}, "mean":
+    {source: {the five over the targets}}, "untrained_mean": {...}}``; values in percent."""
     if not results:
-        raise ValueError("build_matrix: no evaluation results (metrics/eval/ is empty)")
+        raise ValueError("build_matrix: no evaluation results (reports/eval/ is empty)")
     sources = sorted({s for s, _ in results})
     targets = sorted({t for _, t in results})
     cells: dict[str, dict] = {s: {} for s in sources}
@@ -68,6 +68,19 @@ def build_matrix(results: dict[tuple[str, str], dict]) -> dict:
     return {"sources": sources, "targets": targets, "cells": cells,
             "mean": {s: mean(s, False) for s in sources},
             "untrained_mean": {s: mean(s, True) for s in sources}}
+
+
+def matrix_metrics(matrix: dict) -> dict:
+    """What DVC diffs of a matrix (``metrics/eval_matrix.json``), laid out like its table: one
+    entry per row, ``{source: {target: {rank1, rank5, rank10, mAP, mINP}, ..., "mean": {the same
+    five over the targets}}}``, so that ``dvc exp show`` names a column ``sp_market.sp_cuhk.mAP``
+    or ``sp_market.mean.mAP``: 5 x sources x (targets + 1) columns. The untrained reference and
+    the query/gallery counts stay in the whole matrix (``reports/eval_matrix.json``)."""
+    if "mean" in matrix["targets"]:
+        raise ValueError("a target named 'mean' would hide the mean over the targets; rename the dataset")
+    return {s: {**{t: {k: cell[k] for k in KEYS} for t, cell in matrix["cells"][s].items()},
+                "mean": dict(matrix["mean"][s])}
+            for s in matrix["sources"]}
 
 
 def _table(matrix: dict, untrained: bool) -> list[str]:

@@ -22,7 +22,7 @@ def _percent(x: float) -> float:
 
 
 def summarise(result) -> dict:
-    """CMC rank-1/5/10, mAP and mINP in percent, the keys DVC diffs."""
+    """CMC rank-1/5/10, mAP and mINP in percent: the five numbers of a cell that DVC diffs."""
     cmc = result.cmc
     pick = {k: _percent(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
     return {"rank1": pick[1], "rank5": pick[5], "rank10": pick[10],
@@ -78,7 +78,12 @@ def _rank(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits):
 
 
 def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
-    """Evaluate models/finetune/<source> on <target>; write the eval JSON, CMC TSV, ranked list."""
+    """Evaluate models/finetune/<source> on <target>; write the cell record (returned), its run
+    facts, the CMC TSV and the ranked list.
+
+    The record (``reports/eval/<source>__<target>.json``) holds only what the inputs decide: the
+    five numbers, the untrained reference, the counts. Versions and timings go to the run facts
+    (``reports/facts/evaluate/<source>__<target>.json``)."""
     from dmf_core.eval.matrix import write_cmc_tsv
     from dmf_core.model.build import build_model
     from dmf_core.train.checkpoint import load_model
@@ -100,21 +105,25 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     record["untrained"] = summarise(untrained_result)
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))
-    record["run"] = {"source": source, "target": target, "seed": cfg.seed, "torch": torch.__version__,
-                     "rerank": cfg.evaluate.rerank, "flip": cfg.evaluate.flip,
-                     "wall_s": round(time.perf_counter() - started, 1)}
 
-    out = paths.eval_json(source, target)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _write_json(paths.eval_json(source, target), record)
     cmc_path = paths.cmc_tsv(source, target)
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     write_cmc_tsv(result.cmc, cmc_path)
     if cfg.evaluate.ranked_list_queries:
         _ranked_list(cfg, feats, splits, paths.ranked_list_png(source, target))
+    _write_json(paths.eval_facts_json(source, target), {
+        "source": source, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
+        "flip": cfg.evaluate.flip, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "wall_s": round(time.perf_counter() - started, 1)})
     log.info("%s -> %s: rank-1 %.1f mAP %.1f (untrained: %.1f / %.1f)", source, target,
              record["rank1"], record["mAP"], record["untrained"]["rank1"], record["untrained"]["mAP"])
     return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _ranked_list(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits, out_png: Path) -> None:

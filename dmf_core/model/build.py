@@ -28,7 +28,12 @@ TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos")
 
 
 class DMFModel(nn.Module):
-    """Image encoder + (optional) text projection + shared fusion encoder + BNNeck head."""
+    """Image encoder + (optional) text projection + shared fusion encoder + BNNeck head.
+
+    ``image_mean`` / ``image_std`` are the per-channel normalisation the model was trained with
+    (the data path applies it, ``forward`` does not); they are kept so that a saved model says
+    what it must be fed (:meth:`config`).
+    """
 
     def __init__(
         self,
@@ -38,9 +43,14 @@ class DMFModel(nn.Module):
         text_dim: int | None = None,
         text_encoder: nn.Module | None = None,
         bnneck_per_modality: bool = False,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
     ) -> None:
         super().__init__()
         self.bnneck_per_modality = bnneck_per_modality
+        self.text_dim = int(text_dim) if text_dim else None
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
         self.image_encoder = image_encoder
         self.image_proj = nn.Linear(image_encoder.dim, fusion.dim)
         self.text_proj = nn.Linear(text_dim, fusion.dim) if text_dim else None
@@ -64,6 +74,28 @@ class DMFModel(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.head.reset_classifier(num_classes)
+
+    def config(self) -> dict:
+        """What rebuilds this architecture (JSON-able), read from the submodules' constructor
+        arguments, never from params.yaml: ``DMFModel(VisionTransformer(**image_encoder),
+        FusionEncoder(**fusion), num_classes, text_dim, TextEncoder(**text_encoder) or None,
+        bnneck_per_modality, image_mean, image_std)``. ``image_size`` (H, W) and ``feature_dim``
+        repeat what a user of the model needs to know."""
+        vit = self.image_encoder.init_kwargs
+        text = getattr(self.text_encoder, "init_kwargs", None)
+        return {
+            "image_size": [int(vit["height"]), int(vit["width"])],
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "feature_dim": int(self.feature_dim),
+            "num_classes": int(self.head.num_classes),
+            "with_text": bool(self.has_text),
+            "text_dim": self.text_dim,
+            "bnneck_per_modality": bool(self.bnneck_per_modality),
+            "image_encoder": dict(vit),
+            "fusion": dict(self.fusion.init_kwargs),
+            "text_encoder": dict(text) if text is not None else None,
+        }
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """f for a batch of images (B, 3, H, W): the fusion CLS output, before BNNeck."""
@@ -152,4 +184,5 @@ def build_model(
         dropout=cfg.fusion.dropout, drop_path=cfg.fusion.drop_path,
     )
     return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
-                    bnneck_per_modality=cfg.fusion.bnneck == "per_modality")
+                    bnneck_per_modality=cfg.fusion.bnneck == "per_modality",
+                    image_mean=cfg.augment.mean, image_std=cfg.augment.std)

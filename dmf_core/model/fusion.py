@@ -30,6 +30,10 @@ class FusionEncoder(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        # The constructor arguments, so that a saved model can be rebuilt without the pipeline config.
+        self.init_kwargs = {"dim": dim, "layers": layers, "heads": heads, "mlp_ratio": mlp_ratio,
+                            "image_tokens": image_tokens, "text_tokens": text_tokens, "dropout": dropout,
+                            "drop_path": drop_path}
         self.dim = dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))

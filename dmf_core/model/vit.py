@@ -131,6 +131,9 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        # The constructor arguments, so that a saved model can be rebuilt without the pipeline config.
+        self.init_kwargs = {"height": height, "width": width, "patch": patch, "stride": stride, "dim": dim,
+                            "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio, "drop_path": drop_path}
         self.dim = dim
         self.patch_embed = PatchEmbed(height, width, patch, stride, dim)
         self.grid = self.patch_embed.grid

@@ -1,7 +1,11 @@
-"""Model files (safetensors + meta.json) and resumable training state.
+"""Model files (safetensors + config.json + meta.json) and resumable training state.
 
-- ``save_model`` / ``load_model``: the stage outputs, ``model.safetensors`` + ``meta.json``
-  (config, number of classes, params hash, library versions). No pickles.
+- ``save_model`` / ``load_model``: the stage outputs, ``model.safetensors`` (the weights),
+  ``config.json`` (what rebuilds the architecture, Hugging Face style: taken from the model's own
+  constructor arguments, :meth:`DMFModel.config`, never from params.yaml keys, so that renaming a
+  params key never breaks loading) and ``meta.json`` (provenance: the pipeline config, number of
+  classes, params hash, library versions). Loading needs only the first two; a model written
+  before config.json existed loads from meta.json's pipeline config. No pickles.
 - ``save_training_state`` / ``load_training_state``: ``last.pt`` under the persisted work
   folder (fingerprint, model, optimizer, scheduler, epoch, curve so far), written atomically
   and read back with ``torch.load(weights_only=True)``; ``remove_training_state`` once the
@@ -27,9 +31,12 @@ from dmf_core.config import Config, config_from_dict, to_dict
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 STATE_FILE = "last.pt"
 FORMAT = "dmf-model/1"
+MODEL_TYPE = "dmf"
+CONFIG_VERSION = 1  # of config.json; bump when its keys change meaning
 
 
 def params_hash(cfg_or_dict: Config | dict) -> str:
@@ -86,9 +93,15 @@ def _save_safetensors_sorted(state: dict[str, torch.Tensor], path: Path, metadat
     Path(path).write_bytes(data)
 
 
+def model_config(model: nn.Module) -> dict:
+    """``config.json`` of ``model``: its architecture (:meth:`DMFModel.config`) + type and version."""
+    return {"model_type": MODEL_TYPE, "format_version": CONFIG_VERSION, **unwrap(model).config()}
+
+
 def save_model(model: nn.Module, out_dir: str | Path, *, cfg: Config, num_classes: int, stage: str,
                extra: dict | None = None) -> dict:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the metadata."""
+    """Write ``out_dir/model.safetensors``, ``out_dir/config.json`` and ``out_dir/meta.json``;
+    return the metadata (meta.json)."""
     model = unwrap(model)
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -105,11 +118,13 @@ def save_model(model: nn.Module, out_dir: str | Path, *, cfg: Config, num_classe
     }
     _atomic_write_bytes(out_dir / MODEL_FILE,
                         lambda p: _save_safetensors_sorted(state, p, {"format": FORMAT, "stage": stage}))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(model_config(model), indent=2, sort_keys=True) + "\n")
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
 def read_meta(model_dir: str | Path) -> dict:
+    """``meta.json`` (provenance of a training stage's output); FileNotFoundError when absent."""
     path = Path(model_dir) / META_FILE
     try:
         meta = json.loads(path.read_text())
@@ -118,6 +133,25 @@ def read_meta(model_dir: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def read_config(model_dir: str | Path) -> dict | None:
+    """``config.json`` of a model folder, checked for type and version; None when the folder has
+    none (a model written before config.json existed)."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable model config ({exc})") from None
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: model_type {got!r}, expected {MODEL_TYPE!r} (not a dmf model config)")
+    if config.get("format_version") != CONFIG_VERSION:
+        raise ValueError(f"{path}: format_version {config.get('format_version')!r}, this dmf reads "
+                         f"version {CONFIG_VERSION} (written by another dmf version?)")
+    return config
 
 
 def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -129,17 +163,76 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a training stage wrote (same config, same classes) and load its weights."""
+def model_from_config(config: dict, where: str | Path = CONFIG_FILE) -> nn.Module:
+    """A DMFModel with random weights, built from ``config.json``'s architecture alone.
+
+    Imports transformers only for a model that holds a trainable text encoder. ``where`` names
+    the file in errors.
+    """
+    from dmf_core.model.build import DMFModel
+    from dmf_core.model.fusion import FusionEncoder
+    from dmf_core.model.vit import VisionTransformer
+
+    def part(key: str, cls):
+        try:
+            return cls(**config[key])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {key}: cannot build {cls.__name__} ({exc.__class__.__name__}: {exc})") from None
+
+    vit, fusion = part("image_encoder", VisionTransformer), part("fusion", FusionEncoder)
+    text_encoder = None
+    if config.get("text_encoder"):
+        from dmf_core.model.text import TextEncoder
+
+        text_encoder = part("text_encoder", TextEncoder)
+    try:
+        model = DMFModel(vit, fusion, int(config["num_classes"]), text_dim=config.get("text_dim"),
+                         text_encoder=text_encoder, bnneck_per_modality=bool(config["bnneck_per_modality"]),
+                         image_mean=config["image_mean"], image_std=config["image_std"])
+    except KeyError as exc:
+        raise ValueError(f"{where}: no {exc} (expected the keys DMFModel.config() writes)") from None
+    size = model.config()["image_size"]
+    if "image_size" in config and list(config["image_size"]) != size:
+        raise ValueError(f"{where}: image_size {config['image_size']} disagrees with the image_encoder's "
+                         f"height x width {size}")
+    return model
+
+
+def _legacy_model(model_dir: Path) -> tuple[nn.Module, dict]:
+    """A model folder without config.json (written before it existed): rebuilt from meta.json's
+    pipeline config, as those models always were."""
     from dmf_core.model.build import build_model
 
+    if not (model_dir / META_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir}: no {CONFIG_FILE} or {META_FILE} (expected a model folder a "
+                                f"training stage wrote: {MODEL_FILE} + {CONFIG_FILE})")
     meta = read_meta(model_dir)
     cfg = config_from_dict(meta["config"])
-    model = build_model(cfg, meta["num_classes"], with_text=meta["with_text"], pretrained=False)
+    return build_model(cfg, meta["num_classes"], with_text=meta["with_text"], pretrained=False), meta
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a training stage wrote and load its weights (strictly); eval mode.
+
+    The architecture comes from ``config.json`` (no pipeline config, no transformers import for
+    an image-only model); ``meta.json`` is returned as provenance when present (else the
+    number of classes, text path and feature dimension from config.json). A folder without
+    config.json is rebuilt from meta.json's pipeline config.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if config is None:
+        model, meta = _legacy_model(model_dir)
+        source = META_FILE
+    else:
+        model = model_from_config(config, model_dir / CONFIG_FILE)
+        meta = read_meta(model_dir) if (model_dir / META_FILE).is_file() else {
+            k: config[k] for k in ("num_classes", "with_text", "feature_dim")}
+        source = CONFIG_FILE
     state = read_weights(model_dir)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{Path(model_dir) / MODEL_FILE}: does not match its meta.json config "
+        raise ValueError(f"{model_dir / MODEL_FILE}: does not match its {source} "
                          f"(missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]})")
     return model.to(device).eval(), meta
 

@@ -153,17 +153,20 @@ def run_stage(
     metrics_path: Path,
     curve_path: Path,
     work_dir: Path,
+    facts_path: Path | None = None,
     init_from: Path | None = None,
     captions_parquet: Path | None = None,
     dataset_name: str | None = None,
 ) -> dict:
-    """Train one stage from the packed LMDB and write its outputs (rank 0); returns the metrics.
-    ``dataset_name`` is the fine-tuning source (its params enter the resume fingerprint)."""
+    """Train one stage from the packed LMDB and write its outputs (rank 0); returns the record
+    :func:`train` returns. ``dataset_name`` is the fine-tuning source (its params enter the
+    resume fingerprint)."""
     dist = init_distributed()
     try:
         data = build_stage_data(cfg, stage, Path(train_lmdb), captions_parquet, dist, dataset_name)
         return train(cfg, stage, data, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
-                     curve_path=Path(curve_path), work_dir=Path(work_dir), init_from=init_from, dist=dist)
+                     curve_path=Path(curve_path), work_dir=Path(work_dir), facts_path=facts_path,
+                     init_from=init_from, dist=dist)
     finally:
         cleanup()
 
@@ -363,6 +366,7 @@ def end_epoch(run: Run, row: dict, curve_path: Path, tracker: Tracker) -> None:
 
 
 def stage_metrics(run: Run, started: float) -> dict:
+    """The run's record: the final losses, the data statistics and, under ``run``, the run facts."""
     cfg, st, dist = run.cfg, run.st, run.dist
     final = run.curve[-1] if run.curve else {k: float("nan") for k in LOSS_NAMES}
     totals = run.totals
@@ -389,16 +393,25 @@ def stage_metrics(run: Run, started: float) -> dict:
     }
 
 
+def metric_names(run: Run) -> tuple[str, ...]:
+    """The final losses that go into the DVC metric; ``align_loss`` only where captions took part."""
+    return LOSS_NAMES if run.with_text else tuple(k for k in LOSS_NAMES if k != "align_loss")
+
+
 def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metrics_path: Path,
-             curve_path: Path, init_from: Path | None) -> None:
-    """Rank 0: model, curve and metrics; then the training state goes, so that no later run
-    (with other inputs, or after a code change DVC re-runs the stage for) can take it for done."""
+             curve_path: Path, facts_path: Path | None, init_from: Path | None) -> None:
+    """Rank 0: model, curve, the DVC metric (final losses) and the run facts (everything else of
+    the record: statistics, versions, timings, none of them for DVC to diff); then the training
+    state goes, so that no later run (with other inputs, or after a code change DVC re-runs the
+    stage for) can take it for done."""
     if not run.dist.is_main:
         return
     ckpt.save_model(run.model, out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
                     extra={"epochs": run.st.epochs, "init_from": str(init_from) if init_from else None})
     write_tsv(curve_path, run.curve, CURVE_COLUMNS)
-    write_metrics(metrics_path, metrics)
+    write_metrics(metrics_path, {k: metrics[k] for k in metric_names(run)})
+    if facts_path is not None:
+        write_metrics(facts_path, {k: v for k, v in metrics.items() if k not in LOSS_NAMES})
     tracker.single_values({k: metrics[k] for k in (*LOSS_NAMES, "images_per_s")})
     ckpt.remove_training_state(run.work_dir)
 
@@ -412,11 +425,14 @@ def train(
     metrics_path: Path,
     curve_path: Path,
     work_dir: Path,
+    facts_path: Path | None = None,
     init_from: Path | None = None,
     dist: DistInfo | None = None,
     on_end: Callable[[nn.Module], None] | None = None,
 ) -> dict:
-    """Train ``stage`` on ``data``; rank 0 writes model, meta, metrics and curve. Returns the metrics.
+    """Train ``stage`` on ``data``; rank 0 writes model, meta, curve, ``metrics_path`` (the final
+    losses: a DVC metric) and, when given, ``facts_path`` (the rest of the record). Returns the
+    whole record (:func:`stage_metrics`: losses, ``images_per_s``, counts, ``run`` facts).
 
     ``on_end(model)`` is called on every rank with the trained (unwrapped) model (tests, benchmarks).
     """
@@ -448,7 +464,8 @@ def train(
         if tracker.active:
             metrics["run"]["clearml_task"] = str(tracker.task.id)
         finalise(run, metrics, tracker, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
-                 curve_path=Path(curve_path), init_from=init_from)
+                 curve_path=Path(curve_path), facts_path=Path(facts_path) if facts_path else None,
+                 init_from=init_from)
     finally:
         tracker.close()
     if on_end is not None:

@@ -1,0 +1,75 @@
+"""Stage logging: whole log lines next to progress bars, one INFO stream per torchrun job."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MESSAGE = "a log line while the bar is drawn"
+
+# A stage whose body logs while a tqdm bar is on the screen (the bar redraws on every update).
+STAGE_WITH_BAR = textwrap.dedent(f"""
+    import logging, sys
+    from tqdm import tqdm
+    from dmf_core.runtime import run_stage
+
+    def body(cfg):
+        with tqdm(total=4, desc="bar", file=sys.stderr, mininterval=0, ascii=True) as bar:
+            bar.update(1)
+            logging.getLogger("dmf.probe").info({MESSAGE!r})
+            bar.update(1)
+
+    run_stage("probe", body, params=sys.argv[1])
+""")
+
+
+def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code``; stderr as str with its carriage returns kept (no newline translation)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("DMF_LOG_LEVEL", "RANK")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env={**environ, **env},
+                          capture_output=True, timeout=120)
+    proc.stderr = proc.stderr.decode()
+    return proc
+
+
+def test_a_log_line_during_a_progress_bar_comes_out_whole():
+    proc = _python(STAGE_WITH_BAR, str(ROOT / "params.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.split("\n") if MESSAGE in line]
+    assert len(lines) == 1, proc.stderr
+    # The bar is cleared ("\r" + blanks + "\r") before the line is written: what follows the last
+    # carriage return is the log line alone, not glued to the text of the bar.
+    shown = lines[0].split("\r")[-1]
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d dmf\.probe INFO {MESSAGE}", shown), repr(lines[0])
+    after = proc.stderr.split(MESSAGE, 1)[1]
+    assert "bar:" in after and "2/4" in after, "the bar was not redrawn below the log line"
+    assert "probe done in" in proc.stderr
+
+
+LOG_BOTH = ("import logging; from dmf_core.runtime import setup_logging; setup_logging(); "
+            "log = logging.getLogger('dmf'); log.info('info line'); log.warning('warning line')")
+
+
+@pytest.mark.parametrize(("env", "info", "warning"), [
+    ({}, "dmf INFO info line", "dmf WARNING warning line"),
+    ({"RANK": "0"}, "dmf INFO info line", "dmf WARNING warning line"),
+    ({"RANK": "1"}, None, "[rank 1] dmf WARNING warning line"),
+    ({"RANK": "3", "DMF_LOG_LEVEL": "info"}, "[rank 3] dmf INFO info line", "[rank 3] dmf WARNING warning line"),
+    ({"DMF_LOG_LEVEL": "WARNING"}, None, "dmf WARNING warning line"),
+])
+def test_non_zero_ranks_log_warnings_only_by_default(env, info, warning):
+    proc = _python(LOG_BOTH, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert warning in proc.stderr
+    if info is None:
+        assert "info line" not in proc.stderr
+    else:
+        assert info in proc.stderr
