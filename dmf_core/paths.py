@@ -50,6 +50,15 @@ def finetune_model_dir(source: str) -> Path:
     return MODELS / "finetune" / source
 
 
+#: The matrix row of the pretrained model itself (no fine-tuning).
+PRETRAIN_ROW = "pretrain"
+
+
+def row_model_dir(row: str) -> Path:
+    """The model of a matrix row: the pretrained one for ``pretrain``, else fine-tuned on ``row``."""
+    return pretrain_model_dir() if row == PRETRAIN_ROW else finetune_model_dir(row)
+
+
 def dataset_stats_json(dataset: str) -> Path:
     return STATS / "datasets" / f"{dataset}.json"
 

@@ -7,14 +7,18 @@ from pathlib import Path
 
 from dmf_core import paths
 from dmf_core.config import Config
-from dmf_core.runtime import run_stage
+from dmf_core.runtime import StageError, run_stage
 
 
 def main(cfg: Config) -> None:
     from dmf_core.data import captions as cap
     from dmf_core.data.attributes import read_attributes
     from dmf_core.data.manifest import read_manifest
+    from dmf_core.datasets_status import certain_failures
 
+    problem = certain_failures(cfg)  # before pack: a missing text encoder or weights fails pretraining
+    if problem:
+        raise StageError(problem)
     c = cfg.captions
     manifest = read_manifest(paths.manifest_path(c.dataset))
     out_parquet = paths.captions_parquet(c.dataset)
@@ -26,9 +30,9 @@ def main(cfg: Config) -> None:
         metrics = cap.caption_metrics(captions)
     else:
         attributes_file = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
-        result = cap.generate_captions(manifest, read_attributes(attributes_file, on_bad_rows=c.on_bad_rows), per_image=c.per_image,
-                                       seed=c.seed, viewpoint_words=c.viewpoint_words,
-                                       on_bad_rows=c.on_bad_rows)
+        attributes = read_attributes(attributes_file, on_bad_rows=c.on_bad_rows)
+        result = cap.generate_captions(manifest, attributes, per_image=c.per_image, seed=c.seed,
+                                       viewpoint_words=c.viewpoint_words, on_bad_rows=c.on_bad_rows)
         cap.write_captions(result, out_parquet, out_json)
         metrics = result.metrics
     out = paths.captions_stats_json()  # statistics, not a DVC metric (docs/contracts.md)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 
 from dmf_core import paths
 from dmf_core.config import Config
+from dmf_core.datasets_status import PARTIAL, certain_failures
 from dmf_core.runtime import StageError, run_stage
 
 
@@ -29,30 +31,53 @@ def generate_synthetic(cfg: Config, name: str) -> None:
     tmp.rename(out)  # a killed generation never leaves a half dataset under the final name
 
 
-def main(cfg: Config, name: str) -> None:
+def bad_images_report(name: str):
+    """The list of unreadable images: next to the dataset's statistics, not inside its raw files."""
+    return paths.dataset_stats_json(name).with_suffix(".bad_images.txt")
+
+
+def acquire_real(cfg: Config, name: str):
+    """Fetch, verify and extract a real dataset; (root, manifest, whether its counts are official)."""
+    from dmf_core.data.acquire import acquire, expected_statistics, layout_options
     from dmf_core.data.layouts import parse_layout
-    from dmf_core.data.manifest import write_manifest
+    from dmf_core.data.manifest import check_statistics
 
     spec = cfg.dataset(name)
+    root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS, cache_dir=paths.ARCHIVES)
+    manifest = parse_layout(spec.layout, root, name, **layout_options(name, spec))
+    expected = expected_statistics(name, spec)
+    table = check_statistics(manifest, expected, allow_partial=spec.allow_partial)
+    official = "unknown" if not expected else "match" if table["ok"].all() else PARTIAL
+    return root, manifest, official
+
+
+def main(cfg: Config, name: str) -> None:
+    from dmf_core.data.layouts import parse_layout
+    from dmf_core.data.manifest import verify_images, write_manifest
+
+    spec = cfg.dataset(name)
+    # the first stage of `dvc repro` to run says what a later one would certainly fail on
+    problem = certain_failures(cfg, ".", skip=(name,))
+    if problem:
+        raise StageError(problem)
     report: dict = {"dataset": name, "layout": spec.layout, "source": spec.source}
     if spec.source == "synth":
         generate_synthetic(cfg, name)
         root = paths.raw_dir(name)
         manifest = parse_layout(spec.layout, root, name)
     else:
-        from dmf_core.data.acquire import acquire, expected_statistics, layout_options
-        from dmf_core.data.manifest import check_statistics, verify_images
-
-        root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS,
-                       cache_dir=paths.ARCHIVES)
-        manifest = parse_layout(spec.layout, root, name, **layout_options(name, spec))
-        check_statistics(manifest, expected_statistics(name, spec), allow_partial=spec.allow_partial)
-        # unreadable images are listed (inside the stage's output) and counted, never silently dropped
-        bad = verify_images(manifest, root, root / "bad_images.txt")
-        report["unreadable_images"] = len(bad)
+        root, manifest, report["official_statistics"] = acquire_real(cfg, name)
     if manifest.empty:
         raise StageError(f"{root}: no images found for layout {spec.layout!r}")
+    report["folder"] = manifest.attrs["folder"]
+    # unreadable images are listed and counted, never silently dropped
+    report["unreadable_images"] = len(verify_images(manifest, root, bad_images_report(name)))
     write_manifest(manifest, paths.manifest_path(name))
+    if report.get("official_statistics") in ("match", "unknown"):  # a partial copy's hash would refuse the full one
+        from dmf_core.data.acquire import extracted_record, record_verified
+
+        record_verified(name, extracted_record(root), paths.CHECKSUMS,
+                        recorded_by=f"download@{name} on {socket.gethostname()}")
     counts = manifest.groupby("split").agg(images=("image_id", "size"), ids=("pid", "nunique"))
     report["splits"] = {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()}
     out = paths.dataset_stats_json(name)  # statistics, not a DVC metric (docs/contracts.md)

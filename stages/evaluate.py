@@ -1,20 +1,23 @@
-"""evaluate@<source>-<target>: CMC, mAP and mINP of the fine-tuned model on one target
-(and of the same architecture untrained), under the Market-1501 protocol."""
+"""evaluate@<source>-<target>: CMC, mAP and mINP of the model fine-tuned on <source> (or of the
+pretrained model, for the source ``pretrain``) on one target, and of the same architecture
+untrained, under the Market-1501 protocol."""
 
 from __future__ import annotations
 
 import argparse
 
 from dmf_core.config import Config
+from dmf_core.paths import PRETRAIN_ROW
 from dmf_core.runtime import StageError, run_stage
 
 
 def main(cfg: Config, source: str, target: str) -> None:
     from dmf_core.eval.run import evaluate_cell
 
-    for name, listed in ((source, cfg.finetune.sources), (target, cfg.evaluate.targets)):
+    rows = [PRETRAIN_ROW, *cfg.finetune.sources]
+    for name, listed in ((source, rows), (target, cfg.evaluate.targets)):
         if name not in listed:
-            raise StageError(f"{name!r} is not listed in finetune.sources / evaluate.targets")
+            raise StageError(f"{name!r} is not listed in ['pretrain'] + finetune.sources / evaluate.targets")
     evaluate_cell(cfg, source, target)
 
 

@@ -1,5 +1,6 @@
 """report: every evaluation cell -> the cross-domain matrix (JSON, Markdown table, heatmap) and
-its DVC metric (per cell the five numbers, per source their mean over the targets)."""
+its DVC metric (mAP and rank-1 per cell, per row the cross-domain and in-domain means). Rows: the
+pretrained model (``pretrain``) and each fine-tuning source."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dmf_core.track import write_metrics
 
 
 def main(cfg: Config) -> None:
+    from dmf_core.data.registry import leakage_reason
     from dmf_core.eval.matrix import (
         build_matrix,
         load_eval_results,
@@ -19,12 +21,13 @@ def main(cfg: Config) -> None:
     )
 
     results = load_eval_results(paths.EVAL_CELLS)
-    wanted = {(s, t) for s in cfg.finetune.sources for t in cfg.evaluate.targets}
+    wanted = {(s, t) for s in (paths.PRETRAIN_ROW, *cfg.finetune.sources) for t in cfg.evaluate.targets}
     missing = sorted(wanted - set(results))
     if missing:
         raise StageError(f"missing evaluation results for {missing}; run the evaluate stages first")
     results = {key: value for key, value in results.items() if key in wanted}
-    matrix = build_matrix(results)
+    leaks = {(s, t): why for s, t in results if (why := leakage_reason(s, t, cfg.datasets))}
+    matrix = build_matrix(results, not_transfer=leaks)
     write_metrics(paths.eval_matrix_metrics_json(), matrix_metrics(matrix))
     paths.REPORTS.mkdir(exist_ok=True)
     write_metrics(paths.eval_matrix_json(), matrix)

@@ -172,3 +172,14 @@ def test_reader_property(tmp_path, data):
     path = tmp_path / "prop.csv"
     path.write_bytes(raw)
     pd.testing.assert_frame_equal(read_attributes(path), df)
+
+
+def test_missing_file_says_what_it_is_and_where_it_goes(tmp_path):
+    missing = tmp_path / "FineGPR_attributes.csv"
+    with pytest.raises(FileNotFoundError) as err:
+        read_attributes(missing)
+    message = str(err.value)
+    assert str(missing) in message and "captions.attributes" in message
+    assert f"pid,{','.join(ATTRIBUTE_COLUMNS)}" in message and "docs/captions.md" in message
+    assert "data/archives/FineGPR_attributes.csv" in message and "convert it" in message
+    assert "Errno" not in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -285,15 +286,19 @@ def test_datasets_states(params_dict, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_doctor_reports_the_essentials(tmp_path, monkeypatch, capsys):
+def test_doctor_reports_the_essentials(params_dict, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc, out, _ = _run(["doctor"], capsys)
     assert rc == 0
     keys = {line.split("  ")[0].strip() for line in out.splitlines()}
-    for key in ("torch", "cuda available", "free disk (data/)", "text encoder (minilm)", "git repository",
+    for key in ("torch", "cuda available", "free disk (data/)", "params", "git repository",
                 "dvc initialised", "dvc remote"):
         assert key in keys, out
-    assert "no: run `dvc init`" in out
+    assert "no: run `dvc init`" in out and "params.yaml not found" in out
+    _write_params(tmp_path, params_dict)  # the demo profile: everything it needs is here or generated
+    rc, out, _ = _run(["doctor"], capsys)
+    assert rc == 0, out
+    assert re.search(r"text encoder \(model.text.name: minilm\) +present offline", out) and "MISSING" not in out
 
 
 def test_matrix_without_a_run_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,6 @@ from PIL import Image
 from dmf_core.eval.distances import cosine_distance, euclidean_distance, l2_normalize
 from dmf_core.eval.features import extract_features
 from dmf_core.eval.matrix import (
-    KEYS,
     build_matrix,
     load_eval_results,
     matrix_markdown,
@@ -70,17 +69,25 @@ def _record(r1, m):
 def test_matrix_outputs(tmp_path):
     d = tmp_path / "eval"
     d.mkdir()
-    for (s, t), (r1, m) in {("a", "x"): (50.0, 30.0), ("a", "y"): (70.0, 40.0), ("b", "x"): (20.0, 10.0)}.items():
+    cells = {("pretrain", "a"): (40.0, 20.0), ("pretrain", "x"): (30.0, 10.0), ("a", "a"): (90.0, 80.0),
+             ("a", "x"): (50.0, 30.0), ("a", "y"): (70.0, 40.0), ("b", "x"): (20.0, 10.0)}
+    for (s, t), (r1, m) in cells.items():
         (d / f"{s}__{t}.json").write_text(json.dumps(_record(r1, m)))
     results = load_eval_results(d)
-    assert set(results) == {("a", "x"), ("a", "y"), ("b", "x")}
+    assert set(results) == set(cells)
     matrix = build_matrix(results)
-    assert matrix["mean"]["a"]["rank1"] == 60.0 and matrix["mean"]["a"]["mAP"] == 35.0
-    assert matrix["untrained_mean"]["b"]["rank1"] == 2.0
+    assert matrix["sources"] == ["pretrain", "a", "b"]  # the pretrained model's row first
+    # cross-domain: the in-domain cell a -> a stays out; for pretrain every target counts
+    assert matrix["cross_domain"]["a"]["rank1"] == 60.0 and matrix["cross_domain"]["a"]["mAP"] == 35.0
+    assert matrix["in_domain"]["a"]["mAP"] == 80.0 and "pretrain" not in matrix["in_domain"]
+    assert matrix["cross_domain"]["pretrain"]["mAP"] == 15.0
+    assert matrix["untrained_cross_domain"]["b"]["rank1"] == 2.0
     json.dumps(matrix)
     md = matrix_markdown(matrix)
-    assert "| a | 50.0 / 30.0 | 70.0 / 40.0 | 60.0 / 35.0 |" in md and "| b | 20.0 / 10.0 | - |" in md
-    assert "Untrained" in md
+    assert "| a | 90.0 / 80.0 | 50.0 / 30.0 | 70.0 / 40.0 | **60.0 / 35.0** | 90.0 / 80.0 |" in md
+    assert "| b | - | 20.0 / 10.0 | - | **20.0 / 10.0** | - |" in md
+    assert "| pretrain | 40.0 / 20.0 | 30.0 / 10.0 | - |" in md
+    assert "Untrained baseline (same architecture at initialisation: random weights)" in md
     png = plot_heatmap(matrix, tmp_path / "h.png")
     assert png.stat().st_size > 1000
     (d / "bad.json").write_text("{}")
@@ -88,6 +95,16 @@ def test_matrix_outputs(tmp_path):
         load_eval_results(d)
     with pytest.raises(ValueError, match="no evaluation results"):
         build_matrix({})
+
+
+def test_a_cell_that_is_no_transfer_result_is_flagged_and_left_out_of_the_means():
+    results = {("a", "x"): _record(50.0, 30.0), ("a", "y"): _record(70.0, 90.0)}
+    matrix = build_matrix(results, not_transfer={("a", "y"): "a's training images hold y's test images"})
+    assert matrix["cross_domain"]["a"]["mAP"] == 30.0
+    assert matrix["cells"]["a"]["y"]["not_transfer"].startswith("a's training")
+    md = matrix_markdown(matrix)
+    assert "70.0 / 90.0 †" in md and "† a -> y: not a transfer result" in md
+    assert "y" not in matrix_metrics(matrix)["cells"]["a"]
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -101,20 +118,21 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 
 def test_matrix_metrics_hold_the_cells_and_row_means_only():
     results = {(s, t): _record(r1, m) for (s, t), (r1, m) in
-               {("a", "x"): (50.0, 30.0), ("a", "y"): (70.0, 40.0), ("b", "x"): (20.0, 10.0),
-                ("b", "y"): (30.0, 20.0)}.items()}
+               {("pretrain", "x"): (10.0, 5.0), ("pretrain", "y"): (20.0, 15.0), ("x", "x"): (50.0, 30.0),
+                ("x", "y"): (70.0, 40.0), ("y", "x"): (20.0, 10.0), ("y", "y"): (30.0, 20.0)}.items()}
     matrix = build_matrix(results)
     metrics = matrix_metrics(matrix)
-    assert list(metrics) == ["a", "b"] and list(metrics["a"]) == ["x", "y", "mean"]
-    assert metrics["a"]["y"] == {k: _record(70.0, 40.0)[k] for k in KEYS}
-    assert metrics["a"]["mean"] == matrix["mean"]["a"] and metrics["b"]["mean"]["mAP"] == 15.0
+    assert list(metrics) == ["cells", "cross_domain", "in_domain"]
+    assert list(metrics["cells"]) == ["pretrain", "x", "y"] and list(metrics["cells"]["x"]) == ["x", "y"]
+    assert metrics["cells"]["pretrain"]["y"] == {"mAP": 15.0, "rank1": 20.0}  # the same keys as every row
+    assert metrics["cross_domain"] == {"pretrain": {"mAP": 10.0, "rank1": 15.0}, "x": {"mAP": 40.0, "rank1": 70.0},
+                                       "y": {"mAP": 10.0, "rank1": 20.0}}
+    assert metrics["in_domain"]["y"] == {"mAP": 20.0, "rank1": 30.0}
     columns = _leaves(metrics)
-    # 5 numbers x sources x (targets + mean): no untrained reference, no counts, nothing but numbers
-    assert len(columns) == 5 * 2 * (2 + 1) and "a.x.mAP" in columns and "b.mean.rank10" in columns
+    # mAP and rank-1 of 6 cells, 3 cross-domain and 2 in-domain means: no untrained reference, no counts
+    assert len(columns) == 2 * (6 + 3 + 2) and "cells.pretrain.x.mAP" in columns
     assert all(isinstance(v, float) for v in columns.values())
     json.dumps(metrics)
-    with pytest.raises(ValueError, match="target named 'mean'"):
-        matrix_metrics(build_matrix({("a", "mean"): _record(1.0, 1.0)}))
 
 
 def test_cmc_tsv(tmp_path):

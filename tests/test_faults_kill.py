@@ -154,12 +154,18 @@ def test_sigkill_each_data_stage_then_repro_is_byte_identical(project):
 def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
     """Ctrl-C while pretrain trains under torchrun (runs after the data-stage test; shares the project)."""
     run(["dvc", "repro", "pack@synthped"], project)
+    params_file = project / "params.yaml"
+    tiny = params_file.read_text()
+    long_run = yaml.safe_load(tiny)
+    long_run["pretrain"]["epochs"] = 1000  # cannot finish before the Ctrl-C, however fast the machine
+    params_file.write_text(yaml.safe_dump(long_run, sort_keys=False))
     proc = subprocess.Popen(["dvc", "repro", "-s", "pretrain"], cwd=project, env=env_with_venv(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     runs = project / "runs" / "pretrain"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not any(runs.glob("*")):
-        time.sleep(0.2)  # wait until training has really started (torchrun + worker up)
+        time.sleep(0.2)  # wait until training has really started: the first epoch's state is saved
+    params_file.write_text(tiny)
     assert proc.poll() is None, f"pretrain ended before Ctrl-C: {proc.stdout.read()[-3000:]}"
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C goes to the whole foreground group

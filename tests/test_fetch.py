@@ -26,7 +26,9 @@ from dmf_core.data.fetch import (
     DownloadError,
     InsecureURLError,
     cached_sha256,
+    check_sha256,
     download,
+    forget_lock,
     read_lock,
     update_lock,
     url_filename,
@@ -339,3 +341,20 @@ def test_https_redirect_to_http_is_refused_unless_pinned(tls_server, server, tmp
     assert server.requests == [] and not (tmp_path / "a.zip").exists()
     assert download(url, tmp_path / "a.zip", sha256=SHA, **FAST) == SHA
     assert server.requests == [("/a.zip", None)]
+
+
+def test_forget_lock(tmp_path):
+    lock = tmp_path / "checksums.json"
+    assert forget_lock(lock, "a") is None  # no file yet
+    update_lock(lock, "a", {"sha256": "1"})
+    update_lock(lock, "b", {"sha256": "2"})
+    assert forget_lock(lock, "a") == {"sha256": "1"}
+    assert read_lock(lock) == {"b": {"sha256": "2"}}
+    assert forget_lock(lock, "a") is None
+
+
+def test_checksum_mismatch_never_says_corrupt(tmp_path):
+    path = tmp_path / "x.zip"
+    with pytest.raises(ChecksumError) as err:
+        check_sha256(path, "ab" * 32, "cd" * 32, "recorded by an earlier run")
+    assert "corrupt" not in str(err.value) and "recorded by an earlier run" in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import pandas as pd
 import pytest
@@ -278,3 +279,67 @@ def test_unknown_layout_option(tmp_path):
     build_randperson(tmp_path)
     with pytest.raises(ValueError, match="unknown option"):
         parse_layout("randperson", tmp_path, "x", combine_all=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout search never takes another dataset (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_market_next_to_cuhk03np_is_ambiguous(tmp_path):
+    root = tmp_path / "mixed"
+    build_market(root)
+    build_cuhk03np(root)
+    with pytest.raises(ValueError, match="ambiguous") as err:
+        parse_layout("market", root, "market1501")
+    for candidate in ("Market-1501-v15.09.15", "cuhk03-np/detected", "cuhk03-np/labeled"):
+        assert candidate in str(err.value)
+    # the CUHK03-NP variants in the same folder are still told apart by name
+    assert parse_layout("cuhk03np", root, "cuhk03np_labeled").attrs["folder"] == "cuhk03-np/labeled"
+
+
+def test_cuhk03np_labeled_without_labeled_is_refused(tmp_path):
+    root = tmp_path / "cuhk"
+    build_cuhk03np(root)
+    shutil.rmtree(root / "cuhk03-np" / "labeled")
+    with pytest.raises(ValueError, match=r"needs the 'labeled'.*only cuhk03-np/detected is there"):
+        parse_layout("cuhk03np", root, "cuhk03np_labeled")
+    assert parse_layout("cuhk03np", root, "cuhk03np_detected").attrs["folder"] == "cuhk03-np/detected"
+
+
+def test_msmt17_versions_side_by_side(tmp_path):
+    root = tmp_path / "msmt"
+    build_msmt17(root, "V1")
+    build_msmt17(root, "V2")
+    with pytest.raises(ValueError, match=r"\(MSMT17_V1, MSMT17_V2\).*ambiguous"):
+        parse_layout("msmt17", root, "msmt17_all")
+    # a registry variant picks by the image folders, whatever the top folder is called
+    (root / "MSMT17_V2").rename(root / "release")
+    df = parse_layout("msmt17", root, "x", variant="MSMT17_V2")
+    assert df.attrs["folder"] == "release" and df["image_id"].str.startswith("release/mask_").all()
+
+
+def test_statistics_table_names_the_folder(tmp_path):
+    root = tmp_path / "market1501"
+    expected = build_market(root)
+    df = parse_layout("market", root, "market1501")
+    assert df.attrs["folder"] == "Market-1501-v15.09.15"
+    expected["query"]["images"] += 1
+    with pytest.raises(StatisticsError, match="read from folder Market-1501-v15.09.15\n"):
+        check_statistics(df, expected)
+    flat = tmp_path / "flat"
+    build_market(flat, top="")
+    assert parse_layout("market", flat, "m").attrs["folder"] == "."
+
+
+def test_msmt17_duplicate_names_both_list_lines(tmp_path):
+    root = tmp_path / "msmt"
+    build_msmt17(root)
+    base = root / "MSMT17_V1"
+    first = (base / "list_train.txt").read_text().splitlines()[1]
+    val = (base / "list_val.txt").read_text().splitlines()
+    (base / "list_val.txt").write_text("\n".join([*val, first]) + "\n")
+    with pytest.raises(ValueError, match="listed twice") as err:
+        parse_layout("msmt17", root, "msmt17")
+    assert f"{base / 'list_train.txt'}:2" in str(err.value)
+    assert f"{base / 'list_val.txt'}:{len(val) + 1}" in str(err.value)

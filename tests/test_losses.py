@@ -8,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmf_core.config import config_from_dict
+from dmf_core.config import ConfigError, config_from_dict
+from dmf_core.model.outputs import Branch, ModelOutput
 from dmf_core.train.losses import align_loss, dmf_losses, id_loss, triplet_loss
 from dmf_core.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def brute_triplet(x, y, margin):
-    total, n = 0.0, 0
+    """Batch-hard triplet on L2-normalised features, one anchor at a time."""
+    x = F.normalize(x, dim=1)
+    total, satisfied, n = 0.0, 0, 0
     for i in range(len(y)):
         pos = [torch.dist(x[i], x[j]) for j in range(len(y)) if j != i and y[j] == y[i]]
         neg = [torch.dist(x[i], x[j]) for j in range(len(y)) if y[j] != y[i]]
@@ -22,16 +25,29 @@ def brute_triplet(x, y, margin):
             continue
         diff = max(pos) - min(neg)
         total += F.softplus(diff) if margin is None else F.relu(diff + margin)
+        satisfied += int(diff + (margin or 0.0) <= 0)
         n += 1
-    return total / n
+    return total / n, satisfied / n
 
 
-@pytest.mark.parametrize("margin", [None, 0.3])
-def test_batch_hard_triplet_matches_brute_force(margin):
+@pytest.mark.parametrize("margin", [None, 0.3, 1.5])
+def test_batch_hard_triplet_matches_brute_force(params_dict, margin):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, generator=g)
+    x[:3] += 3.0  # identity 0 well separated: some anchors satisfy the margin
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 5])  # 4 and 5: anchors without a positive
-    assert torch.allclose(triplet_loss(x, y, margin), brute_triplet(x, y, margin), atol=1e-5)
+    want, want_satisfied = brute_triplet(x, y, margin)
+    assert torch.allclose(triplet_loss(x, y, margin), want, atol=1e-5)
+    params_dict["loss"]["triplet_margin"] = margin
+    out = ModelOutput(image=Branch(x, torch.randn(12, 5, generator=g), torch.randn(12, 6, generator=g)))
+    assert float(dmf_losses(out, y, config_from_dict(params_dict))["triplets_satisfied"]) == pytest.approx(want_satisfied)
+
+
+def test_triplet_is_scale_free():
+    """On normalised f, shrinking every feature toward one point cannot lower the loss."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 4, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert torch.allclose(triplet_loss(x, y), triplet_loss(1e-3 * x, y), atol=1e-5)
 
 
 def test_triplet_gradient_is_finite_with_duplicate_features():
@@ -54,42 +70,50 @@ def test_align_loss_rewards_matching_identities():
     assert align_loss(img * 10, img * 10, y, temperature=0.01) == pytest.approx(math.log(2), abs=1e-3)
 
 
-def test_dmf_losses_combine_modalities_with_weights(params_dict):
-    params_dict["loss"].update(id_weight=0.5, triplet_weight=2.0)
-    params_dict["fusion"].update(align_weight=0.25)
+def _branch(g, n=4, dim=8, classes=3) -> Branch:
+    return Branch(torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g),
+                  torch.randn(n, classes, generator=g))
+
+
+def test_dmf_losses_weigh_the_terms_and_bound_the_captions_share(params_dict):
+    params_dict["loss"].update(id_weight=0.5, triplet_weight=2.0, caption_id_share=0.2)
+    params_dict["fusion"].update(align_weight=0.25, align_temperature=0.1)
     cfg = config_from_dict(params_dict)
     g = torch.Generator().manual_seed(1)
     y = torch.tensor([0, 0, 1, 1])
-    out = {"image_feat": torch.randn(4, 8, generator=g), "text_feat": torch.randn(4, 8, generator=g),
-           "image_logits": torch.randn(4, 3, generator=g), "text_logits": torch.randn(4, 3, generator=g)}
+    out = ModelOutput(image=_branch(g), text=_branch(g))
     losses = dmf_losses(out, y, cfg)
-    yy = torch.cat([y, y])
-    assert torch.allclose(losses["id_loss"], id_loss(torch.cat([out["image_logits"], out["text_logits"]]), yy, 0.1))
-    assert torch.allclose(losses["triplet_loss"], triplet_loss(torch.cat([out["image_feat"], out["text_feat"]]), yy))
+    want_id = 0.8 * id_loss(out.image.logits, y, 0.1) + 0.2 * id_loss(out.text.logits, y, 0.1)
+    assert torch.allclose(losses["id_loss"], want_id)
+    # the triplet runs over the images' f only: a caption is never an image's hardest positive
+    assert torch.allclose(losses["triplet_loss"], triplet_loss(out.image.feat, y, 0.3))
+    assert torch.allclose(losses["align_loss"], align_loss(out.image.neck, out.text.neck, y, 0.1))
     assert torch.allclose(losses["loss"], 0.5 * losses["id_loss"] + 2.0 * losses["triplet_loss"]
                           + 0.25 * losses["align_loss"])
-    image_only = dmf_losses({k: out[k] for k in ("image_feat", "image_logits")}, y, cfg)
-    assert image_only["align_loss"] == 0
+    image_only = dmf_losses(ModelOutput(image=out.image), y, cfg)
+    assert image_only["align_loss"] == 0 and torch.allclose(image_only["id_loss"], id_loss(out.image.logits, y, 0.1))
 
 
-@pytest.mark.parametrize("feature", ["f", "bnneck"])
-@pytest.mark.parametrize("scope", ["joint", "within", "images"])
-def test_triplet_scope_and_feature_pick_the_right_features(params_dict, scope, feature):
-    params_dict["loss"].update(triplet_scope=scope, triplet_feature=feature)
+def test_caption_share_above_half_is_refused(params_dict):
+    params_dict["loss"]["caption_id_share"] = 0.6
+    with pytest.raises(ConfigError, match="caption_id_share"):
+        config_from_dict(params_dict)
+
+
+def test_attribute_head_loss_is_the_mean_cross_entropy(params_dict):
+    params_dict["fusion"]["mode"] = "attributes"
     cfg = config_from_dict(params_dict)
-    g = torch.Generator().manual_seed(2)
-    y = torch.tensor([0, 0, 1, 1, 2, 2])
-    out = {k: torch.randn(6, 8, generator=g) for k in ("image_feat", "text_feat", "image_neck", "text_neck")}
-    out.update(image_logits=torch.randn(6, 3, generator=g), text_logits=torch.randn(6, 3, generator=g))
-    key = "feat" if feature == "f" else "neck"
-    img, txt = out[f"image_{key}"], out[f"text_{key}"]
-    want = {"joint": triplet_loss(torch.cat([img, txt]), torch.cat([y, y])),
-            "within": 0.5 * (triplet_loss(img, y) + triplet_loss(txt, y)),
-            "images": triplet_loss(img, y)}[scope]
-    assert torch.allclose(dmf_losses(out, y, cfg)["triplet_loss"], want)
-    # without captions every scope is the image triplet
-    alone = dmf_losses({k: out[k] for k in ("image_feat", "image_neck", "image_logits")}, y, cfg)
-    assert torch.allclose(alone["triplet_loss"], triplet_loss(img, y))
+    g = torch.Generator().manual_seed(4)
+    y = torch.tensor([0, 0, 1, 1])
+    logits = [torch.randn(4, 2, generator=g), torch.randn(4, 3, generator=g)]
+    targets = torch.tensor([[0, 2], [0, 2], [1, 0], [1, 0]])
+    out = ModelOutput(image=_branch(g), attributes=logits)
+    losses = dmf_losses(out, y, cfg, targets)
+    want = 0.5 * (F.cross_entropy(logits[0], targets[:, 0]) + F.cross_entropy(logits[1], targets[:, 1]))
+    assert torch.allclose(losses["attribute_loss"], want)
+    assert torch.allclose(losses["loss"], losses["id_loss"] + losses["triplet_loss"] + want)
+    with pytest.raises(ValueError, match="attribute targets"):
+        dmf_losses(out, y, cfg)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -110,10 +110,12 @@ def test_image_only_model_shapes_and_reset_classifier(params_dict):
     assert not model.has_text and model.text_encoder is None
     x = torch.randn(3, 3, 32, 16)
     out = model(x)
-    assert out["image_feat"].shape == (3, 32) and out["image_logits"].shape == (3, 7)
-    assert torch.equal(model.embed_images(x), out["image_feat"])
+    assert out.image.feat.shape == (3, 32) and out.image.logits.shape == (3, 7)
+    assert out.text is None and out.attributes is None
+    assert torch.equal(model.encode_images(x), out.image.feat)
+    assert torch.equal(model.embed_images(x), model.head.bnneck(out.image.feat))  # BN(f): test time
     model.reset_classifier(11)
-    assert model(x)["image_logits"].shape == (3, 11)
+    assert model(x).image.logits.shape == (3, 11)
     assert not model.head.bnneck.bias.requires_grad and model.head.classifier.bias is None
 
 
@@ -130,23 +132,35 @@ def test_text_path_respects_the_padding_mask(params_dict):
     mask2 = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], 1)
     assert torch.allclose(model.embed_text_states(padded, mask2), f, atol=1e-5)
     out = model(torch.randn(2, 3, 32, 16), states, mask)
-    assert out["text_feat"].shape == (2, 32) and out["text_logits"].shape == (2, 4)
+    assert out.text.feat.shape == (2, 32) and out.text.logits.shape == (2, 4)
 
 
-@pytest.mark.parametrize("bnneck", ["joint", "per_modality"])
-def test_bnneck_batch_statistics_joint_or_per_modality(params_dict, bnneck):
-    model = build_model(_cfg(params_dict, mode="shared", bnneck=bnneck), num_classes=4, text_dim=12).train()
+def test_each_modality_has_its_own_bnneck_and_shares_the_classifier(params_dict):
+    model = build_model(_cfg(params_dict, mode="shared"), num_classes=4, text_dim=12).train()
     images, states = torch.randn(4, 3, 32, 16), torch.randn(4, 5, 12) + 5.0
     out = model(images, states, torch.ones(4, 5, dtype=torch.bool))
     bn = torch.nn.functional.batch_norm  # training-mode BN with the module's affine parameters
-    w, b = model.head.bnneck.weight, model.head.bnneck.bias
-    if bnneck == "joint":
-        want = bn(torch.cat([out["image_feat"], out["text_feat"]]), None, None, w, b, training=True)
-    else:
-        want = torch.cat([bn(out["image_feat"], None, None, w, b, training=True),
-                          bn(out["text_feat"], None, None, w, b, training=True)])
-    assert torch.allclose(torch.cat([out["image_neck"], out["text_neck"]]), want, atol=1e-5)
-    assert torch.allclose(torch.cat([out["image_logits"], out["text_logits"]]), model.head.classifier(want), atol=1e-5)
+    for branch, neck in ((out.image, model.head.bnneck), (out.text, model.head.text_bnneck)):
+        want = bn(branch.feat, None, None, neck.weight, neck.bias, training=True)
+        assert torch.allclose(branch.neck, want, atol=1e-5)  # statistics of its own modality only
+        assert torch.allclose(branch.logits, model.head.classifier(want), atol=1e-5)
+    assert model.head.text_bnneck.running_mean.abs().sum() > model.head.bnneck.running_mean.abs().sum()
+
+
+def test_attribute_head_is_a_pretraining_part(params_dict, tmp_path):
+    from dmf_core.data.caption_controls import ATTRIBUTE_CLASSES
+    from dmf_core.train.checkpoint import load_init_weights, load_model, save_model
+
+    cfg = _cfg(params_dict, mode="attributes")
+    model = build_model(cfg, num_classes=4, attribute_classes=ATTRIBUTE_CLASSES).eval()
+    out = model(torch.randn(2, 3, 32, 16))
+    assert [a.shape[1] for a in out.attributes] == ATTRIBUTE_CLASSES
+    save_model(model, tmp_path / "pre", cfg=cfg, num_classes=4, stage="pretrain")
+    again, _ = load_model(tmp_path / "pre")
+    assert again.attribute_head is not None
+    finetune = build_model(cfg, num_classes=9)
+    skipped = load_init_weights(finetune, tmp_path / "pre")
+    assert any(k.startswith("attribute_head.") for k in skipped) and finetune.attribute_head is None
 
 
 def test_caption_cache_computes_each_caption_once(params_dict):
@@ -203,7 +217,7 @@ def test_trainable_text_encoder_is_part_of_the_model(params_dict):
     model = build_model(_cfg(params_dict, mode="shared"), num_classes=3)
     assert model.text_encoder is not None
     out = model(torch.randn(2, 3, 32, 16), captions=["a man in red", "a woman with a bag"])
-    (out["text_feat"].sum() + out["image_feat"].sum()).backward()
+    (out.text.feat.sum() + out.image.feat.sum()).backward()
     trainable = [n for n, p in model.text_encoder.named_parameters() if p.requires_grad]
     assert trainable and all(
         p.grad is not None for n, p in model.text_encoder.named_parameters() if p.requires_grad)

@@ -74,7 +74,7 @@ def _miniature_paper_params(archives: Path) -> dict:
     params["model"]["image"].update(depth=1, dim=32, heads=2, height=64, width=32, pretrained=None)
     params["model"]["text"]["name"] = "minilm"  # the paper names BERT-base; no hub here
     params["fusion"].update(dim=32, layers=1, heads=2)
-    params["pretrain"].update(epochs=1, P=2, K=2, warmup_epochs=0)
+    params["pretrain"].update(epochs=1, P=2, K=2, warmup_epochs=0, holdout_ids=1)
     params["finetune"].update(epochs=1, P=2, K=2, warmup_epochs=0)
     params["train"].update(num_workers=0, threads=2)
     params["evaluate"].update(batch_size=16, ranked_list_queries=1)
@@ -92,12 +92,14 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
     download, captions, pack = _stage("download"), _stage("captions"), _stage("pack")
     for name in params["datasets"]:
         download.main(cfg, name)
-        assert not (Path("data/raw") / name / "bad_images.txt").read_text().strip()
+        assert not Path(f"reports/stats/datasets/{name}.bad_images.txt").read_text().strip()
     captions.main(cfg)
     for name in params["datasets"]:
         pack.main(cfg, name)
     _stage("pretrain").main(cfg)
     finetune, evaluate = _stage("finetune"), _stage("evaluate")
+    for target in cfg.evaluate.targets:
+        evaluate.main(cfg, "pretrain", target)
     for source in cfg.finetune.sources:
         finetune.main(cfg, source)
         for target in cfg.evaluate.targets:
@@ -116,8 +118,11 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
     assert len(caps) == 16 * cfg.captions.per_image and caps["caption"].str.len().min() > 20
 
     matrix = json.loads(Path("reports/eval_matrix.json").read_text())
-    assert matrix["sources"] == sorted(cfg.finetune.sources) and matrix["targets"] == sorted(cfg.evaluate.targets)
-    for source in cfg.finetune.sources:
+    assert matrix["sources"] == ["pretrain", *sorted(cfg.finetune.sources)]
+    assert matrix["targets"] == sorted(cfg.evaluate.targets)
+    # msmt17_all trains on MSMT17's query and gallery: that cell is flagged and out of the means
+    assert "not_transfer" in matrix["cells"]["msmt17_all"]["msmt17"]
+    for source in ["pretrain", *cfg.finetune.sources]:
         for target in cfg.evaluate.targets:
             cell = matrix["cells"][source][target]
             for record in (cell, cell["untrained"]):

@@ -1,4 +1,6 @@
-"""evaluate_rank / evaluate_features: exact against torchreid's Python evaluation, ties, bad input."""
+"""evaluate_rank / evaluate_features: exact against torchreid's Python evaluation, ties (a match
+ranks after a tied wrong identity, whatever the gallery order or the pids), float64 re-ranking of
+float32 ties, bad input."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import pytest
 import torch
 from _torchreid_ref import rank_module
 
+from dmf_core.eval import ranking
 from dmf_core.eval.distances import cosine_distance, euclidean_distance
-from dmf_core.eval.ranking import evaluate_features, evaluate_rank, evaluate_rank_argsort
+from dmf_core.eval.ranking import evaluate_features, evaluate_rank
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,32 @@ def _ids(rng, nq, ng, n_ids, n_cams, distractors=0):
     if distractors:
         g_pids[rng.choice(ng, distractors, replace=False)] = 0
     return q_pids, g_pids, rng.integers(0, n_cams, nq), rng.integers(0, n_cams, ng)
+
+
+def _reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank):
+    """An independent transcription of the protocol: per query, sort by (distance, is a match) so a
+    tied wrong identity comes first, drop same-pid same-camera items, read the match positions."""
+    q_pids, g_pids, q_cams, g_cams = map(np.asarray, (q_pids, g_pids, q_cams, g_cams))
+    firsts, aps, inps = [], [], []
+    for i, row in enumerate(np.asarray(dist, dtype=np.float64)):
+        same_pid = g_pids == q_pids[i]
+        match = same_pid & (g_cams != q_cams[i])
+        keep = ~(same_pid & (g_cams == q_cams[i]))
+        order = np.lexsort((match, row))
+        pos = np.flatnonzero(match[order][keep[order]])
+        if len(pos):
+            firsts.append(pos[0])
+            aps.append(np.mean(np.arange(1, len(pos) + 1) / (pos + 1.0)))
+            inps.append(len(pos) / (pos[-1] + 1.0))
+    cmc = np.array([np.mean(np.asarray(firsts) < k) for k in range(1, max_rank + 1)])
+    return cmc, float(np.mean(aps)), float(np.mean(inps)), len(firsts)
+
+
+def _assert_reference(result, dist, q_pids, g_pids, q_cams, g_cams, max_rank):
+    cmc, mAP, mINP, num_valid = _reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank)
+    np.testing.assert_allclose(result.cmc, cmc, atol=1e-6, rtol=0)
+    assert result.mAP == pytest.approx(mAP, abs=1e-12) and result.mINP == pytest.approx(mINP, abs=1e-12)
+    assert result.num_valid == num_valid
 
 
 def _compare(ref, dist, q_pids, g_pids, q_cams, g_cams, max_rank):
@@ -48,9 +77,22 @@ def test_matches_torchreid(ref, seed, nq, ng, n_ids, n_cams, max_rank, distracto
         g_cams[: ng // 2] = 1
     dist = rng.random((nq, ng))  # float64, tie-free
     ours = _compare(ref, dist, q_pids, g_pids, q_cams, g_cams, max_rank)
-    base = evaluate_rank_argsort(dist, q_pids, g_pids, q_cams, g_cams, max_rank)
-    np.testing.assert_allclose(base.cmc, ours.cmc, atol=1e-7)
-    assert abs(base.mINP - ours.mINP) < 1e-12 and base.num_valid == ours.num_valid
+    _assert_reference(ours, dist, q_pids, g_pids, q_cams, g_cams, max_rank)
+
+
+def test_queries_with_many_matches_take_the_sorted_path(ref):
+    # 3 identities in 1,500 gallery items: ~500 matches per query, above SORT_ABOVE, next to rows below it
+    rng = np.random.default_rng(11)
+    q_pids, g_pids, q_cams, g_cams = _ids(rng, 40, 1500, 3, 4)
+    g_pids[:300] = rng.integers(4, 100, 300)  # pids 1-3: ~400 gallery items each; pids 4-99: a few
+    q_pids[:20] = rng.integers(4, 100, 20)
+    assert (np.bincount(g_pids)[q_pids] > ranking.SORT_ABOVE).any()
+    dist = rng.random((40, 1500))
+    ours = _compare(ref, dist, q_pids, g_pids, q_cams, g_cams, 50)
+    _assert_reference(ours, dist, q_pids, g_pids, q_cams, g_cams, 50)
+    tied = np.round(dist * 20) / 20  # and with many ties
+    _assert_reference(evaluate_rank(tied, q_pids, g_pids, q_cams, g_cams, 50), tied, q_pids, g_pids, q_cams,
+                      g_cams, 50)
 
 
 def test_float32_from_features_and_minp(ref):
@@ -85,22 +127,74 @@ def test_max_rank_beyond_gallery(ref):
     assert ours.cmc[-1] == pytest.approx(1.0) and np.all(np.diff(ours.cmc) >= 0)
 
 
-def test_ties_are_ordered_by_gallery_index():
-    # gallery 0 is a wrong id, gallery 1 the match: equal distance -> the wrong one ranks first
+def test_a_tied_match_ranks_after_the_tied_wrong_identity():
     dist = np.array([[0.5, 0.5, 0.9]], dtype=np.float32)
-    r = evaluate_rank(dist, [1], [2, 1, 3], [0], [1, 1, 1], max_rank=3)
-    np.testing.assert_allclose(r.cmc, [0.0, 1.0, 1.0])
-    assert r.mAP == pytest.approx(0.5) and r.mINP == pytest.approx(0.5)
-    r = evaluate_rank(dist, [2], [2, 1, 3], [0], [1, 1, 1], max_rank=3)
+    for g_pids in ([2, 1, 3], [1, 2, 3]):  # the match after or before the wrong identity in the gallery
+        r = evaluate_rank(dist, [1], g_pids, [0], [1, 1, 1], max_rank=3)
+        np.testing.assert_allclose(r.cmc, [0.0, 1.0, 1.0])
+        assert r.mAP == pytest.approx(0.5) and r.mINP == pytest.approx(0.5)
+    # matches tied among themselves are interchangeable: both count, neither is pushed back
+    r = evaluate_rank(np.array([[0.5, 0.5, 0.9]]), [1], [1, 1, 3], [0], [1, 1, 1], max_rank=3)
     np.testing.assert_allclose(r.cmc, [1.0, 1.0, 1.0])
-    # heavily tied random matrix: same as the stable-argsort baseline
-    rng = np.random.default_rng(0)
-    dist = rng.integers(0, 5, (40, 200)).astype(np.float32)
-    ids = _ids(rng, 40, 200, 10, 3)
-    a, b = evaluate_rank(dist, *ids, max_rank=20), evaluate_rank_argsort(dist, *ids, max_rank=20)
-    np.testing.assert_allclose(a.cmc, b.cmc)
-    assert a.mAP == pytest.approx(b.mAP, abs=1e-12) and a.mINP == pytest.approx(b.mINP, abs=1e-12)
-    assert a.extra["tie_rows"] > 0
+    assert r.mAP == pytest.approx(1.0)
+
+
+def _tied_case(seed=0, nq=60, ng=400, levels=5):
+    rng = np.random.default_rng(seed)
+    dist = rng.integers(0, levels, (nq, ng)).astype(np.float32)
+    return dist, _ids(rng, nq, ng, 12, 3, distractors=20)
+
+
+def test_ties_do_not_depend_on_gallery_or_query_order():
+    dist, (q_pids, g_pids, q_cams, g_cams) = _tied_case()
+    base = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    _assert_reference(base, dist, q_pids, g_pids, q_cams, g_cams, 20)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        g = rng.permutation(dist.shape[1])
+        r = evaluate_rank(dist[:, g], q_pids, g_pids[g], q_cams, g_cams[g], max_rank=20)
+        np.testing.assert_array_equal(r.cmc, base.cmc)
+        assert r.mAP == base.mAP and r.mINP == base.mINP  # same sums in the same order: bit-equal
+        q = rng.permutation(dist.shape[0])  # queries: the same, up to the order of the float sums
+        r = evaluate_rank(dist[q], q_pids[q], g_pids, q_cams[q], g_cams, max_rank=20)
+        np.testing.assert_array_equal(r.cmc, base.cmc)
+        assert r.mAP == pytest.approx(base.mAP, abs=1e-15) and r.mINP == pytest.approx(base.mINP, abs=1e-15)
+    # the gallery sorted by pid (as the packed splits are) changes nothing either
+    g = np.argsort(g_pids, kind="stable")
+    r = evaluate_rank(dist[:, g], q_pids, g_pids[g], q_cams, g_cams[g], max_rank=20)
+    np.testing.assert_array_equal(r.cmc, base.cmc)
+    assert r.mAP == base.mAP
+
+
+def test_ties_do_not_favour_any_pid():
+    # collapsed features: every distance equal. Renaming the identities (so that another pid sorts
+    # first) must not change the result, and every query gets the same, lowest, score.
+    rng = np.random.default_rng(2)
+    q_pids, g_pids, q_cams, g_cams = _ids(rng, 50, 300, 20, 4)
+    dist = np.full((50, 300), 0.25, dtype=np.float32)
+    base = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    _assert_reference(base, dist, q_pids, g_pids, q_cams, g_cams, 10)
+    rename = rng.permutation(21)
+    r = evaluate_rank(dist, rename[q_pids], rename[g_pids], q_cams, g_cams, max_rank=10)
+    np.testing.assert_array_equal(r.cmc, base.cmc)
+    assert r.mAP == pytest.approx(base.mAP, abs=1e-15)
+    assert base.cmc[0] == 0.0  # every match ranks after all the query's kept wrong identities
+
+
+def test_float32_ties_are_ranked_in_float64_from_features():
+    # g0 and g1 are 1e-5 and 2e-5 rad from the query: their float32 cosine distances are both 0,
+    # their float64 ones 5e-11 and 2e-10. The match is g0, so in float64 it ranks first.
+    qf = np.array([[1.0, 0.0]], np.float32)
+    gf = np.array([[1.0, 1e-5], [1.0, 2e-5], [0.0, 1.0]], np.float32)
+    ids = ([1], [1, 2, 3], [0], [1, 1, 1])
+    assert evaluate_rank(cosine_distance(qf, gf), *ids, max_rank=3).cmc[0] == 0.0  # tied in float32
+    r = evaluate_features(qf, gf, *ids, max_rank=3)
+    np.testing.assert_allclose(r.cmc, [1.0, 1.0, 1.0])
+    assert r.extra == {"float64_rows": 1, "tie_rows": 0}
+    # identical gallery features stay tied in float64: the match ranks after the wrong identity
+    r = evaluate_features(qf, np.array([[1.0, 1e-5], [1.0, 1e-5], [0.0, 1.0]], np.float32), *ids, max_rank=3)
+    np.testing.assert_allclose(r.cmc, [0.0, 1.0, 1.0])
+    assert r.extra == {"float64_rows": 1, "tie_rows": 1}
 
 
 def test_tensor_input_and_chunking():

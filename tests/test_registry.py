@@ -19,7 +19,7 @@ from _http import FileServer
 
 from dmf_core.config import DatasetSpec
 from dmf_core.data import extract
-from dmf_core.data.acquire import acquire, acquire_file
+from dmf_core.data.acquire import acquire, acquire_file, extracted_record, record_verified
 from dmf_core.data.extract import InsufficientSpaceError
 from dmf_core.data.fetch import ChecksumError, DownloadError, FetchError, read_lock
 from dmf_core.data.layouts import LAYOUTS, parse_layout
@@ -112,6 +112,8 @@ def test_acquire_url_parse_check_and_rerun(tmp_path, server, kind):
     assert verify_images(df, root, tmp_path / "bad.txt") == []
     write_manifest(df, tmp_path / "data/manifests" / f"{name}.parquet")
     assert len(read_manifest(tmp_path / "data/manifests" / f"{name}.parquet")) == len(df)
+    assert not read_lock(dirs["lock_file"])  # nothing recorded before the contents are checked
+    record_verified(name, extracted_record(root), dirs["lock_file"], recorded_by="test")
     lock = read_lock(dirs["lock_file"])
     assert lock[name]["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     assert lock[name]["file"] == f"{name}.{fmt}" and lock[name]["url"] == url
@@ -152,13 +154,14 @@ def test_acquire_wrong_checksum_and_lock_mismatch(tmp_path, server):
 
     pinned = DatasetSpec(layout="randperson", source="url", location=url,
                          sha256=hashlib.sha256(data).hexdigest())
-    acquire("rp", pinned, **dirs)  # records the hash
+    record_verified("rp", extracted_record(acquire("rp", pinned, **dirs)), dirs["lock_file"], "test run")
     good = DatasetSpec(layout="randperson", source="url", location=url)  # from now on, the lock file's hash
     # the server now serves other bytes and the cache is gone: the lock file catches it
     server.files["/randperson_subset.zip"] = data[:100] + bytes([data[100] ^ 1]) + data[101:]
     (tmp_path / "archives" / "randperson_subset.zip").unlink()
-    with pytest.raises(ChecksumError, match="lock.json"):
+    with pytest.raises(ChecksumError, match=r"lock.json at 20\d\d-.* by test run.*dmf datasets --forget rp") as err:
         acquire("rp", good, **dirs)
+    assert "corrupt" not in str(err.value)
 
 
 def test_acquire_404_names_how_to_get(tmp_path, server):
@@ -185,6 +188,7 @@ def test_acquire_local_archive(tmp_path):
     root = acquire("msmt17", spec, raw_dir=tmp_path / "data/raw/msmt17", lock_file=tmp_path / "lock.json",
                    cache_dir=tmp_path / "data/archives")
     check_statistics(parse_layout("msmt17", root, "msmt17"), expected)
+    record_verified("msmt17", extracted_record(root), tmp_path / "lock.json", "test")
     rec = json.loads((tmp_path / "lock.json").read_text())["msmt17"]
     assert rec["source"] == "archive" and rec["file"] == "MSMT17_V1.tar.gz"
 
@@ -263,3 +267,45 @@ def test_layout_options_and_statistics_follow_the_registry_key():
     assert layout_options("my_set", plain) == {} and expected_statistics("my_set", plain) == {}
     with pytest.raises(ValueError, match="registry: 'nope' unknown"):
         layout_options("x", DatasetSpec(layout="market", source="dir", location="x", registry="nope"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage: a source that trains on a target's query/gallery
+# ---------------------------------------------------------------------------------------------
+
+
+def test_leakage_reason_paper_profile():
+    from pathlib import Path
+
+    import yaml
+
+    from dmf_core.config import config_from_dict
+    from dmf_core.data.registry import leakage_reason
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "paper.yaml").read_text())
+    datasets = config_from_dict(params).datasets
+    reason = leakage_reason("msmt17_all", "msmt17", datasets)
+    assert reason and "msmt17_all" in reason and "query and gallery" in reason and "not a transfer" in reason
+    for source in ("market1501", "msmt17", "randperson", "pretrain"):
+        for target in ("market1501", "cuhk03np", "msmt17"):
+            assert leakage_reason(source, target, datasets) is None, (source, target)
+    assert leakage_reason("msmt17_all", "market1501", datasets) is None
+    assert leakage_reason("msmt17_all", "cuhk03np", datasets) is None
+
+
+def test_leakage_reason_without_registry_keys():
+    from dmf_core.data.registry import leakage_reason
+
+    datasets = {  # no registry: the same archive read with and without combine_all
+        "my_msmt_all": DatasetSpec(layout="msmt17", source="archive", location="data/archives/M.tar.gz"),
+        "my_msmt": DatasetSpec(layout="msmt17", source="archive", location="data/archives/M.tar.gz"),
+        "other": DatasetSpec(layout="msmt17", source="archive", location="data/archives/O.tar.gz"),
+        "v2": DatasetSpec(layout="msmt17", source="archive", location="data/archives/V2.tar.gz",
+                          registry="msmt17_v2"),
+        "all_v1": DatasetSpec(layout="msmt17", source="archive", location="data/archives/V1.tar.gz",
+                              registry="msmt17_all"),
+    }
+    assert "the same files" in leakage_reason("my_msmt_all", "my_msmt", datasets)
+    assert leakage_reason("my_msmt_all", "other", datasets) is None
+    assert leakage_reason("my_msmt", "my_msmt_all", datasets) is None
+    assert "photo collection (msmt17)" in leakage_reason("all_v1", "v2", datasets)  # V2 = V1 faces blurred

@@ -77,6 +77,7 @@ def tiny_cfg(params: dict, **stage_overrides):
     p["model"]["image"].update(depth=1, dim=32, heads=2, height=32, width=16, patch=8, stride=8)
     p["fusion"].update(dim=32, layers=1, heads=2, mode="image_only")
     p["train"].update(threads=1)
+    p["pretrain"]["holdout_ids"] = 0
     for stage in ("pretrain", "finetune"):
         p[stage].update(epochs=2, P=4, K=2, warmup_epochs=1)
         p[stage].update(stage_overrides)
@@ -97,13 +98,15 @@ def test_pretrain_image_only_writes_outputs(params_dict, tmp_path):
     meta = json.loads((paths["out_dir"] / "meta.json").read_text())
     assert meta["num_classes"] == 8 and meta["stage"] == "pretrain" and len(meta["params_hash"]) == 16
     assert meta["config"]["model"]["image"]["dim"] == 32 and "torch" in meta["versions"]
-    # The DVC metric holds the final losses only (no captions: no align_loss); the rest of the
-    # returned record, machine-dependent facts included, goes to the run facts.
+    # The DVC metric holds the final losses of the terms that took part (no captions: no
+    # align_loss) and the feature health; the rest of the returned record, machine-dependent
+    # facts included, goes to the run facts.
     saved = json.loads(paths["metrics_path"].read_text())
-    assert list(saved) == ["loss", "id_loss", "triplet_loss"]
-    assert all(isinstance(v, float) and saved[k] == metrics[k] for k, v in saved.items())
+    assert list(saved) == ["loss", "id_loss", "triplet_loss", "health"]
+    assert all(isinstance(saved[k], float) and saved[k] == metrics[k] for k in LOSS_NAMES if k in saved)
+    assert 0.0 <= saved["health"]["triplets_satisfied"] <= 1.0
     facts = json.loads(paths["facts_path"].read_text())
-    assert facts == json.loads(json.dumps({k: v for k, v in metrics.items() if k not in LOSS_NAMES}))
+    assert facts == json.loads(json.dumps({k: v for k, v in metrics.items() if k not in (*LOSS_NAMES, "health")}))
     assert isinstance(facts["images_per_s"], float) and facts["num_images"] == 32 and facts["stage"] == "pretrain"
     run = facts["run"]
     assert run["seed"] == cfg.seed and run["world_size"] == 1 and run["effective_batch"] == 8
@@ -435,10 +438,15 @@ def test_run_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path
     d = ckpt.to_dict(tiny_cfg(params_dict, epochs=1))
     d["fusion"]["mode"] = "shared"
     d["model"]["text"]["max_length"] = 16
+    d["pretrain"]["holdout_ids"] = 2
     cfg = config_from_dict(d)
     pre = outputs(tmp_path, "pre")
     m = run_stage(cfg, "pretrain", train_lmdb=lmdb, captions_parquet=caps, **pre)
-    assert m["num_classes"] == 6 and m["run"]["with_captions"]
+    # 2 of the 6 identities held out: never trained on, the images the health is measured on
+    assert m["num_classes"] == 4 and m["run"]["with_captions"]
+    health = json.loads(pre["metrics_path"].read_text())["health"]
+    assert set(health) == {"triplets_satisfied", "cosine_other_id", "cosine_same_id", "caption_to_image_mAP"}
+    assert -1.0 <= health["cosine_other_id"] <= 1.0 and 0.0 < health["caption_to_image_mAP"] <= 100.0
     assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
     ft = outputs(tmp_path, "ft")
     m = run_stage(cfg, "finetune", train_lmdb=lmdb, init_from=pre["out_dir"], **ft)

@@ -9,10 +9,12 @@
   into ``data/raw/<name>``, or used as is when it *is* ``data/raw/<name>``.
 
 The archive's sha256 must equal, in this order, ``datasets.<name>.sha256`` from params, the
-registry's known hash, or the hash recorded for ``<name>`` in the lock file by an earlier run;
-it is then (re)recorded in the lock file. Extraction is safe and atomic
-(:mod:`dmf_core.data.extract`) and skipped when ``data/raw/<name>`` already holds the
-extraction of the very same archive.
+registry's known hash, or the hash recorded for ``<name>`` in the lock file by an earlier run.
+Extraction is safe and atomic (:mod:`dmf_core.data.extract`) and skipped when ``data/raw/<name>``
+already holds the extraction of the very same archive. The hash goes into the lock file only
+through :func:`record_verified`, which the download stage calls once the extracted dataset has
+been parsed, matched its official statistics (where known) and been decoded: an incomplete
+archive that fails its first run leaves no hash behind to refuse the complete one with.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dmf_core.data.extract import read_marker, safe_extract
@@ -36,6 +39,8 @@ from dmf_core.data.fetch import (
 from dmf_core.data.registry import REGISTRY, DatasetEntry
 
 log = logging.getLogger(__name__)
+
+_LOCK_KEYS = ("file", "sha256", "size", "source", "url")  # what a lock record says about the archive
 
 
 def registry_entry(name: str, registry: str | None) -> DatasetEntry | None:
@@ -69,14 +74,26 @@ def _expected_hash(name: str, file_name: str, sha256: str | None, entry: Dataset
     if entry is not None and entry.known_sha256(file_name):
         return entry.known_sha256(file_name), f"registry entry {entry.key}"
     if lock and lock.get("sha256"):
-        return str(lock["sha256"]), (f"recorded for {name!r} in {lock_file}; delete that entry if you "
-                                     "replaced the archive on purpose")
+        return str(lock["sha256"]), recorded_origin(name, lock, lock_file)
     return None, ""
 
 
+def recorded_origin(name: str, lock: dict, lock_file: Path) -> str:
+    """Where a hash from the lock file came from, and how to forget it."""
+    when = lock.get("recorded_at") or "an unknown time"
+    by = lock.get("recorded_by") or "an earlier run"
+    return (f"recorded for {name!r} in {lock_file} at {when} by {by}, from {lock.get('file', '?')} of "
+            f"{lock.get('size', '?')} bytes; if you replaced the archive on purpose, forget that hash with "
+            f"`dmf datasets --forget {name}` and run again")
+
+
 def obtain_file(name: str, source: str, location: str, *, entry: DatasetEntry | None, sha256: str | None,
-                lock_file: Path, cache_dir: Path, download_options: dict | None = None) -> tuple[Path, str]:
-    """Return (path, sha256) of a verified local copy of the archive/file; record it in the lock file."""
+                lock_file: Path, cache_dir: Path, download_options: dict | None = None) -> tuple[Path, dict]:
+    """A local copy of the archive/file checked against every hash known for it: (path, record).
+
+    ``record`` (file, sha256, size, source, url) is what the lock file would hold; nothing is
+    written to it here.
+    """
     lock_file, cache_dir = Path(lock_file), Path(cache_dir)
     lock = read_lock(lock_file).get(name)
     prefix = entry.sha256_prefix if entry is not None else None
@@ -119,13 +136,29 @@ def obtain_file(name: str, source: str, location: str, *, entry: DatasetEntry | 
     else:
         raise ValueError(f"datasets.{name}.source: {source!r} cannot be fetched as a file (url|archive)")
     check_sha256(path, digest, expected, origin, prefix)
-    if expected is None:
-        log.info("%s: no known sha256; recording %s in %s", name, digest, lock_file)
     record = {"file": path.name, "sha256": digest, "size": path.stat().st_size, "source": source}
     if source == "url":
         record["url"] = location
-    update_lock(lock_file, name, record)
-    return path, digest
+    return path, record
+
+
+def record_verified(name: str, record: dict | None, lock_file: Path, recorded_by: str) -> dict | None:
+    """Put ``record`` (from :func:`obtain_file` or the extraction marker) in the lock file; return it.
+
+    A hash already recorded for the same bytes keeps its original time and run.
+    """
+    if not record or not record.get("sha256"):
+        return None  # source: dir, nothing to record
+    lock_file = Path(lock_file)
+    old = read_lock(lock_file).get(name)
+    if old and old.get("sha256") == record["sha256"]:
+        return old
+    fresh = {**{k: v for k, v in record.items() if k in _LOCK_KEYS},
+             "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+             "recorded_by": recorded_by}
+    log.info("%s: recording sha256 %s in %s", name, fresh["sha256"], lock_file)
+    update_lock(lock_file, name, fresh)
+    return fresh
 
 
 def _link_tree(src: Path, dest: Path) -> int:
@@ -185,28 +218,35 @@ def acquire(name: str, spec, *, raw_dir: Path, lock_file: Path, cache_dir: Path,
         raise ValueError(f"datasets.{name}.location: source {spec.source!r} needs a location")
     if spec.source == "dir":
         return _from_dir(name, spec.location, raw_dir)
-    archive, digest = obtain_file(name, spec.source, spec.location, entry=entry, sha256=spec.sha256,
+    archive, record = obtain_file(name, spec.source, spec.location, entry=entry, sha256=spec.sha256,
                                   lock_file=lock_file, cache_dir=cache_dir, download_options=download_options)
     marker = read_marker(raw_dir) if raw_dir.is_dir() else None
-    if marker is not None and marker.get("sha256") == digest:
+    if marker is not None and marker.get("sha256") == record["sha256"]:
         log.info("%s: %s already holds %s; not extracting again", name, raw_dir, archive.name)
         return raw_dir
-    safe_extract(archive, raw_dir, marker={"archive": archive.name, "sha256": digest},
-                 free_space=free_space)
+    safe_extract(archive, raw_dir, marker=record, free_space=free_space)
     return raw_dir
+
+
+def extracted_record(raw_dir: Path) -> dict | None:
+    """The archive record of an extraction (its marker), or None (source: dir, or not extracted)."""
+    marker = read_marker(raw_dir) if Path(raw_dir).is_dir() else None
+    return marker if marker and marker.get("sha256") else None
 
 
 def acquire_file(name: str, *, location: str | None = None, lock_file: Path, cache_dir: Path,
                  sha256: str | None = None, download_options: dict | None = None) -> Path:
     """A single verified file (e.g. pretrained weights, registry ``vit_base_jx``), downloaded if needed.
 
-    ``location`` is a URL or a local path; by default the registry's first URL.
+    ``location`` is a URL or a local path; by default the registry's first URL. Its hash checks
+    (pin, registry prefix) are all there is to verify, so it is recorded in the lock file at once.
     """
     entry = REGISTRY.get(name)
     location = location or (entry.urls[0] if entry is not None and entry.urls else None)
     if not location:
         raise ValueError(f"{name}: no location given and no URL in the registry")
     source = "url" if location.startswith(("http://", "https://")) else "archive"
-    path, _ = obtain_file(name, source, location, entry=entry, sha256=sha256, lock_file=lock_file,
-                          cache_dir=cache_dir, download_options=download_options)
+    path, record = obtain_file(name, source, location, entry=entry, sha256=sha256, lock_file=lock_file,
+                               cache_dir=cache_dir, download_options=download_options)
+    record_verified(name, record, lock_file, recorded_by=f"acquire_file({name!r})")
     return path

@@ -88,6 +88,17 @@ class AttributeFileError(ValueError):
     """The attribute file does not fit the documented format; the message says where and how."""
 
 
+def missing_file_message(path: Path | str) -> str:
+    """What the attribute file is, its format and where it goes: for a file that is not there."""
+    return (f"{path}: FineGPR attribute file not found (captions.attributes). It is a delimited text file "
+            f"with a header row and one row per identity: pid,{','.join(ATTRIBUTE_COLUMNS)}, each cell a "
+            "FineGPR code (e.g. 0001,01,02,02,02,02,01,02,01,02,02,01,09,05; gender 01 male / 02 female, "
+            "colours 01-09 black..brown; every code and accepted header spelling: docs/captions.md). "
+            "FineGPR's own attribute annotation is not in this format: convert it, save it at this path "
+            "(the paper profile's is data/archives/FineGPR_attributes.csv, outside data/raw/ which DVC "
+            "deletes) or point captions.attributes at your converted file")
+
+
 def canonical_column(header: str) -> str | None:
     """The canonical column name for a header spelling, or None when it is not known."""
     return HEADER_ALIASES.get(_norm(header))
@@ -132,6 +143,8 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
     if on_bad_rows not in ("fail", "skip"):
         raise ValueError(f"on_bad_rows: expected 'fail' or 'skip', got {on_bad_rows!r}")
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing_file_message(path))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

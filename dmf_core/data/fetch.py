@@ -13,7 +13,8 @@ Plain ``http://`` (asked for, or reached by a redirect) is refused unless a full
 pinned: nothing else would stop altered bytes from being recorded as the truth.
 
 The lock file (``data/checksums.json``) records, per dataset, the archive's name, size and
-sha256, with sorted keys, so the next machine verifies the very same bytes.
+sha256 (and when and by which run it was recorded), with sorted keys, so the next machine
+verifies the very same bytes. ``forget_lock`` drops an entry (``dmf datasets --forget <name>``).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def check_sha256(path: Path, digest: str, expected: str | None, origin: str = ""
     """Raise ChecksumError when ``digest`` differs from ``expected`` (or does not start with ``prefix``)."""
     if expected is not None and digest.lower() != expected.strip().lower():
         raise ChecksumError(f"{path}: sha256 is {digest}, expected {expected.lower()}"
-                            f"{f' ({origin})' if origin else ''}; the file is corrupt or not the expected one")
+                            f"{f' ({origin})' if origin else ''}: these are not the bytes that hash was taken from")
     if prefix is not None and not digest.lower().startswith(prefix.lower()):
         raise ChecksumError(f"{path}: sha256 {digest} does not start with {prefix} (from the file name)")
 
@@ -483,6 +484,25 @@ def update_lock(path: str | Path, key: str, record: dict) -> None:
         if data.get(key) == record:
             return
         data[key] = record
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write_lock(path, data)
+
+
+def _write_lock(path: Path, data: dict) -> None:
+    """Atomic replace with sorted keys; the caller holds the flock."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def forget_lock(path: str | Path, key: str) -> dict | None:
+    """Remove ``key`` from the lock file; return the record it had (None when there was none)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path.with_name(f".{path.name}.lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        data = read_lock(path)
+        record = data.pop(key, None)
+        if record is not None:
+            _write_lock(path, data)
+    return record

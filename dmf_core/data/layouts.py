@@ -9,7 +9,11 @@ Manifest columns (see ARCHITECTURE.md and :mod:`dmf_core.data.manifest`):
 junk -1 dropped, Market distractors 0 kept), ``camid`` (0-based int), ``dataset``; the FineGPR
 layout adds ``viewpoint``, ``weather``, ``illumination``, ``scene`` (the 1-based codes of the
 file name). Rows are sorted by (split, image_id). A malformed file name raises ValueError naming
-the file.
+the file. The folder the rows come from is ``df.attrs["folder"]`` (relative to ``root``).
+
+The search never guesses: a root holding several candidate folders (Market-1501 next to
+``cuhk03-np/``, MSMT17 V1 next to V2), or none of the asked-for variant (``labeled/`` when only
+``detected/`` is there), is refused with the candidates found.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -75,23 +79,41 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _choose(candidates: list[Path], root: Path, what: str, variant: str | None,
-            prefer: Iterable[str] = ()) -> Path:
-    """Pick the one layout folder among candidates; ``variant`` (a path component) disambiguates."""
+def _shown(folder: Path, root: Path) -> str:
+    return _rel(folder, root) or "."
+
+
+def _in_path(variant: str) -> Callable[[Path, Path], bool]:
+    """Candidate test: ``variant`` is one of the folder names between root and the candidate."""
+    return lambda folder, root: variant.lower() in (p.lower() for p in folder.relative_to(root).parts)
+
+
+def _choose(candidates: list[Path], root: Path, dataset: str, what: str, variant: str | None = None,
+            fits: Callable[[Path, Path], bool] | None = None) -> Path:
+    """The one layout folder below root; none, several, or none of ``variant`` is refused.
+
+    ``fits(folder, root)`` says whether a candidate is of ``variant`` (default: the variant is a
+    folder name on its path).
+    """
     if not candidates:
         raise ValueError(f"{root}: no {what} found below it (searched {MAX_DEPTH} levels deep)")
-    if len(candidates) == 1:
-        return candidates[0]
-    for key in ([variant] if variant else list(prefer)):
-        hits = [c for c in candidates if key.lower() in (p.lower() for p in c.relative_to(root).parts)]
-        if len(hits) == 1:
-            log.info("%s: using %s (variant %r)", root, hits[0], key)
-            return hits[0]
-    listed = ", ".join(str(c) for c in candidates)
-    raise ValueError(f"{root}: several {what} found ({listed}); name one with the layout variant")
+    found = ", ".join(_shown(c, root) for c in candidates)
+    chosen = candidates
+    if variant is not None:
+        test = fits or _in_path(variant)
+        chosen = [c for c in candidates if test(c, root)]
+        if not chosen:
+            raise ValueError(f"{root}: dataset {dataset!r} needs the {variant!r} {what}, but only {found} "
+                             f"is there; use an archive or folder that holds the {variant} variant")
+    if len(chosen) > 1:
+        listed = ", ".join(_shown(c, root) for c in chosen)
+        raise ValueError(f"{root}: dataset {dataset!r}: {len(chosen)} candidates for its {what} ({listed}), "
+                         f"so which one is meant is ambiguous. Point datasets.{dataset}.location at an archive "
+                         "or folder that holds only this dataset")
+    return chosen[0]
 
 
-def _frame(rows: list[tuple], columns: list[str], dataset: str) -> pd.DataFrame:
+def _frame(rows: list[tuple], columns: list[str], dataset: str, folder: Path, root: Path) -> pd.DataFrame:
     df = pd.DataFrame.from_records(rows, columns=columns)
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
@@ -101,8 +123,9 @@ def _frame(rows: list[tuple], columns: list[str], dataset: str) -> pd.DataFrame:
         if col not in ("image_id", "split"):
             df[col] = df[col].astype("int64")
     df["dataset"] = dataset
-    df = df.sort_values(["split", "image_id"], kind="stable").reset_index(drop=True)
-    return order_columns(df)
+    df = order_columns(df.sort_values(["split", "image_id"], kind="stable").reset_index(drop=True))
+    df.attrs["folder"] = _shown(folder, root)
+    return df
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +173,9 @@ def parse_market_dir(base: Path, root: Path) -> list[tuple]:
 
 
 def parse_market(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
-    base = _choose(_find_market_dirs(root), root, "Market-style folder (bounding_box_train/query/"
-                   "bounding_box_test)", variant, prefer=("detected",))
-    return _frame(parse_market_dir(base, root), ["image_id", "split", "pid", "camid"], dataset)
+    base = _choose(_find_market_dirs(root), root, dataset, "Market-style folder (bounding_box_train/query/"
+                   "bounding_box_test)", variant)
+    return _frame(parse_market_dir(base, root), ["image_id", "split", "pid", "camid"], dataset, base, root)
 
 
 def parse_cuhk03np(root: Path, dataset: str, variant: str | None = None) -> pd.DataFrame:
@@ -166,7 +189,8 @@ def parse_cuhk03np(root: Path, dataset: str, variant: str | None = None) -> pd.D
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_list(path: Path) -> list[tuple[str, int]]:
+def _read_list(path: Path) -> list[tuple[int, str, int]]:
+    """(line number, relative path, pid) of every entry of an MSMT17 list file."""
     out = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -174,8 +198,21 @@ def _read_list(path: Path) -> list[tuple[str, int]]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise ValueError(f"{path}:{lineno}: expected '<relative path> <pid>', got {line!r}")
-        out.append((parts[0], int(parts[1])))
+        out.append((lineno, parts[0], int(parts[1])))
     return out
+
+
+def _msmt_versions(base: Path) -> list[str]:
+    """Which MSMT17 image folders (v1: train/test, v2: mask_*_v2) a list-file folder has."""
+    return [v for v, dirs in MSMT_DIRS.items() if any((base / d).is_dir() for d in dirs)]
+
+
+def _msmt_version(variant: str) -> str:
+    return variant.lower().rsplit("_", 1)[-1]  # "MSMT17_V1" -> "v1"
+
+
+def _msmt_fits(variant: str) -> Callable[[Path, Path], bool]:
+    return lambda folder, root: _msmt_version(variant) in _msmt_versions(folder)
 
 
 def parse_msmt17(root: Path, dataset: str, variant: str | None = None,
@@ -192,22 +229,26 @@ def parse_msmt17(root: Path, dataset: str, variant: str | None = None,
         if "list_train.txt" in filenames or "list_query.txt" in filenames:
             candidates.append(path)
             dirnames[:] = []  # do not list the image folders while searching
-    base = _choose(candidates, root, "MSMT17 folder (list_train.txt ...)", variant,
-                   prefer=("MSMT17_V1", "MSMT17_V2"))
-    versions = [(v, dirs) for v, dirs in MSMT_DIRS.items()
-                if (base / dirs[0]).is_dir() or (base / dirs[1]).is_dir()]
-    if not versions:
-        raise ValueError(f"{base}: neither train/+test/ (V1) nor mask_train_v2/+mask_test_v2/ (V2) found")
-    version, (train_dir, test_dir) = versions[0]
+    base = _choose(candidates, root, dataset, "MSMT17 folder (list_train.txt ...)", variant,
+                   _msmt_fits(variant) if variant else None)
+    versions = _msmt_versions(base)
+    if variant:
+        versions = [v for v in versions if v == _msmt_version(variant)]
+    if len(versions) != 1:
+        raise ValueError(f"{base}: expected the image folders of one MSMT17 version, train/+test/ (V1) or "
+                         f"mask_train_v2/+mask_test_v2/ (V2); found {versions or 'neither'}")
+    version = versions[0]
+    train_dir, test_dir = MSMT_DIRS[version]
     log.info("%s: MSMT17 %s folders %s/, %s/", base, version.upper(), train_dir, test_dir)
     rows: list[tuple] = []
+    listed_at: dict[str, str] = {}  # image_id -> "list file:line", to name both ends of a duplicate
     for list_name, split, is_test in MSMT_LISTS:
         list_path = base / list_name
         if not list_path.is_file():
             raise ValueError(f"{list_path}: MSMT17 list file missing")
         folder = base / (test_dir if is_test else train_dir)
         prefix = _rel(folder, root)
-        for rel, pid in _read_list(list_path):
+        for lineno, rel, pid in _read_list(list_path):
             name = rel.rsplit("/", 1)[-1]
             fields = name.split("_")
             if len(fields) < 3 or not fields[2].isdigit() or int(fields[2]) < 1 or pid < 0:
@@ -215,17 +256,17 @@ def parse_msmt17(root: Path, dataset: str, variant: str | None = None,
                                  "<pid>/<pid>_<idx>_<cam>_<date><time>_..._<n>.jpg with pid >= 0")
             if ".." in rel.split("/") or rel.startswith("/"):
                 raise ValueError(f"{list_path}: entry {rel!r} leaves the image folder")
-            rows.append((f"{prefix}/{rel}", split, pid, int(fields[2]) - 1, is_test))
+            image_id, here = f"{prefix}/{rel}", f"{list_path}:{lineno}"
+            if image_id in listed_at:
+                raise ValueError(f"{base}: image {image_id!r} listed twice, at {listed_at[image_id]} and {here}; "
+                                 "remove one of the two lines")
+            listed_at[image_id] = here
+            rows.append((image_id, split, pid, int(fields[2]) - 1, is_test))
     if combine_all:
         offset = max((r[2] for r in rows if not r[4]), default=-1) + 1
         rows = [(r[0], "train", r[2] + offset if r[4] else r[2], r[3], r[4]) for r in rows]
         log.info("%s: combine_all, query/gallery pids offset by %d", base, offset)
-    rows = [r[:4] for r in rows]
-    df = _frame(rows, ["image_id", "split", "pid", "camid"], dataset)
-    dup = df["image_id"].duplicated()
-    if dup.any():
-        raise ValueError(f"{base}: image {df.loc[dup, 'image_id'].iloc[0]!r} listed twice in the list files")
-    return df
+    return _frame([r[:4] for r in rows], ["image_id", "split", "pid", "camid"], dataset, base, root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +285,7 @@ def parse_randperson(root: Path, dataset: str, variant: str | None = None) -> pd
     """RandPerson ``pid_sSS_cCC_fFFFFFF.jpg``; camid = scene offset + cam; everything is train."""
     want = (variant or "randperson_subset").lower()
     named = [p for p, _, _ in _walk_dirs(root) if p != root and p.name.lower() == want]
-    base = _choose(named, root, "randperson_subset folder", None) if named else root
+    base = _choose(named, root, dataset, f"{want} folder") if named else root
     rows = []
     for path in _collect_images(base):
         m = RANDPERSON_RE.match(path.name)
@@ -254,7 +295,7 @@ def parse_randperson(root: Path, dataset: str, variant: str | None = None) -> pd
         if scene >= len(RANDPERSON_CAM_OFFSETS):
             raise ValueError(f"{path}: scene s{scene:02d} out of range (expected s00..s10)")
         rows.append((_rel(path, root), "train", pid, RANDPERSON_CAM_OFFSETS[scene] + cam))
-    return _frame(rows, ["image_id", "split", "pid", "camid"], dataset)
+    return _frame(rows, ["image_id", "split", "pid", "camid"], dataset, base, root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +323,7 @@ def parse_finegpr(root: Path, dataset: str, variant: str | None = None) -> pd.Da
     base = None
     for key in order:
         if found[key]:
-            base = _choose(found[key], root, f"{FINEGPR_VARIANT_DIRS[key]}/ folder", None)
+            base = _choose(found[key], root, dataset, f"{FINEGPR_VARIANT_DIRS[key]}/ folder")
             break
     if base is None:
         if variant:
@@ -298,7 +339,7 @@ def parse_finegpr(root: Path, dataset: str, variant: str | None = None) -> pd.Da
             if not 1 <= code <= top:
                 raise ValueError(f"{path}: {col} code {code} out of range (expected 1..{top})")
         rows.append((_rel(path, root), "train", pid, codes[0] - 1, *codes))
-    return _frame(rows, ["image_id", "split", "pid", "camid", *FINEGPR_COLUMNS], dataset)
+    return _frame(rows, ["image_id", "split", "pid", "camid", *FINEGPR_COLUMNS], dataset, base, root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,5 +384,6 @@ def parse_layout(layout: str, root: Path, dataset: str, **options) -> pd.DataFra
         raise ValueError(f"layout {layout!r}: unknown option(s) {unknown} (allowed: {sorted(allowed)})")
     df = parser(root, dataset, **opts)
     counts = df.groupby("split").size().to_dict() if not df.empty else {}
-    log.info("%s (%s layout): %s", dataset, layout, ", ".join(f"{k} {v}" for k, v in counts.items()) or "empty")
+    log.info("%s (%s layout, folder %s): %s", dataset, layout, df.attrs["folder"],
+             ", ".join(f"{k} {v}" for k, v in counts.items()) or "empty")
     return df

@@ -263,6 +263,19 @@ class ReidImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) and self.labels.max() >= 0 else 0
 
+    def caption_rows(self, i: int) -> range:
+        """The caption rows (of the picker) image ``i`` chooses from."""
+        start = int(self._cap_start[i])
+        return range(start, start + int(self._cap_count[i]))
+
+    def take_captions_of(self, source: np.ndarray) -> None:
+        """From now on image ``i`` reads the captions of image ``source[i]`` (the
+        shuffled-captions control)."""
+        source = np.asarray(source, dtype=np.int64)
+        if self.captions is None or source.shape != (len(self),):
+            raise ValueError(f"take_captions_of: expected {len(self)} source indices on a dataset with captions")
+        self._cap_start, self._cap_count = self._cap_start[source], self._cap_count[source]
+
     def __len__(self) -> int:
         return len(self.reader)
 
@@ -325,18 +338,25 @@ def build_train_loader(
     captions: CaptionPicker | Path | str | None = None,
     expected_meta: dict | None = None,
     pin_memory: bool = False,
+    holdout_ids: int = 0,
 ) -> torch.utils.data.DataLoader:
     """P x K training loader of one rank. ``loader.batch_sampler`` is the :class:`PKSampler`
     (``len(loader)`` batches per epoch, the same on every rank); call :func:`set_epoch` before
     each epoch (training resumes at epoch boundaries, so no position within an epoch is kept).
     Augmentations are seeded per (seed, epoch, index), so a batch is the same with any
     ``num_workers`` and after a resume.
-    ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch."""
+    ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch.
+    ``holdout_ids``: the last that many identities (by label) are never drawn."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
     dataset = ReidImageDataset(lmdb_path, build_train_transform(height, width, cfg_augment),
                                captions=captions, expected_meta=expected_meta, augment_seed=seed)
-    sampler = PKSampler(dataset.labels, P, K, seed=seed, rank=rank, world_size=world_size)
+    kept = dataset.num_classes - int(holdout_ids)
+    if holdout_ids and kept < P:
+        raise ValueError(f"{lmdb_path}: holding out {holdout_ids} of {dataset.num_classes} identities leaves "
+                         f"{kept}, fewer than P={P}")
+    sampler = PKSampler(dataset.labels, P, K, seed=seed, rank=rank, world_size=world_size,
+                        exclude_from=kept if holdout_ids else None)
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     # own generator: creating an iterator draws a worker base seed, keep the global RNG out of it

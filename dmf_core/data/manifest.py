@@ -144,11 +144,12 @@ def check_statistics(df: pd.DataFrame, expected: Mapping[str, Mapping[str, int |
     """Compare per-split ids/images with ``expected`` ({split: {"ids", "images"}}, None = unknown).
 
     Returns the expected-vs-found table. On a mismatch raises :class:`StatisticsError` with the
-    table in the message, unless ``allow_partial`` (then it only warns).
+    table in the message, unless ``allow_partial`` (then it only warns). The folder the layout
+    parser read (``df.attrs["folder"]``) heads the table, so a wrong folder shows at once.
     """
     found = statistics(df)
     if not expected:
-        log.warning("no official statistics known; found %s", found)
+        log.warning("no official statistics known; found %s in folder %s", found, df.attrs.get("folder", "?"))
     rows = []
     for split in [s for s in SPLITS if s in expected or s in found] + sorted(
             set(expected) - set(SPLITS)):
@@ -167,6 +168,8 @@ def check_statistics(df: pd.DataFrame, expected: Mapping[str, Mapping[str, int |
                                         "found_images", "ok"])
     if not table["ok"].all():
         text = table.to_string(index=False)
+        if df.attrs.get("folder"):
+            text = f"read from folder {df.attrs['folder']}\n{text}"
         if allow_partial:
             log.warning("dataset differs from the official statistics (allow_partial is set):\n%s", text)
         else:

@@ -11,8 +11,13 @@ checked".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+#: Where the FineGPR identity-attribute file goes (captions.attributes of the paper profile).
+#: Not under data/raw/<name>/: that folder is the download stage's output and DVC deletes it.
+ATTRIBUTES_PATH = "data/archives/FineGPR_attributes.csv"
 
 Stats = dict[str, dict[str, "int | None"]]
 
@@ -37,6 +42,7 @@ class DatasetEntry:
     licence: str = ""
     note: str = ""  # how to obtain it; printed when it must be fetched by hand
     homepage: str = ""
+    images: str | None = None  # photo collection; entries with the same value hold the same photos
 
     @property
     def withdrawn(self) -> bool:
@@ -65,8 +71,9 @@ _FINEGPR_NOTE = (
     "FineGPR is on cloud drives only (no direct link): full set SJTU jbox https://jbox.sjtu.edu.cn/l/E1Eh68 "
     "(password fmqw) or Baidu https://pan.baidu.com/s/18cQXtGqJKLjU7HpX5o9gWQ (jpr9); subset SJTU "
     "https://jbox.sjtu.edu.cn/l/E1HTsw (qbdg), Baidu https://pan.baidu.com/s/1amLde8W1vpqacaqz8v4jWw "
-    "(h4k5), OneDrive https://1drv.ms/u/s!AvX6fEo1OAv5sz448xpinu8k6rdU?e=kqmQ97. The attribute "
-    "annotation file must be converted to data/raw/<name>/attributes.csv (pid + 13 FineGPR codes)."
+    "(h4k5), OneDrive https://1drv.ms/u/s!AvX6fEo1OAv5sz448xpinu8k6rdU?e=kqmQ97. The identity "
+    f"attribute annotation must be converted to {ATTRIBUTES_PATH} (pid + the 13 FineGPR codes, "
+    "docs/captions.md), the path captions.attributes names."
 )
 _MSMT_NOTE = (
     "MSMT17 is distributed only on request: e-mail the authors (Longhui Wei / Shiliang Zhang, Peking "
@@ -115,12 +122,14 @@ _ENTRIES = [
         archive_names=("MSMT17_V1.tar.gz", "MSMT17_V1.zip"),
         statistics=_stats(train=(1041, 32621), query=(3060, 11659), gallery=(3060, 82161)),
         access="request", licence="research use under the authors' release agreement", note=_MSMT_NOTE,
+        images="msmt17",
     ),
     DatasetEntry(
         key="msmt17_v2", title="MSMT17 (V2, faces blurred)", layout="msmt17",
         layout_options={"variant": "MSMT17_V2"}, archive_names=("MSMT17_V2.tar.gz", "MSMT17_V2.zip"),
         statistics=_stats(train=(1041, 32621), query=(3060, 11659), gallery=(3060, 82161)),
         access="request", licence="research use under the authors' release agreement", note=_MSMT_NOTE,
+        images="msmt17",  # V2 = V1 with faces blurred: the same photos
     ),
     DatasetEntry(
         key="msmt17_all", title="MSMT17_all (train+val+query+gallery as one training set)",
@@ -129,6 +138,7 @@ _ENTRIES = [
         statistics=_stats(train=(4101, 126441)), access="request",
         licence="research use under the authors' release agreement",
         note=_MSMT_NOTE + " MSMT17_all uses the same archive as MSMT17 (QAConv's combine_all).",
+        images="msmt17",
     ),
     DatasetEntry(
         key="cuhk03np_detected", title="CUHK03-NP (detected)", layout="cuhk03np",
@@ -176,3 +186,41 @@ def get_entry(key: str) -> DatasetEntry:
         return REGISTRY[key]
     except KeyError:
         raise KeyError(f"registry key {key!r} unknown (known: {', '.join(sorted(REGISTRY))})") from None
+
+
+def _entry_of(name: str, spec) -> DatasetEntry | None:
+    """The registry entry a configured dataset uses (its ``registry`` key, else its own name)."""
+    return REGISTRY.get(getattr(spec, "registry", None) or name)
+
+
+def _train_holds_test(name: str, spec, entry: DatasetEntry | None) -> bool:
+    """Whether the dataset's train split also holds its query and gallery (combine_all)."""
+    if entry is not None and entry.layout == spec.layout and "combine_all" in entry.layout_options:
+        return bool(entry.layout_options["combine_all"])
+    return spec.layout == "msmt17" and name.lower().endswith("_all")  # parse_msmt17's default
+
+
+def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object]) -> str | None:
+    """Why fine-tuning on ``source`` and testing on ``target`` is no transfer result, or None.
+
+    ``datasets_cfg`` is ``Config.datasets`` (name -> DatasetSpec). A source whose training set
+    holds its own query and gallery (MSMT17_all, QAConv's combine_all) leaks into every target
+    showing the same photos: the same registry photo collection (MSMT17 V1 / V2 / _all), or the
+    same archive or folder. Names missing from ``datasets_cfg`` (e.g. ``pretrain``) never leak.
+    """
+    src, tgt = datasets_cfg.get(source), datasets_cfg.get(target)
+    if src is None or tgt is None:
+        return None
+    src_entry, tgt_entry = _entry_of(source, src), _entry_of(target, tgt)
+    if not _train_holds_test(source, src, src_entry):
+        return None
+    same_photos = (src_entry is not None and tgt_entry is not None and src_entry.images is not None
+                   and src_entry.images == tgt_entry.images)
+    same_files = bool(src.location) and src.location == tgt.location
+    if not (same_photos or same_files or source == target):
+        return None
+    why = (f"the same photo collection ({src_entry.images})" if same_photos
+           else f"the same files ({src.location})" if same_files else "the same dataset")
+    return (f"{source} trains on train+query+gallery (combine_all) and {target} tests on {why}: "
+            f"{source}'s training images include {target}'s query and gallery, so this cell is not "
+            "a transfer result")

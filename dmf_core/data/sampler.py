@@ -26,7 +26,9 @@ import torch
 class PKSampler(torch.utils.data.Sampler[list[int]]):
     """Batch sampler yielding lists of ``P * K`` indices (pass as ``batch_sampler=``)."""
 
-    def __init__(self, labels, P: int, K: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, labels, P: int, K: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 exclude_from: int | None = None):
+        """``exclude_from``: labels >= this are never drawn (identities held out of training)."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1:
             raise ValueError(f"PKSampler: labels must be 1-D, got shape {labels.shape}")
@@ -39,6 +41,8 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         self.P, self.K, self.seed = int(P), int(K), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         order = np.argsort(labels, kind="stable")
+        if exclude_from is not None:
+            order = order[labels[order] < exclude_from]
         ids, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         self._ids = ids
         self._members = [order[s:s + c] for s, c in zip(starts, counts)]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmf_core.paths import PRETRAIN_ROW
+
 log = logging.getLogger(__name__)
 
 KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -43,99 +45,146 @@ def _pick(record: dict | None) -> dict | None:
     return {k: float(record[k]) for k in KEYS if k in record}
 
 
-def build_matrix(results: dict[tuple[str, str], dict]) -> dict:
-    """The whole matrix (``reports/eval_matrix.json``): ``{"sources", "targets", "cells": {source:
-    {target: {rank1.., "untrained": {..}, "num_query", "num_gallery", "num_valid_query"}}}, "mean":
-    {source: {the five over the targets}}, "untrained_mean": {...}}``; values in percent."""
+def _row_order(rows: set[str]) -> list[str]:
+    """``pretrain`` first (the pretraining claim's row), then the fine-tuning sources sorted."""
+    return ([PRETRAIN_ROW] if PRETRAIN_ROW in rows else []) + sorted(rows - {PRETRAIN_ROW})
+
+
+def _mean(cells: list[dict]) -> dict:
+    return {k: round(float(np.mean([c[k] for c in cells])), 2) for k in KEYS} if cells else {}
+
+
+def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[str, str], str] | None = None) -> dict:
+    """The whole matrix (``reports/eval_matrix.json``), values in percent::
+
+        {"sources": rows ("pretrain" first), "targets", "cells": {row: {target: {rank1.., "untrained": {..},
+         "num_query", "num_gallery", "num_valid_query"[, "not_transfer": reason]}}},
+         "cross_domain": {row: five means over target != row (every target for pretrain)},
+         "in_domain": {row: the five of target == row}, "untrained_cross_domain": {...}, "untrained_init"}
+
+    ``not_transfer`` marks cells that are no transfer result (the source's training images hold
+    the target's test images): they stay in the table, flagged, and out of every mean.
+    """
     if not results:
         raise ValueError("build_matrix: no evaluation results (reports/eval/ is empty)")
-    sources = sorted({s for s, _ in results})
+    not_transfer = not_transfer or {}
+    rows = _row_order({s for s, _ in results})
     targets = sorted({t for _, t in results})
-    cells: dict[str, dict] = {s: {} for s in sources}
+    cells: dict[str, dict] = {r: {} for r in rows}
+    inits = set()
     for (s, t), rec in sorted(results.items()):
         cell = _pick(rec)
         cell["untrained"] = _pick(rec.get("untrained"))
         for extra in ("num_query", "num_gallery", "num_valid_query"):
             if extra in rec:
                 cell[extra] = rec[extra]
+        if (s, t) in not_transfer:
+            cell["not_transfer"] = not_transfer[(s, t)]
+        inits.add(rec.get("untrained_init", "random weights"))
         cells[s][t] = cell
 
-    def mean(source: str, untrained: bool) -> dict:
-        vals = [c["untrained"] if untrained else c for c in cells[source].values()]
-        vals = [v for v in vals if v]
-        return {k: round(float(np.mean([v[k] for v in vals])), 2) for k in KEYS} if vals else {}
+    def cross(row: str) -> list[dict]:
+        return [c for t, c in cells[row].items() if t != row and "not_transfer" not in c]
 
-    return {"sources": sources, "targets": targets, "cells": cells,
-            "mean": {s: mean(s, False) for s in sources},
-            "untrained_mean": {s: mean(s, True) for s in sources}}
+    return {"sources": rows, "targets": targets, "cells": cells,
+            "cross_domain": {r: _mean(cross(r)) for r in rows},
+            "in_domain": {r: _pick(cells[r][r]) for r in rows if r in cells[r]},
+            "untrained_cross_domain": {r: _mean([c["untrained"] for c in cross(r) if c["untrained"]]) for r in rows},
+            "untrained_init": " / ".join(sorted(inits))}
+
+
+#: The numbers of a cell that DVC diffs (the rest stays in the whole matrix).
+METRIC_KEYS = ("mAP", "rank1")
 
 
 def matrix_metrics(matrix: dict) -> dict:
-    """What DVC diffs of a matrix (``metrics/eval_matrix.json``), laid out like its table: one
-    entry per row, ``{source: {target: {rank1, rank5, rank10, mAP, mINP}, ..., "mean": {the same
-    five over the targets}}}``, so that ``dvc exp show`` names a column ``sp_market.sp_cuhk.mAP``
-    or ``sp_market.mean.mAP``: 5 x sources x (targets + 1) columns. The untrained reference and
-    the query/gallery counts stay in the whole matrix (``reports/eval_matrix.json``)."""
-    if "mean" in matrix["targets"]:
-        raise ValueError("a target named 'mean' would hide the mean over the targets; rename the dataset")
-    return {s: {**{t: {k: cell[k] for k in KEYS} for t, cell in matrix["cells"][s].items()},
-                "mean": dict(matrix["mean"][s])}
-            for s in matrix["sources"]}
+    """What DVC diffs of a matrix (``metrics/eval_matrix.json``): mAP and rank-1 of every cell,
+    and per row the cross-domain and the in-domain means, so that ``dvc exp show`` names a column
+    ``cells.pretrain.sp_cuhk.mAP`` or ``cross_domain.sp_market.mAP``. rank-5/10, mINP, the
+    untrained reference and the counts stay in the whole matrix (``reports/eval_matrix.json``).
+    Cells marked ``not_transfer`` are left out."""
+    def pick(d: dict) -> dict:
+        return {k: d[k] for k in METRIC_KEYS if k in d}
+
+    return {
+        "cells": {r: {t: pick(c) for t, c in matrix["cells"][r].items() if "not_transfer" not in c}
+                  for r in matrix["sources"]},
+        "cross_domain": {r: pick(m) for r, m in matrix["cross_domain"].items()},
+        "in_domain": {r: pick(m) for r, m in matrix["in_domain"].items()},
+    }
+
+
+def _fmt(cell: dict | None) -> str:
+    return f"{cell['rank1']:.1f} / {cell['mAP']:.1f}" if cell else "-"
 
 
 def _table(matrix: dict, untrained: bool) -> list[str]:
     targets = matrix["targets"]
-    head = "| source \\ target | " + " | ".join(targets) + " | mean |"
-    lines = [head, "|---|" + "---:|" * (len(targets) + 1)]
-    for s in matrix["sources"]:
-        row = [f"| {s} "]
+    head = "| model \\ target | " + " | ".join(targets) + " | cross-domain mean | in-domain |"
+    lines = [head, "|---|" + "---:|" * (len(targets) + 2)]
+    for r in matrix["sources"]:
+        row = [f"| {r} "]
         for t in targets:
-            cell = matrix["cells"][s].get(t)
-            cell = cell and (cell["untrained"] if untrained else cell)
-            row.append(f"| {cell['rank1']:.1f} / {cell['mAP']:.1f} " if cell else "| - ")
-        m = matrix["untrained_mean" if untrained else "mean"][s]
-        row.append(f"| {m['rank1']:.1f} / {m['mAP']:.1f} |" if m else "| - |")
+            cell = matrix["cells"][r].get(t)
+            shown = cell and (cell["untrained"] if untrained else cell)
+            mark = " †" if cell and "not_transfer" in cell else ""
+            row.append(f"| {_fmt(shown)}{mark} ")
+        cross = matrix["untrained_cross_domain" if untrained else "cross_domain"][r]
+        own = matrix["cells"][r].get(r)
+        own = own and (own["untrained"] if untrained else own)
+        row.append(f"| **{_fmt(cross)}** | {_fmt(own) if own else '-'} |")
         lines.append("".join(row))
     return lines
 
 
 def matrix_markdown(matrix: dict) -> str:
-    """Rank-1 / mAP (percent) per source x target with the mean over targets, then the same table
-    for the untrained architecture; pipe tables, readable in a terminal."""
+    """Rank-1 / mAP (percent) per model x target with the cross-domain mean (target != source;
+    every target for ``pretrain``) and the in-domain cell, then the same table for the untrained
+    architecture, then mINP; pipe tables, readable in a terminal."""
     lines = ["# Cross-domain evaluation", "",
-             "Rank-1 / mAP in percent (Market-1501 protocol). Rows: fine-tuning source; columns: target.", ""]
+             "Rank-1 / mAP in percent (Market-1501 protocol). Rows: `pretrain` is the pretrained model "
+             "itself, the others are fine-tuned on that source; columns: target. The cross-domain mean "
+             "leaves out the in-domain cell (target = source).", ""]
     lines += _table(matrix, untrained=False)
-    lines += ["", "## Untrained baseline (same architecture, random weights)", ""]
+    flagged = [(r, t, c["not_transfer"]) for r in matrix["sources"] for t, c in matrix["cells"][r].items()
+               if "not_transfer" in c]
+    if flagged:
+        lines += [""] + [f"† {r} -> {t}: not a transfer result, left out of the means: {why}" for r, t, why in flagged]
+    lines += ["", f"## Untrained baseline (same architecture at initialisation: {matrix['untrained_init']})", ""]
     lines += _table(matrix, untrained=True)
     lines += ["", "## mINP (trained)", "",
-              "| source \\ target | " + " | ".join(matrix["targets"]) + " | mean |",
+              "| model \\ target | " + " | ".join(matrix["targets"]) + " | cross-domain mean |",
               "|---|" + "---:|" * (len(matrix["targets"]) + 1)]
-    for s in matrix["sources"]:
-        cells = [matrix["cells"][s].get(t) for t in matrix["targets"]]
-        lines.append(f"| {s} | " + " | ".join(f"{c['mINP']:.1f}" if c else "-" for c in cells)
-                     + f" | {matrix['mean'][s].get('mINP', float('nan')):.1f} |")
+    for r in matrix["sources"]:
+        cells = [matrix["cells"][r].get(t) for t in matrix["targets"]]
+        lines.append(f"| {r} | " + " | ".join(f"{c['mINP']:.1f}" if c else "-" for c in cells)
+                     + f" | {matrix['cross_domain'][r].get('mINP', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_heatmap(matrix: dict, out_png: Path) -> Path:
-    """mAP and rank-1 heatmaps side by side (sources x targets + mean column), annotated cells."""
+    """mAP and rank-1 heatmaps side by side (models x targets + cross-domain mean column),
+    annotated cells; in-domain cells outlined, cells that are no transfer result hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sources, targets = matrix["sources"], matrix["targets"]
-    cols = targets + ["mean"]
-    fig, axes = plt.subplots(1, 2, figsize=(2.0 + 1.3 * len(cols) * 2, 1.2 + 0.6 * len(sources)),
-                             squeeze=False)
+    rows, targets = matrix["sources"], matrix["targets"]
+    cols = targets + ["cross-domain"]
+    fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.3 * len(cols) * 2, 1.2 + 0.6 * len(rows)), squeeze=False)
     for ax, key, title in zip(axes[0], ("mAP", "rank1"), ("mAP (%)", "rank-1 (%)")):
-        grid = np.full((len(sources), len(cols)), np.nan)
-        for i, s in enumerate(sources):
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for i, r in enumerate(rows):
             for j, t in enumerate(targets):
-                cell = matrix["cells"][s].get(t)
+                cell = matrix["cells"][r].get(t)
                 if cell:
                     grid[i, j] = cell[key]
-            grid[i, -1] = matrix["mean"][s].get(key, np.nan)
+                    if t == r:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5, ls="--"))
+                    if "not_transfer" in cell:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="red"))
+            grid[i, -1] = matrix["cross_domain"][r].get(key, np.nan)
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(grid))), aspect="auto")
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
@@ -144,10 +193,12 @@ def plot_heatmap(matrix: dict, out_png: Path) -> Path:
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=9,
                             color="black" if bright else "white")
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-        ax.set_yticks(range(len(sources)), sources)
+        ax.set_yticks(range(len(rows)), rows)
         ax.axvline(len(targets) - 0.5, color="white", lw=2)
+        if PRETRAIN_ROW in rows:
+            ax.axhline(0.5, color="white", lw=2)
         ax.set_xlabel("target")
-        ax.set_ylabel("source")
+        ax.set_ylabel("model (pretrain, or fine-tuned on)")
         ax.set_title(title)
     fig.tight_layout()
     out_png = Path(out_png)

@@ -1,28 +1,34 @@
-"""CMC, mAP and mINP under the Market-1501 protocol: exact, chunked, no compiled extension.
+"""CMC, mAP and mINP under the Market-1501 protocol: one exact, chunked ranker, no compiled extension.
 
 Protocol (torchreid ``eval_market1501``; mINP as fast-reid):
 
 - smaller distance = closer; for each query, gallery items with the same pid **and** the same camera
   are removed; a query left with no true match is skipped (not counted in ``num_valid``); pid 0
-  distractors stay in the gallery as negatives (junk pid -1 is dropped before evaluation);
-- **ties**: equal distances are ordered by gallery index (a stable sort), so results never depend on
-  a sort implementation;
+  distractors stay in the gallery as negatives; no pid is special here (junk pid -1 is dropped when
+  the manifest is built, before evaluation);
+- **ties**: a true match tied with a kept wrong-identity item ranks *after* it (matches tied among
+  themselves are interchangeable). The result is the lowest over all orders of the tied items, the
+  same for any gallery order, and favours no pid; on tie-free input it is torchreid's;
 - ``cmc[k-1]`` is the fraction of valid queries with a true match within the first k kept items;
   ``cmc`` always has ``max_rank`` entries (past the gallery size it stays at its last value, 1.0);
 - ``AP = mean over true matches m of (#matches ranked <= m) / rank(m)``; ``INP = #matches / rank(last
   match)``.
 
-How: a query's metrics depend only on the ranks of its true matches among the kept items, and
-``rank(m) = #{kept j : d_j < d_m}`` when no kept negative ties with a match. So each row costs one
-comparison with the farthest match plus a binary search of the (few) closer items among the sorted
-match distances, instead of a full argsort; rows where a match ties with another item take the
-exact stable-argsort path. Queries are processed in chunks, so :func:`evaluate_features` never holds
-more than ``chunk x num_gallery`` distances (MSMT17-sized sets in bounded memory).
+How: a query's metrics depend only on the 0-based ranks of its true matches among the kept items,
+``rank(m_i) = i + #{kept wrong-identity j : d_j <= d_(m_i)}`` with the matches sorted by distance.
+That count is ``#{all j : d_j <= d_m}`` (one vectorised comparison of the row per match, or a sort of
+the row when a query has very many matches) minus the query's own same-pid items, which are few.
+No ``num_query x num_gallery`` argsort is ever done. Queries are ranked in blocks of a few rows (the
+block stays in cache across its comparisons), most matches first, so a block's rows share their
+number of comparisons. :func:`evaluate_features` computes distances one query chunk at a time in
+float32 and recomputes in float64 the rows where a match ties with a wrong identity.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +38,8 @@ from dmf_core.eval.distances import check_finite, iter_distance_chunks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 256
+BLOCK_BYTES = 2**20  # distances of one ranking block: stays in L2 across its comparisons
+SORT_ABOVE = 96      # a row with more true matches than this is sorted once instead
 
 
 @dataclass
@@ -52,6 +59,11 @@ class RankResult:
         pick = {k: round(100.0 * float(self.cmc[min(k, len(self.cmc)) - 1]), 2) for k in (1, 5, 10)}
         return {"rank1": pick[1], "rank5": pick[5], "rank10": pick[10],
                 "mAP": round(100.0 * self.mAP, 2), "mINP": round(100.0 * self.mINP, 2)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
 
 
 def _ids(x, name: str) -> np.ndarray:
@@ -85,76 +97,6 @@ def _check_ids(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids, max_r
     return arrays["q_pids"], arrays["g_pids"], arrays["q_camids"], arrays["g_camids"]
 
 
-class _Accumulator:
-    """Sums per-query results; ``first`` = 0-based kept rank of the first match of each valid query."""
-
-    def __init__(self, max_rank: int):
-        self.max_rank = max_rank
-        self.first_hist = np.zeros(max_rank + 1, dtype=np.int64)  # last bin: first match beyond max_rank
-        self.ap_sum = 0.0
-        self.inp_sum = 0.0
-        self.num_valid = 0
-        self.slow_rows = 0
-
-    def add(self, ranks: np.ndarray) -> None:
-        """``ranks``: sorted 0-based kept ranks of all true matches of one query (non-empty)."""
-        n = len(ranks)
-        self.first_hist[min(int(ranks[0]), self.max_rank)] += 1
-        self.ap_sum += float(np.sum(np.arange(1, n + 1, dtype=np.float64) / (ranks + 1.0)) / n)
-        self.inp_sum += n / (float(ranks[-1]) + 1.0)
-        self.num_valid += 1
-
-    def result(self, num_q: int, num_g: int, where: str) -> RankResult:
-        if self.num_valid == 0:
-            raise ValueError(f"no valid query: none of the {num_q} queries has a true match in the gallery "
-                             f"({where}); check that query and gallery share identities on other cameras")
-        cmc = np.cumsum(self.first_hist[:self.max_rank]).astype(np.float64) / self.num_valid
-        return RankResult(cmc=cmc.astype(np.float32), mAP=self.ap_sum / self.num_valid,
-                          mINP=self.inp_sum / self.num_valid, num_valid=self.num_valid,
-                          num_query=num_q, num_gallery=num_g, extra={"tie_rows": self.slow_rows})
-
-
-def _slow_row(row: np.ndarray, match: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Exact reference path for one row: stable argsort, drop removed, positions of matches."""
-    order = np.argsort(row, kind="stable")
-    kept_match = match[order][keep[order]]
-    return np.flatnonzero(kept_match)
-
-
-def _rank_rows(block: np.ndarray, q_pid: np.ndarray, q_cam: np.ndarray, g_pids: np.ndarray,
-               g_camids: np.ndarray, acc: _Accumulator) -> None:
-    """Accumulate one chunk of rows (``block``: len(q_pid) x num_gallery distances)."""
-    same_pid = g_pids[None, :] == q_pid[:, None]
-    has_pid = same_pid.any(1)
-    for r in np.flatnonzero(has_pid):
-        row = block[r]
-        sp = same_pid[r]
-        idx = np.flatnonzero(sp)
-        other_cam = g_camids[idx] != q_cam[r]
-        pos_idx = idx[other_cam]
-        if len(pos_idx) == 0:
-            continue
-        rem_idx = idx[~other_cam]
-        pos_d = np.sort(row[pos_idx])
-        far = pos_d[-1]
-        cand = row[row <= far]  # the only items that can precede a match
-        right = np.searchsorted(pos_d, cand, side="right")
-        # ties: a non-match item equal to a match distance (or matches equal among themselves)
-        nz = right > 0
-        eq = int(np.count_nonzero(pos_d[right[nz] - 1] == cand[nz]))
-        if eq != len(pos_idx) or (len(pos_d) > 1 and np.any(pos_d[1:] == pos_d[:-1])):
-            acc.slow_rows += 1
-            match = sp & (g_camids != q_cam[r])
-            keep = ~(sp & (g_camids == q_cam[r]))
-            acc.add(_slow_row(row, match, keep))
-            continue
-        n_lt = np.cumsum(np.bincount(right, minlength=len(pos_d) + 1))[:len(pos_d)]
-        if len(rem_idx):
-            rem_right = np.searchsorted(pos_d, row[rem_idx], side="right")
-            n_lt = n_lt - np.cumsum(np.bincount(rem_right, minlength=len(pos_d) + 1))[:len(pos_d)]
-        acc.add(n_lt)
-
-
 def _chunk_size(chunk: int | None, num_g: int) -> int:
     if chunk is None:  # ~64 MB of float32 distances per chunk
         return int(max(1, min(4096, (16 * 2**20) // max(1, num_g))))
@@ -163,13 +105,160 @@ def _chunk_size(chunk: int | None, num_g: int) -> int:
     return int(chunk)
 
 
+# ------------------------------------------------------------------------------------------------
+# The protocol: each query's same-pid gallery items
+# ------------------------------------------------------------------------------------------------
+
+
+class _Protocol:
+    """Per query, its same-pid gallery items (a slice of the pid-sorted gallery) and how many of
+    them are true matches (another camera); the ranking order of the valid queries."""
+
+    def __init__(self, q_pids, g_pids, q_camids, g_camids):
+        self.q_camids, self.g_camids = q_camids, g_camids
+        self.g_order = np.argsort(g_pids, kind="stable")
+        pids_sorted = g_pids[self.g_order]
+        self.lo = np.searchsorted(pids_sorted, q_pids, "left")
+        self.n_same = np.searchsorted(pids_sorted, q_pids, "right") - self.lo
+        row, col = self.items(np.arange(len(q_pids)))
+        self.n_match = np.bincount(row[g_camids[col] != q_camids[row]], minlength=len(q_pids))
+        valid = np.flatnonzero(self.n_match)
+        # most matches first: rows of a block then share their number of comparisons
+        self.order = valid[np.argsort(-self.n_match[valid], kind="stable")]
+
+    def items(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``queries``, gallery index) of every same-pid item of those queries."""
+        counts = self.n_same[queries]
+        row = np.repeat(np.arange(len(queries)), counts)
+        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return row, self.g_order[np.repeat(self.lo[queries], counts) + offset]
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranking one block of rows
+# ------------------------------------------------------------------------------------------------
+
+
+def _count_le(block: np.ndarray, values: np.ndarray, n: np.ndarray, strict: bool):
+    """``le[r, i] = #{j : block[r, j] <= values[r, i]}`` for ``i < n[r]`` (and ``lt`` with ``<``
+    when ``strict``). ``n`` must be non-increasing, so the rows of each comparison are a prefix."""
+    le = np.zeros(values.shape, np.int64)
+    lt = np.zeros(values.shape, np.int64) if strict else None
+    n_sorted = int(np.count_nonzero(n > SORT_ABOVE))
+    for r in range(n_sorted):  # many matches: one sort, then binary searches
+        row = np.sort(block[r])
+        le[r, :n[r]] = np.searchsorted(row, values[r, :n[r]], "right")
+        if strict:
+            lt[r, :n[r]] = np.searchsorted(row, values[r, :n[r]], "left")
+    hit = np.empty(block.shape, bool)
+    for i in range(int(n[n_sorted:].max(initial=0))):
+        end = n_sorted + int(np.count_nonzero(n[n_sorted:] > i))
+        for out, op in ((le, np.less_equal), (lt, np.less)) if strict else ((le, np.less_equal),):
+            op(block[n_sorted:end], values[n_sorted:end, i:i + 1], out=hit[n_sorted:end])
+            out[n_sorted:end, i] = list(map(np.count_nonzero, hit[n_sorted:end]))
+    return le, lt
+
+
+@dataclass
+class _Rows:
+    """Per row of a block: 0-based kept rank of the first match, AP, INP, and whether a true match
+    ties with a kept wrong identity (only looked for when asked)."""
+
+    first: np.ndarray
+    ap: np.ndarray
+    inp: np.ndarray
+    tie: np.ndarray
+
+
+def _rank_block(block: np.ndarray, queries: np.ndarray, proto: _Protocol, find_ties: bool = False) -> _Rows:
+    """Metrics of the valid queries ``queries`` (in ``proto.order`` order) from their distance rows."""
+    row, col = proto.items(queries)
+    val = block[row, col]
+    is_match = proto.g_camids[col] != proto.q_camids[queries][row]
+    order = np.lexsort((val, row))
+    row, val, is_match = row[order], val[order], is_match[order]
+    # among the query's own same-pid items: how many are <= (and <) each one
+    row_start = np.searchsorted(row, row, "left")
+    new_run = np.r_[True, (row[1:] != row[:-1]) | (val[1:] != val[:-1])]
+    run = np.cumsum(new_run) - 1
+    same_le = (np.searchsorted(run, run, "right") - row_start)[is_match]
+    same_lt = (np.flatnonzero(new_run)[run] - row_start)[is_match]
+
+    n = proto.n_match[queries]
+    m_row, m_val = row[is_match], val[is_match]
+    i = np.arange(len(m_row)) - np.repeat(np.cumsum(n) - n, n)  # position among the row's matches
+    values = np.zeros((len(queries), int(n.max())), block.dtype)
+    values[m_row, i] = m_val
+    le, lt = _count_le(block, values, n, find_ties)
+    neg_le = le[m_row, i] - same_le
+    rank = i + neg_le
+    tie = np.zeros(len(queries), bool)
+    if find_ties:
+        tie[m_row[neg_le != lt[m_row, i] - same_lt]] = True
+    ap = np.bincount(m_row, weights=(i + 1.0) / (rank + 1.0), minlength=len(queries)) / n
+    return _Rows(first=rank[i == 0], ap=ap, inp=n / (rank[i == n[m_row] - 1] + 1.0), tie=tie)
+
+
+class _Accumulator:
+    """Sums the per-row results of the valid queries."""
+
+    def __init__(self, max_rank: int):
+        self.max_rank = max_rank
+        self.first_hist = np.zeros(max_rank + 1, dtype=np.int64)  # last bin: first match beyond max_rank
+        self.ap_sum = 0.0
+        self.inp_sum = 0.0
+        self.num_valid = 0
+
+    def add(self, rows: _Rows, keep: np.ndarray | None = None) -> None:
+        first, ap, inp = (rows.first, rows.ap, rows.inp) if keep is None else (
+            rows.first[keep], rows.ap[keep], rows.inp[keep])
+        self.first_hist += np.bincount(np.minimum(first, self.max_rank), minlength=self.max_rank + 1)
+        self.ap_sum += float(ap.sum())
+        self.inp_sum += float(inp.sum())
+        self.num_valid += len(first)
+
+    def result(self, num_q: int, num_g: int, where: str, **extra) -> RankResult:
+        if self.num_valid == 0:
+            raise ValueError(f"no valid query: none of the {num_q} queries has a true match in the gallery "
+                             f"({where}); check that query and gallery share identities on other cameras")
+        cmc = np.cumsum(self.first_hist[:self.max_rank]).astype(np.float64) / self.num_valid
+        return RankResult(cmc=cmc.astype(np.float32), mAP=self.ap_sum / self.num_valid,
+                          mINP=self.inp_sum / self.num_valid, num_valid=self.num_valid,
+                          num_query=num_q, num_gallery=num_g, extra=extra)
+
+
+def _block_rows(num_g: int) -> int:
+    return max(1, BLOCK_BYTES // (4 * num_g))
+
+
+def _map_blocks(fn: Callable, items: Iterable) -> Iterator:
+    """``map(fn, items)`` in order, on ``torch.get_num_threads()`` threads (numpy's comparisons
+    release the GIL); the results, and so the sums, come back in the same order on any count."""
+    items = list(items)
+    workers = max(1, min(len(items), torch.get_num_threads()))
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(fn, items)
+
+
+def _as_float(block: np.ndarray) -> np.ndarray:
+    return block if block.dtype in (np.float32, np.float64) else block.astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
                   chunk: int | None = None) -> RankResult:
-    """CMC / mAP / mINP from a query x gallery distance matrix (numpy or tensor, any float dtype).
+    """CMC / mAP / mINP from a query x gallery distance matrix (numpy or tensor, any real dtype).
 
-    Equals torchreid's ``evaluate_rank(..., use_cython=False)`` on tie-free inputs (and orders ties
-    by gallery index). Raises ``ValueError`` on mismatched shapes, NaN/inf, an empty set, or when
-    no query has a true match."""
+    Equals torchreid's ``evaluate_rank(..., use_cython=False)`` on tie-free inputs; ties as in the
+    module docstring. ``chunk`` caps the query rows ranked at once. Raises ``ValueError`` on
+    mismatched shapes, NaN/inf, an empty set, or when no query has a true match."""
     if isinstance(distmat, torch.Tensor):
         distmat = distmat.detach().cpu().numpy()
     distmat = np.asarray(distmat)
@@ -178,50 +267,68 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     if distmat.dtype.kind not in "fiu":
         raise ValueError(f"distmat: expected a numeric array, got dtype {distmat.dtype}")
     num_q, num_g = distmat.shape
-    q_pids, g_pids, q_camids, g_camids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids,
-                                                    max_rank)
+    ids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank)
+    proto = _Protocol(*ids)
+    check_finite(distmat[np.flatnonzero(proto.n_match == 0)], "distmat rows of queries without a match")
     acc = _Accumulator(int(max_rank))
-    step = _chunk_size(chunk, num_g)
-    for start in range(0, num_q, step):
-        block = distmat[start:start + step]
-        check_finite(block, f"distmat rows {start}-{start + len(block) - 1}")
-        _rank_rows(block, q_pids[start:start + step], q_camids[start:start + step], g_pids, g_camids, acc)
+    step = min(_block_rows(num_g), _chunk_size(chunk, num_g))
+
+    def rank(start: int) -> _Rows:
+        queries = proto.order[start:start + step]
+        block = _as_float(distmat[queries])
+        check_finite(block, f"distmat rows {queries.min()}-{queries.max()}")
+        return _rank_block(block, queries, proto)
+
+    for rows in _map_blocks(rank, range(0, len(proto.order), step)):
+        acc.add(rows)
     return acc.result(num_q, num_g, "evaluate_rank")
 
 
 def evaluate_features(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                       metric: str = "cosine", chunk: int | None = None) -> RankResult:
     """CMC / mAP / mINP straight from features: distances of one query chunk at a time (torch,
-    float32), ranked and accumulated; the full query x gallery matrix is never built.
+    float32), ranked and accumulated; the full query x gallery matrix is never built. Rows where a
+    true match ties with a wrong identity in float32 are recomputed in float64 (``extra``:
+    ``float64_rows``; ``tie_rows``, the rows still tied then, ranked as the module docstring says).
 
     ``metric``: ``"cosine"`` (``1 - cos``, the protocol's) or ``"euclidean"`` (squared)."""
     num_q = int(query_feats.shape[0]) if hasattr(query_feats, "shape") else len(query_feats)
     num_g = int(gallery_feats.shape[0]) if hasattr(gallery_feats, "shape") else len(gallery_feats)
-    q_pids, g_pids, q_camids, g_camids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids,
-                                                    max_rank)
+    ids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank)
+    proto = _Protocol(*ids)
     acc = _Accumulator(int(max_rank))
-    step = _chunk_size(chunk, num_g)
-    for start, block in iter_distance_chunks(query_feats, gallery_feats, metric, step):
-        sl = slice(start, start + block.shape[0])
-        _rank_rows(block.numpy(), q_pids[sl], q_camids[sl], g_pids, g_camids, acc)
-    return acc.result(num_q, num_g, "evaluate_features")
+    queries = _feature_rows(query_feats, proto.order)
+    tied = _rank_feature_chunks(queries, gallery_feats, metric, _chunk_size(chunk, num_g), proto,
+                                proto.order, acc, torch.float32)
+    still = _rank_feature_chunks(queries[tied], gallery_feats, metric, _chunk_size(chunk, num_g), proto,
+                                 proto.order[tied], acc, torch.float64) if len(tied) else tied
+    if len(tied):
+        log.info("evaluate_features: %d of %d rows tied in float32, recomputed in float64 (%d still tied)",
+                 len(tied), len(proto.order), len(still))
+    return acc.result(num_q, num_g, "evaluate_features", float64_rows=int(len(tied)), tie_rows=int(len(still)))
 
 
-def evaluate_rank_argsort(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> RankResult:
-    """The plain vectorised baseline: one full stable argsort and match matrix (O(q x g) memory).
-    Kept for the benchmark and as a cross-check; prefer :func:`evaluate_rank`."""
-    distmat = np.asarray(distmat)
-    num_q, num_g = distmat.shape
-    q_pids, g_pids, q_camids, g_camids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids,
-                                                    max_rank)
-    order = np.argsort(distmat, axis=1, kind="stable")
-    same_pid = g_pids[order] == q_pids[:, None]
-    same_cam = g_camids[order] == q_camids[:, None]
-    keep = ~(same_pid & same_cam)
-    match = same_pid & ~same_cam
-    acc = _Accumulator(int(max_rank))
-    for i in range(num_q):
-        pos = np.flatnonzero(match[i][keep[i]])
-        if len(pos):
-            acc.add(pos)
-    return acc.result(num_q, num_g, "evaluate_rank_argsort")
+def _feature_rows(feats, rows: np.ndarray):
+    if isinstance(feats, torch.Tensor):
+        return feats[torch.from_numpy(rows)]
+    return np.asarray(feats)[rows]
+
+
+def _rank_feature_chunks(query_feats, gallery_feats, metric: str, step: int, proto: _Protocol,
+                         queries: np.ndarray, acc: _Accumulator, dtype: torch.dtype) -> np.ndarray:
+    """Rank ``queries`` (rows of ``query_feats``, in ``proto.order`` order) in ``dtype``; add the
+    rows without ties (all rows in float64) to ``acc``; return the positions of the tied rows."""
+    final = dtype == torch.float64
+    tied = []
+    block_rows = _block_rows(proto.g_camids.shape[0])
+    for start, chunk in iter_distance_chunks(query_feats, gallery_feats, metric, step, dtype=dtype):
+        chunk = chunk.numpy()
+
+        def rank(sub: int, chunk=chunk, start=start) -> tuple[np.ndarray, _Rows]:
+            pos = np.arange(start + sub, start + min(sub + block_rows, len(chunk)))
+            return pos, _rank_block(chunk[sub:sub + block_rows], queries[pos], proto, find_ties=True)
+
+        for pos, rows in _map_blocks(rank, range(0, len(chunk), block_rows)):
+            acc.add(rows, None if final else ~rows.tie)
+            tied.append(pos[rows.tie])
+    return np.concatenate(tied) if tied else np.zeros(0, np.int64)

@@ -17,18 +17,6 @@ from dmf_core.config import Config, expected_lmdb_meta
 log = logging.getLogger(__name__)
 
 
-def _percent(x: float) -> float:
-    return round(100.0 * float(x), 2)
-
-
-def summarise(result) -> dict:
-    """CMC rank-1/5/10, mAP and mINP in percent: the five numbers of a cell that DVC diffs."""
-    cmc = result.cmc
-    pick = {k: _percent(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
-    return {"rank1": pick[1], "rank5": pick[5], "rank10": pick[10],
-            "mAP": _percent(result.mAP), "mINP": _percent(result.mINP)}
-
-
 class TargetSplits:
     """Query and gallery of one target: loaders, ids and cameras, and image access for pictures."""
 
@@ -78,8 +66,9 @@ def _rank(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits):
 
 
 def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
-    """Evaluate models/finetune/<source> on <target>; write the cell record (returned), its run
-    facts, the CMC TSV and the ranked list.
+    """Evaluate the model of row ``source`` (models/finetune/<source>, or models/pretrain for the
+    row ``pretrain``) on <target>; write the cell record (returned), its run facts, the CMC TSV
+    and the ranked list.
 
     The record (``reports/eval/<source>__<target>.json``) holds only what the inputs decide: the
     five numbers, the untrained reference, the counts. Versions and timings go to the run facts
@@ -91,18 +80,22 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)
     splits = TargetSplits(cfg, target)
-    model, meta = load_model(paths.finetune_model_dir(source))
+    model, meta = load_model(paths.row_model_dir(source))
     feats = _features(model, splits, cfg.evaluate.flip)
     result, _ = _rank(cfg, feats, splits)
 
-    torch.manual_seed(cfg.seed)  # the untrained reference: same architecture, seeded random weights
-    untrained = build_model(cfg, num_classes=max(1, int(meta.get("num_classes", 1))))
+    # the untrained reference: the same architecture at its initialisation (seeded random
+    # weights, or model.image.pretrained, e.g. ImageNet, where that is set)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg, num_classes=max(1, int(meta.get("num_classes", 1))), with_text=False)
     untrained_result, _ = _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)
 
     q_pids, _ = splits.ids("query")
     g_pids, _ = splits.ids("gallery")
-    record = summarise(result)
-    record["untrained"] = summarise(untrained_result)
+    record = result.summary()  # the five numbers of a cell that DVC diffs
+    record["untrained"] = untrained_result.summary()
+    record["untrained_init"] = (f"ImageNet-pretrained ViT ({Path(cfg.model.image.pretrained).name})"
+                                if cfg.model.image.pretrained else "random weights")
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))
 

@@ -1,9 +1,9 @@
 """DMFModel and ``build_model(cfg, num_classes)``.
 
 ```
-image ─► ViT ─► all output tokens ─► image_proj ─┐
-                                                 ├─► FusionEncoder (shared) ─► f ─► BNNeck ─► classifier
-caption ─► text encoder ─► tokens ─► text_proj ──┘
+image ─► ViT ─► all output tokens ─► image_proj ─┐                      ┌► image BNNeck ─┐
+                                                 ├─► FusionEncoder ─► f ─┤                ├─► classifier
+caption ─► text encoder ─► tokens ─► text_proj ──┘      (shared)         └► text BNNeck ──┘
 ```
 """
 
@@ -17,18 +17,20 @@ from torch import nn
 
 from dmf_core.config import Config
 from dmf_core.model.fusion import IMAGE, TEXT, FusionEncoder
-from dmf_core.model.heads import BNNeckHead
+from dmf_core.model.heads import AttributeHead, BNNeckHead
+from dmf_core.model.outputs import Branch, ModelOutput
 from dmf_core.model.vit import VisionTransformer, load_pretrained
 
 log = logging.getLogger(__name__)
 
 # Parameters that are specific to one training stage and never carried into the next one.
 CLASSIFIER_PREFIX = "head.classifier."
-TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos")
+TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos", "head.text_bnneck.", "attribute_head.")
 
 
 class DMFModel(nn.Module):
-    """Image encoder + (optional) text projection + shared fusion encoder + BNNeck head.
+    """Image encoder + (optional) text projection + shared fusion encoder + BNNeck head
+    (+ the attribute head of the attribute-head control, when ``attribute_classes`` is given).
 
     ``image_mean`` / ``image_std`` are the per-channel normalisation the model was trained with
     (the data path applies it, ``forward`` does not); they are kept so that a saved model says
@@ -42,12 +44,11 @@ class DMFModel(nn.Module):
         num_classes: int,
         text_dim: int | None = None,
         text_encoder: nn.Module | None = None,
-        bnneck_per_modality: bool = False,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        attribute_classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.bnneck_per_modality = bnneck_per_modality
         self.text_dim = int(text_dim) if text_dim else None
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
@@ -58,7 +59,8 @@ class DMFModel(nn.Module):
         # training loop's caption cache and is not part of the weights.
         self.text_encoder = text_encoder
         self.fusion = fusion
-        self.head = BNNeckHead(fusion.dim, num_classes)
+        self.head = BNNeckHead(fusion.dim, num_classes, with_text=bool(text_dim))
+        self.attribute_head = AttributeHead(fusion.dim, list(attribute_classes)) if attribute_classes else None
         for proj in (self.image_proj, self.text_proj):
             if proj is not None:
                 nn.init.trunc_normal_(proj.weight, std=0.02)
@@ -79,7 +81,7 @@ class DMFModel(nn.Module):
         """What rebuilds this architecture (JSON-able), read from the submodules' constructor
         arguments, never from params.yaml: ``DMFModel(VisionTransformer(**image_encoder),
         FusionEncoder(**fusion), num_classes, text_dim, TextEncoder(**text_encoder) or None,
-        bnneck_per_modality, image_mean, image_std)``. ``image_size`` (H, W) and ``feature_dim``
+        image_mean, image_std, attribute_classes)``. ``image_size`` (H, W) and ``feature_dim``
         repeat what a user of the model needs to know."""
         vit = self.image_encoder.init_kwargs
         text = getattr(self.text_encoder, "init_kwargs", None)
@@ -91,21 +93,34 @@ class DMFModel(nn.Module):
             "num_classes": int(self.head.num_classes),
             "with_text": bool(self.has_text),
             "text_dim": self.text_dim,
-            "bnneck_per_modality": bool(self.bnneck_per_modality),
+            "attribute_classes": (list(self.attribute_head.classes_per_attribute)
+                                  if self.attribute_head is not None else None),
             "image_encoder": dict(vit),
             "fusion": dict(self.fusion.init_kwargs),
             "text_encoder": dict(text) if text is not None else None,
         }
 
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """f for a batch of images (B, 3, H, W): the fusion CLS output, before BNNeck."""
         return self.fusion(self.image_proj(self.image_encoder(images)), IMAGE)
 
-    def embed_text_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The test-time feature: BN(f) of the images' BNNeck (running statistics in eval mode).
+
+        Not f itself: f carries a component common to every image (the fusion CLS before its
+        LayerNorm), which leaves f of different people at cosine ~0.999; BN removes it
+        (docs/training.md, "Collapse")."""
+        return self.head.bnneck(self.encode_images(images))
+
+    def encode_text_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """f for captions given their encoder token states (B, L, D_text) and mask (B, L)."""
         if self.text_proj is None:
             raise RuntimeError("this model has no text path (built with fusion.mode=image_only or for fine-tuning)")
         return self.fusion(self.text_proj(states), TEXT, mask)
+
+    def embed_text_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The captions' feature in the common space: BN(f) of the captions' own BNNeck."""
+        return self.head.text_bnneck(self.encode_text_states(states, mask))
 
     def forward(
         self,
@@ -113,34 +128,21 @@ class DMFModel(nn.Module):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Training forward: f (``*_feat``), BN(f) (``*_neck``) and ID logits of the images and, if
-        given, of their captions (one BNNeck batch over both).
-
-        Captions come either as precomputed token states (frozen text encoder) or as strings
-        (trainable text encoder registered in this model).
-        """
-        out = {"image_feat": self.embed_images(images)}
+    ) -> ModelOutput:
+        """Training forward: per modality f, BN(f) of its own BNNeck and the identity logits;
+        the captions' branch when they are given, as token states (frozen text encoder) or as
+        strings (trainable text encoder registered in this model)."""
+        feat = self.encode_images(images)
+        out = ModelOutput(image=Branch(feat, *self.head(feat)))
         if captions is not None:
             if self.text_encoder is None:
                 raise RuntimeError("captions given as strings but the model holds no trainable text encoder")
             text_states, text_mask = self.text_encoder(captions)
         if text_states is not None:
-            out["text_feat"] = self.embed_text_states(text_states, text_mask)
-            if self.bnneck_per_modality:  # batch statistics of each modality on its own
-                out["image_neck"] = self.head.bnneck(out["image_feat"])
-                out["text_neck"] = self.head.bnneck(out["text_feat"])
-                neck = torch.cat([out["image_neck"], out["text_neck"]])
-            else:
-                neck = self.head.bnneck(torch.cat([out["image_feat"], out["text_feat"]]))
-                out["image_neck"], out["text_neck"] = neck.split(len(images))
-        else:
-            neck = out["image_neck"] = self.head.bnneck(out["image_feat"])
-        logits = self.head.classifier(neck)
-        if text_states is not None:
-            out["image_logits"], out["text_logits"] = logits.split(len(images))
-        else:
-            out["image_logits"] = logits
+            text_feat = self.encode_text_states(text_states, text_mask)
+            out.text = Branch(text_feat, *self.head(text_feat, text=True))
+        if self.attribute_head is not None:
+            out.attributes = self.attribute_head(out.image.neck)
         return out
 
 
@@ -151,13 +153,15 @@ def build_model(
     with_text: bool | None = None,
     pretrained: bool = True,
     text_dim: int | None = None,
+    attribute_classes: Sequence[int] | None = None,
 ) -> DMFModel:
     """The model described by ``cfg``.
 
     ``with_text`` (default: ``fusion.mode == "shared"``) adds the caption path; fine-tuning and
     evaluation build without it. ``text_dim`` is the width of the caption token states when the
     caller knows it (default: read from the text encoder's config). ``pretrained`` loads
-    ``model.image.pretrained`` into the ViT when set.
+    ``model.image.pretrained`` into the ViT when set. ``attribute_classes`` adds the attribute
+    head (the attribute-head control of pretraining).
     A trainable text encoder (``model.text.freeze: false``) is built into the model (imports transformers).
     """
     img = cfg.model.image
@@ -184,5 +188,5 @@ def build_model(
         dropout=cfg.fusion.dropout, drop_path=cfg.fusion.drop_path,
     )
     return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
-                    bnneck_per_modality=cfg.fusion.bnneck == "per_modality",
-                    image_mean=cfg.augment.mean, image_std=cfg.augment.std)
+                    image_mean=cfg.augment.mean, image_std=cfg.augment.std,
+                    attribute_classes=attribute_classes)

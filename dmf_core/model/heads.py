@@ -1,4 +1,9 @@
-"""BNNeck and the identity classifier (bag-of-tricks re-ID head)."""
+"""The re-ID head: a BNNeck per modality and one identity classifier (bag-of-tricks head).
+
+Images and captions never share BatchNorm statistics: the modality gap between them would set
+the scale of the normalised feature (docs/training.md). They do share the classifier, whose
+weights are the identity prototypes of the common space.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,25 @@ import torch
 from torch import nn
 
 
-class BNNeckHead(nn.Module):
-    """f -> BatchNorm1d (bias frozen at 0) -> bias-free Linear -> ID logits.
+def _bnneck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)
+    bn.bias.requires_grad_(False)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
 
-    Triplet loss sees f, the ID loss sees BN(f); test time uses f (pre-BN).
+
+class BNNeckHead(nn.Module):
+    """f -> BatchNorm1d of its modality (bias frozen at 0) -> bias-free Linear -> ID logits.
+
+    The triplet and the alignment see f, the ID loss sees BN(f); test time uses f (pre-BN).
+    ``with_text`` adds the captions' own BNNeck (``text_bnneck``).
     """
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, with_text: bool = False) -> None:
         super().__init__()
-        self.bnneck = nn.BatchNorm1d(dim)
-        self.bnneck.bias.requires_grad_(False)
-        nn.init.ones_(self.bnneck.weight)
-        nn.init.zeros_(self.bnneck.bias)
+        self.bnneck = _bnneck(dim)
+        self.text_bnneck = _bnneck(dim) if with_text else None
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
@@ -30,5 +42,25 @@ class BNNeckHead(nn.Module):
         self.classifier = nn.Linear(self.classifier.in_features, num_classes, bias=False, device=device)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.bnneck(f))
+    def forward(self, f: torch.Tensor, text: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BN(f), logits) with the BNNeck of the images or, with ``text``, of the captions."""
+        bn = self.text_bnneck if text else self.bnneck
+        if bn is None:
+            raise RuntimeError("this head was built without a caption BNNeck (no text path)")
+        neck = bn(f)
+        return neck, self.classifier(neck)
+
+
+class AttributeHead(nn.Module):
+    """One softmax classifier per attribute on BN(f) of the images: the attribute-head control
+    (the same attributes the captions state, as labels, without language)."""
+
+    def __init__(self, dim: int, classes_per_attribute: list[int]) -> None:
+        super().__init__()
+        self.classes_per_attribute = [int(c) for c in classes_per_attribute]
+        self.linear = nn.Linear(dim, sum(self.classes_per_attribute))
+        nn.init.normal_(self.linear.weight, std=0.001)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, neck: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.linear(neck).split(self.classes_per_attribute, dim=1))

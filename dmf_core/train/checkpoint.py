@@ -187,8 +187,8 @@ def model_from_config(config: dict, where: str | Path = CONFIG_FILE) -> nn.Modul
         text_encoder = part("text_encoder", TextEncoder)
     try:
         model = DMFModel(vit, fusion, int(config["num_classes"]), text_dim=config.get("text_dim"),
-                         text_encoder=text_encoder, bnneck_per_modality=bool(config["bnneck_per_modality"]),
-                         image_mean=config["image_mean"], image_std=config["image_std"])
+                         text_encoder=text_encoder, image_mean=config["image_mean"],
+                         image_std=config["image_std"], attribute_classes=config.get("attribute_classes"))
     except KeyError as exc:
         raise ValueError(f"{where}: no {exc} (expected the keys DMFModel.config() writes)") from None
     size = model.config()["image_size"]
@@ -211,6 +211,17 @@ def _legacy_model(model_dir: Path) -> tuple[nn.Module, dict]:
     return build_model(cfg, meta["num_classes"], with_text=meta["with_text"], pretrained=False), meta
 
 
+def _with_caption_bnneck(state: dict, model: nn.Module) -> dict:
+    """Models with a text path written before captions had their own BNNeck shared one BNNeck
+    between the modalities: that one serves both."""
+    if getattr(getattr(model, "head", None), "text_bnneck", None) is None:
+        return state
+    if any(k.startswith("head.text_bnneck.") for k in state):
+        return state
+    shared = {k[len("head.bnneck."):]: v for k, v in state.items() if k.startswith("head.bnneck.")}
+    return {**state, **{f"head.text_bnneck.{k}": v for k, v in shared.items()}}
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a training stage wrote and load its weights (strictly); eval mode.
 
@@ -229,7 +240,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         meta = read_meta(model_dir) if (model_dir / META_FILE).is_file() else {
             k: config[k] for k in ("num_classes", "with_text", "feature_dim")}
         source = CONFIG_FILE
-    state = read_weights(model_dir)
+    state = _with_caption_bnneck(read_weights(model_dir), model)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{model_dir / MODEL_FILE}: does not match its {source} "

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -46,14 +47,15 @@ from dmf_core.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from dmf_core.train.losses import dmf_losses
+from dmf_core.train.losses import STATS, TERMS, dmf_losses
 from dmf_core.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["pretrain", "finetune"]
-LOSS_NAMES = ("loss", "id_loss", "triplet_loss", "align_loss")
-CURVE_COLUMNS = ["epoch", *LOSS_NAMES, "lr"]
+LOSS_NAMES = ("loss", *TERMS)
+CURVE_VALUES = (*LOSS_NAMES, *STATS)  # per epoch, averaged over the batches and ranks
+CURVE_COLUMNS = ["epoch", *CURVE_VALUES, "lr"]
 SYNC_EVERY = 50  # steps between non-finite checks inside an epoch (each is one host sync)
 
 
@@ -68,7 +70,10 @@ class StageData:
     ``loader`` yields dicts with ``image`` (B,3,H,W float), ``label`` (B,) and, with captions,
     ``caption`` (list of B str); ``set_epoch(epoch)`` moves sampler order and caption choice.
     ``datasets`` names the datasets it was built from and ``inputs`` holds content digests of
-    what it read (LMDB, captions): both go into the resume fingerprint.
+    what it read (LMDB, captions): both go into the resume fingerprint. ``attribute_table``
+    (num_classes, 13) holds the attribute-head control's targets. ``health`` loads images the
+    stage does not train on (test transforms) for :mod:`dmf_core.train.health`, with one caption
+    per image in ``health_captions`` when the stage reads captions.
     """
 
     loader: Iterable[dict]
@@ -78,6 +83,9 @@ class StageData:
     captions: list[str] | None = None  # every caption of the set, to precompute token states
     datasets: list[str] = field(default_factory=list)
     inputs: dict[str, str] = field(default_factory=dict)
+    attribute_table: Any = None
+    health: Iterable[dict] | None = None
+    health_captions: list[str] | None = None
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -88,6 +96,10 @@ def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
 
 def uses_captions(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "shared"
+
+
+def uses_attributes(cfg: Config, stage: Stage) -> bool:
+    return stage == "pretrain" and cfg.fusion.mode == "attributes"
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -120,28 +132,68 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
     from dmf_core.train.fingerprint import file_sha256, lmdb_digest
 
     st = stage_config(cfg, stage)
+    holdout = cfg.pretrain.holdout_ids if stage == "pretrain" else 0
     picker = None
-    if uses_captions(cfg, stage):
+    if uses_captions(cfg, stage) or uses_attributes(cfg, stage):
         if captions_parquet is None:
-            raise ValueError("fusion.mode=shared: pretraining needs the captions parquet (captions_parquet=None)")
+            raise ValueError(f"fusion.mode={cfg.fusion.mode}: pretraining needs the captions parquet "
+                             "(captions_parquet=None)")
         picker = CaptionPicker(Path(captions_parquet), seed=cfg.seed)
     img = cfg.model.image
     loader = build_train_loader(
         Path(train_lmdb), cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
         num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
-        captions=picker, pin_memory=dist.device.type == "cuda",
+        captions=picker, pin_memory=dist.device.type == "cuda", holdout_ids=holdout,
     )
     dataset = loader.dataset
-    captions = [picker.text(i) for i in range(len(picker))] if picker is not None else None
-    inputs = {"train_lmdb": lmdb_digest(train_lmdb)} if dist.is_main else {}
+    data = StageData(loader=loader, num_classes=dataset.num_classes - holdout, num_images=len(dataset),
+                     set_epoch=lambda epoch: set_epoch(loader, epoch))
+    data.health, held_out = _health_images(cfg, stage, dataset, dataset_name, holdout)
     if picker is not None and dist.is_main:
-        inputs["captions"] = file_sha256(captions_parquet)
+        data.inputs["captions"] = file_sha256(captions_parquet)
+    if uses_attributes(cfg, stage):
+        from dmf_core.data.caption_controls import attribute_targets
+
+        data.attribute_table = attribute_targets(dataset, picker)
+    if uses_captions(cfg, stage):
+        data.health_captions = [picker.text(dataset.caption_rows(i)[0]) for i in held_out]
+        if cfg.fusion.captions == "shuffled":
+            from dmf_core.data.caption_controls import shuffled_caption_sources
+
+            dataset.take_captions_of(shuffled_caption_sources(dataset.labels, cfg.seed))
+        data.captions = [picker.text(i) for i in range(len(picker))]
+    if dist.is_main:
+        data.inputs["train_lmdb"] = lmdb_digest(train_lmdb)
     datasets = [cfg.pretrain.dataset] if stage == "pretrain" else [cfg.pretrain.dataset, dataset_name]
-    return StageData(
-        loader=loader, num_classes=dataset.num_classes, num_images=len(dataset),
-        set_epoch=lambda epoch: set_epoch(loader, epoch), captions=captions,
-        datasets=[d for d in datasets if d], inputs=inputs,
-    )
+    data.datasets = [d for d in datasets if d]
+    return data
+
+
+def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
+                   holdout: int) -> tuple[Iterable[dict] | None, list[int]]:
+    """Images the stage does not train on: pretraining's held-out identities, or the fine-tuning
+    source's query and gallery. Returns the loader and, for pretraining, the held-out indices."""
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+    from dmf_core import paths
+    from dmf_core.data.loader import ReidImageDataset, build_test_transform
+    from dmf_core.train.health import spread_subset
+
+    transform = build_test_transform(cfg.model.image.height, cfg.model.image.width, cfg.augment)
+    held_out: list[int] = []
+    if stage == "pretrain":
+        if not holdout:
+            return None, held_out
+        candidates = np.flatnonzero(dataset.labels >= dataset.num_classes - holdout)
+        held_out = candidates[spread_subset(len(candidates))].tolist()
+        images = Subset(ReidImageDataset(dataset.path, transform), held_out)
+    else:
+        splits = [paths.lmdb_path(dataset_name, s) for s in ("query", "gallery")] if dataset_name else []
+        if not splits or not all(p.exists() for p in splits):
+            return None, held_out
+        test = ConcatDataset([ReidImageDataset(p, transform) for p in splits])
+        images = Subset(test, spread_subset(len(test)).tolist())
+    return DataLoader(images, batch_size=cfg.evaluate.batch_size, shuffle=False), held_out
 
 
 def run_stage(
@@ -229,8 +281,11 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     st = stage_config(cfg, stage)
     with_text = uses_captions(cfg, stage)
     seed_everything(cfg.seed)
+    attribute_classes = None
+    if data.attribute_table is not None:
+        from dmf_core.data.caption_controls import ATTRIBUTE_CLASSES as attribute_classes
     model = build_model(cfg, data.num_classes, with_text=with_text,
-                        pretrained=stage == "pretrain" or init_from is None)
+                        pretrained=stage == "pretrain" or init_from is None, attribute_classes=attribute_classes)
     if stage == "finetune" and init_from is not None:
         ckpt.load_init_weights(model, init_from)
     model.to(dist.device)
@@ -283,6 +338,8 @@ def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, di
     images = batch["image"].to(device, non_blocking=True)
     labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
     kwargs = {}
+    if run.data.attribute_table is not None:
+        kwargs["attributes"] = torch.as_tensor(run.data.attribute_table)[labels.cpu()].to(device)
     if run.with_text and run.cache is not None:
         kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(batch["caption"], device)
     elif run.with_text:
@@ -297,7 +354,7 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
     if run.data.set_epoch is not None:
         run.data.set_epoch(epoch)
     ddp_model.train()
-    sums = torch.zeros(len(LOSS_NAMES), device=dist.device)
+    sums = torch.zeros(len(CURVE_VALUES), device=dist.device)
     n_batches, n_images = 0, 0
     epoch_t0 = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
@@ -307,11 +364,12 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
         if i >= run.steps_per_epoch * st.accumulate:
             break  # an incomplete accumulation group at the end is dropped
         images, labels, kwargs = _batch_inputs(run, batch)
+        attributes = kwargs.pop("attributes", None)
         sync_now = (i + 1) % st.accumulate == 0
         no_sync = ddp_model.no_sync() if dist.distributed and not sync_now else contextlib.nullcontext()
         with no_sync:
             with autocast:
-                losses = dmf_losses(forward(images, **kwargs), labels, run.cfg)
+                losses = dmf_losses(forward(images, **kwargs), labels, run.cfg, attributes)
             (losses["loss"] / st.accumulate).backward()
         if sync_now:
             if st.grad_clip:
@@ -319,7 +377,7 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
-        sums += torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
+        sums += torch.stack([losses[k].detach().float() for k in CURVE_VALUES])
         n_batches += 1
         n_images += len(images)
         run.batch_size = run.batch_size or len(images)
@@ -332,7 +390,7 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
     epoch_s = time.perf_counter() - epoch_t0
     means = all_reduce_mean(sums / max(n_batches, 1)).tolist()
     if not all(math.isfinite(v) for v in means) or not _all_finite(run.model):
-        bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, means))
+        bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(CURVE_VALUES, means))
         kept = run.curve[-1]["epoch"] if run.curve else run.start_epoch
         raise NonFiniteLossError(
             f"{run.stage}: non-finite loss in epoch {epoch + 1} ({bad}); the last good checkpoint "
@@ -340,10 +398,10 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
             f"Lower {run.stage}.lr, set {run.stage}.grad_clip or check the data")
     run.totals["images"] += n_images * dist.world_size
     run.totals["train_s"] += epoch_s
-    row = {"epoch": epoch + 1, **dict(zip(LOSS_NAMES, means)), "lr": run.optimizer.param_groups[0]["lr"]}
+    row = {"epoch": epoch + 1, **dict(zip(CURVE_VALUES, means)), "lr": run.optimizer.param_groups[0]["lr"]}
     if dist.is_main:
         log.info("%s epoch %d/%d: %s lr=%.3g %.0f img/s", run.stage, epoch + 1, st.epochs,
-                 " ".join(f"{k}={v:.4f}" for k, v in zip(LOSS_NAMES, means)), row["lr"],
+                 " ".join(f"{k}={v:.4f}" for k, v in zip(CURVE_VALUES, means)), row["lr"],
                  n_images * dist.world_size / max(epoch_s, 1e-9))
     return row
 
@@ -368,12 +426,13 @@ def end_epoch(run: Run, row: dict, curve_path: Path, tracker: Tracker) -> None:
 def stage_metrics(run: Run, started: float) -> dict:
     """The run's record: the final losses, the data statistics and, under ``run``, the run facts."""
     cfg, st, dist = run.cfg, run.st, run.dist
-    final = run.curve[-1] if run.curve else {k: float("nan") for k in LOSS_NAMES}
+    final = run.curve[-1] if run.curve else {k: float("nan") for k in CURVE_VALUES}
     totals = run.totals
     return {
         "stage": run.stage,
         "epochs": st.epochs,
         **{k: final[k] for k in LOSS_NAMES},
+        "health": {"triplets_satisfied": round(final["triplets_satisfied"], 4), **measure_health(run)},
         "images_per_s": totals["images"] / totals["train_s"] if totals["train_s"] > 0 else None,
         "num_classes": run.data.num_classes,
         "num_images": run.data.num_images,
@@ -393,9 +452,32 @@ def stage_metrics(run: Run, started: float) -> dict:
     }
 
 
+def measure_health(run: Run) -> dict:
+    """Rank 0: feature health of the trained model on the images the stage did not train on
+    (:mod:`dmf_core.train.health`); empty where there are none."""
+    from dmf_core.train.health import cosine_statistics, embed, retrieval_map
+
+    if not run.dist.is_main or run.data.health is None:
+        return {}
+    model, device = run.model, run.dist.device
+    model.eval()
+    feats, pids = embed(model.embed_images, run.data.health, device)
+    out = cosine_statistics(feats, pids)
+    if run.data.health_captions and run.cache is not None:
+        with torch.no_grad():
+            states, mask = run.cache.encode(run.data.health_captions, device)
+            text = model.embed_text_states(states, mask).float().cpu()
+        out["caption_to_image_mAP"] = retrieval_map(text, pids, feats, pids)
+    model.train()
+    return out
+
+
 def metric_names(run: Run) -> tuple[str, ...]:
-    """The final losses that go into the DVC metric; ``align_loss`` only where captions took part."""
-    return LOSS_NAMES if run.with_text else tuple(k for k in LOSS_NAMES if k != "align_loss")
+    """What goes into the DVC metric: the final losses of the terms that took part, and the health."""
+    unused = {"align_loss"} if not run.with_text else set()
+    if run.data.attribute_table is None:
+        unused.add("attribute_loss")
+    return (*(k for k in LOSS_NAMES if k not in unused), "health")
 
 
 def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metrics_path: Path,
@@ -411,7 +493,7 @@ def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metric
     write_tsv(curve_path, run.curve, CURVE_COLUMNS)
     write_metrics(metrics_path, {k: metrics[k] for k in metric_names(run)})
     if facts_path is not None:
-        write_metrics(facts_path, {k: v for k, v in metrics.items() if k not in LOSS_NAMES})
+        write_metrics(facts_path, {k: v for k, v in metrics.items() if k not in (*LOSS_NAMES, "health")})
     tracker.single_values({k: metrics[k] for k in (*LOSS_NAMES, "images_per_s")})
     ckpt.remove_training_state(run.work_dir)
 

@@ -1,4 +1,14 @@
-"""Re-ID losses: label-smoothed ID cross-entropy, batch-hard triplet, image-caption InfoNCE."""
+"""Re-ID losses: label-smoothed ID cross-entropy, batch-hard triplet on normalised features, the
+identity-aware image<->caption contrastive term, and the attribute head's cross-entropy.
+
+Why this formulation (evidence in docs/training.md, "Collapse" and "Captions as teachers"):
+the triplet sees L2-normalised f (on BN(f) it transfers far worse); the contrastive term sees
+the retrieval feature, BN(f) of each modality's own BNNeck, which removes the component common
+to every image or every caption; captions have their own BNNeck (no statistics mixed across
+modalities) and a bounded share of the ID loss, so the classifier cannot learn to read captions
+instead of images; and the contrastive term is what pulls each image toward the captions of its
+own identity.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from dmf_core.config import Config
+from dmf_core.model.outputs import ModelOutput
+
+#: What :func:`dmf_losses` returns besides the total ``loss``; ``triplets_satisfied`` is a
+#: statistic (share of anchors whose hardest negative is farther than the hardest positive plus
+#: the margin), not a loss term.
+TERMS = ("id_loss", "triplet_loss", "align_loss", "attribute_loss")
+STATS = ("triplets_satisfied",)
 
 
 def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -20,31 +37,43 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
-    """Batch-hard triplet: hardest positive vs hardest negative per anchor.
-
-    ``margin=None`` is the soft margin, log(1 + exp(d_ap - d_an)); otherwise max(0, d_ap - d_an + margin).
-    Anchors without a positive or a negative in the batch are left out.
-    """
-    dist = pairwise_distance(feats)
+def batch_hard(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per anchor the hardest positive and hardest negative distance on L2-normalised ``feats``,
+    and which anchors have both in the batch."""
+    dist = pairwise_distance(F.normalize(feats.float(), dim=1))
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos = same & ~eye
-    neg = ~same
+    pos, neg = same & ~eye, ~same
     d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist.masked_fill(~neg, float("inf")).amin(1)
-    valid = (pos.any(1) & neg.any(1)).float()
-    diff = torch.where(valid.bool(), d_ap - d_an, torch.zeros_like(d_ap))
+    valid = pos.any(1) & neg.any(1)
+    return d_ap, d_an, valid
+
+
+def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3) -> torch.Tensor:
+    """Batch-hard triplet on L2-normalised features: max(0, d_ap - d_an + margin), or the soft
+    margin log(1 + exp(d_ap - d_an)) with ``margin=None``. Anchors without a positive or a
+    negative in the batch are left out."""
+    return _triplet(feats, labels, margin)[0]
+
+
+def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    d_ap, d_an, valid = batch_hard(feats, labels)
+    diff = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
-    return (per_anchor * valid).sum() / valid.sum().clamp_min(1.0)
+    n = valid.float().sum().clamp_min(1.0)
+    loss = (per_anchor * valid.float()).sum() / n
+    satisfied = ((diff + (margin or 0.0) <= 0) & valid).float().sum() / n
+    return loss, satisfied.detach()
 
 
 def align_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, labels: torch.Tensor,
-               temperature: float = 0.07) -> torch.Tensor:
-    """Symmetric, identity-aware InfoNCE between images and captions.
+               temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric, identity-aware InfoNCE between images and captions (cosine / temperature).
 
-    Every caption of the same identity is a positive (the batch holds K images of each identity,
-    so pairing only an image with its own caption would push same-identity pairs apart).
+    Every caption of the same identity is a positive of an image, and every image of the same
+    identity a positive of a caption: the batch holds K images of each identity, so pairing an
+    image only with its own caption would push same-identity pairs apart.
     """
     img = F.normalize(image_feat.float(), dim=1)
     txt = F.normalize(text_feat.float(), dim=1)
@@ -56,32 +85,34 @@ def align_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, labels: torch.
     return 0.5 * (i2t + t2i)
 
 
-def dmf_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
-    """Weighted losses of one batch: ``loss`` (the total) plus ``id_loss``, ``triplet_loss``, ``align_loss``.
+def attribute_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the attributes; ``targets`` (B, n_attributes) holds 0-based classes."""
+    return torch.stack([F.cross_entropy(lg.float(), targets[:, i]) for i, lg in enumerate(logits)]).mean()
 
-    With captions (``fusion.mode=shared``) the ID loss and the triplet run over images and captions
-    together, with the same labels, so both modalities share one identity space.
+
+def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
+               attributes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Weighted losses of one batch: ``loss`` (the total), the :data:`TERMS` and the :data:`STATS`.
+
+    The triplet runs over the images' f. With captions the ID loss is (1 - s) CE(images) +
+    s CE(captions), s = ``loss.caption_id_share``, and the contrastive term links each image to
+    the captions of its identity. With the attribute head, ``attributes`` holds its targets.
     """
-    lc = cfg.loss
-    key = "feat" if lc.triplet_feature == "f" else "neck"
-    if "text_feat" in out:
-        feats = torch.cat([out[f"image_{key}"], out[f"text_{key}"]])
-        logits = torch.cat([out["image_logits"], out["text_logits"]])
-        all_labels = torch.cat([labels, labels])
-    else:
-        feats, logits, all_labels = out[f"image_{key}"], out["image_logits"], labels
-    if "text_feat" in out and lc.triplet_scope == "within":
-        triplet = 0.5 * (triplet_loss(out[f"image_{key}"], labels, lc.triplet_margin)
-                         + triplet_loss(out[f"text_{key}"], labels, lc.triplet_margin))
-    elif "text_feat" in out and lc.triplet_scope == "images":
-        triplet = triplet_loss(out[f"image_{key}"], labels, lc.triplet_margin)
-    else:
-        triplet = triplet_loss(feats, all_labels, lc.triplet_margin)
-    losses = {"id_loss": id_loss(logits, all_labels, lc.label_smoothing), "triplet_loss": triplet}
-    if "text_feat" in out and cfg.fusion.align_weight > 0:
-        losses["align_loss"] = align_loss(out["image_feat"], out["text_feat"], labels)
-    else:
-        losses["align_loss"] = feats.new_zeros(())
-    losses["loss"] = (lc.id_weight * losses["id_loss"] + lc.triplet_weight * losses["triplet_loss"]
-                      + cfg.fusion.align_weight * losses["align_loss"])
-    return losses
+    lc, zero = cfg.loss, out.image.feat.new_zeros(())
+    ident = id_loss(out.image.logits, labels, lc.label_smoothing)
+    align = zero
+    if out.text is not None:
+        share = lc.caption_id_share
+        ident = (1 - share) * ident + share * id_loss(out.text.logits, labels, lc.label_smoothing)
+        if cfg.fusion.align_weight > 0:
+            align = align_loss(out.image.neck, out.text.neck, labels, cfg.fusion.align_temperature)
+    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin)
+    attr = zero
+    if out.attributes is not None:
+        if attributes is None:
+            raise ValueError("the model has an attribute head but the batch holds no attribute targets")
+        attr = attribute_loss(out.attributes, attributes)
+    total = (lc.id_weight * ident + lc.triplet_weight * triplet + cfg.fusion.align_weight * align
+             + lc.attribute_weight * attr)
+    return {"loss": total, "id_loss": ident, "triplet_loss": triplet, "align_loss": align,
+            "attribute_loss": attr, "triplets_satisfied": satisfied}

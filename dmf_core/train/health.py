@@ -1,0 +1,64 @@
+"""Feature health, measured at the end of a training stage on images it did not train on.
+
+A collapsed feature space has every image pointing the same way: the mean cosine between images
+of different identities goes to 1 and ranked lists turn into near-ties. The numbers here say
+whether that happened (docs/training.md, "Collapse"):
+
+* ``cosine_other_id`` / ``cosine_same_id``: mean cosine of f between images of different / of
+  the same identity (pairs of distinct images);
+* ``caption_to_image_mAP``: with captions, each held-out image's caption as a query against the
+  held-out images (is there a common space at all?).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: At most this many images enter the pairwise statistics (a fixed, spread-out subset).
+MAX_IMAGES = 1024
+
+
+def spread_subset(n: int, limit: int = MAX_IMAGES) -> np.ndarray:
+    """Indices 0..n-1, thinned evenly to at most ``limit`` (deterministic)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def cosine_statistics(feats: torch.Tensor, pids: np.ndarray) -> dict[str, float]:
+    """Mean cosine between distinct images of the same identity and of different identities."""
+    f = F.normalize(feats.double(), dim=1)
+    cos = f @ f.t()
+    pids_t = torch.as_tensor(np.asarray(pids))
+    same = pids_t[:, None] == pids_t[None, :]
+    eye = torch.eye(len(pids_t), dtype=torch.bool)
+    same_pairs, other_pairs = same & ~eye, ~same
+    out = {"cosine_other_id": float(cos[other_pairs].mean()) if other_pairs.any() else float("nan"),
+           "cosine_same_id": float(cos[same_pairs].mean()) if same_pairs.any() else float("nan")}
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def retrieval_map(query: torch.Tensor, query_pids: np.ndarray, gallery: torch.Tensor,
+                  gallery_pids: np.ndarray) -> float:
+    """mAP (percent) of cosine retrieval, every gallery entry of the query's identity a match."""
+    sim = F.normalize(query.double(), dim=1) @ F.normalize(gallery.double(), dim=1).t()
+    order = torch.argsort(sim, dim=1, descending=True).numpy()
+    matches = np.asarray(gallery_pids)[order] == np.asarray(query_pids)[:, None]
+    aps = []
+    for row in matches:
+        hits = np.flatnonzero(row)
+        if len(hits):
+            aps.append(float(np.mean(np.arange(1, len(hits) + 1) / (hits + 1))))
+    return round(100.0 * float(np.mean(aps)), 2) if aps else float("nan")
+
+
+@torch.no_grad()
+def embed(fn, loader, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """f of every image of ``loader`` (test transforms) and their pids, on the CPU."""
+    feats, pids = [], []
+    for batch in loader:
+        feats.append(fn(batch["image"].to(device)).float().cpu())
+        pids.append(np.asarray(batch["pid"]))
+    return torch.cat(feats), np.concatenate(pids)
