@@ -142,7 +142,7 @@ class LossConfig:
     label_smoothing: float = 0.1
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
     # a caption names its identity, so an unbounded share lets the classifier read captions.
-    caption_id_share: float = 0.2
+    caption_id_share: float = 0.0
     # The attribute-head control: weight of its mean per-attribute cross-entropy.
     attribute_weight: float = 1.0
 

@@ -34,7 +34,7 @@ def _tiny(params: dict) -> dict:
     params["synth"]["sp_market"].update(train_ids=4, test_ids=4)
     params["model"]["image"].update(depth=1, dim=32, heads=2, height=64, width=32)
     params["fusion"].update(dim=32, layers=1, heads=2, mode="image_only")
-    params["pretrain"].update(epochs=2, P=4, K=2)
+    params["pretrain"].update(epochs=2, P=4, K=2, holdout_ids=2)
     params["finetune"].update(epochs=1, P=4, K=2, sources=["sp_market"])
     params["evaluate"].update(targets=["sp_market"], ranked_list_queries=1)
     return params

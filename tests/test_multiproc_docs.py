@@ -59,7 +59,7 @@ def _tiny_params() -> dict:
     p["model"]["text"]["max_length"] = 16
     p["fusion"].update(dim=32, layers=1, heads=2)
     p["train"].update(nproc=2, threads=1, num_workers=0)
-    p["pretrain"].update(epochs=2, P=2, K=2, warmup_epochs=0)
+    p["pretrain"].update(epochs=2, P=2, K=2, warmup_epochs=0, holdout_ids=2)
     p["finetune"]["sources"] = ["sp_market"]
     p["evaluate"]["targets"] = ["sp_market"]
     return p

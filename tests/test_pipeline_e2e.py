@@ -69,6 +69,7 @@ def _tiny_params(params: dict) -> dict:
     params["fusion"].update(dim=64, layers=1, heads=2)
     for stage in ("pretrain", "finetune"):
         params[stage].update(epochs=2, P=4, K=2)
+    params["pretrain"]["holdout_ids"] = 2
     params["finetune"]["sources"] = ["sp_market"]
     params["evaluate"]["targets"] = ["sp_cuhk"]
     params["evaluate"]["ranked_list_queries"] = 2
@@ -97,12 +98,17 @@ def _exp_show_header(project: Path, *flags: str) -> list[str]:
 
 
 def _expected_metric_columns(params: dict) -> dict[str, int]:
-    """What the layout promises (docs/contracts.md, "Outputs"): final losses per training stage
-    (align_loss only with captions), 5 numbers per matrix cell and per source over the targets."""
+    """What the layout promises (docs/contracts.md, "Outputs"): per training stage the final
+    losses (align_loss only with captions) and the feature health (3 numbers, + caption->image
+    mAP with captions); mAP and rank-1 per matrix cell (the pretrain row included), per row over
+    its cross-domain cells and of its in-domain cell."""
     sources, targets = params["finetune"]["sources"], params["evaluate"]["targets"]
-    return {"metrics/pretrain.json": 4 if params["fusion"]["mode"] == "shared" else 3,
-            **{f"metrics/finetune/{s}.json": 3 for s in sources},
-            "metrics/eval_matrix.json": 5 * len(sources) * (len(targets) + 1)}
+    shared = params["fusion"]["mode"] == "shared"
+    rows = ["pretrain", *sources]
+    in_domain = [s for s in sources if s in targets]
+    return {"metrics/pretrain.json": (4 + 4) if shared else (3 + 3),
+            **{f"metrics/finetune/{s}.json": 3 + 3 for s in sources},
+            "metrics/eval_matrix.json": 2 * (len(rows) * len(targets) + len(rows) + len(in_domain))}
 
 
 # Run facts and statistics: none may be a metric (they differ between runs and machines, or are
@@ -143,9 +149,17 @@ def test_repro_then_noop_then_experiment(project):
     cell = json.loads((project / "reports/eval/sp_market__sp_cuhk.json").read_text())
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= cell[key] <= 100.0 and 0.0 <= cell["untrained"][key] <= 100.0
+    assert "evaluate_pretrain@sp_cuhk" in _ran_stages(first)
+    pre_cell = json.loads((project / "reports/eval/pretrain__sp_cuhk.json").read_text())
     metric = json.loads((project / "metrics/eval_matrix.json").read_text())
-    assert metric == {"sp_market": {"sp_cuhk": {k: cell[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
-                                    "mean": {k: cell[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}}}
+    two = ("mAP", "rank1")
+    assert metric == {"cells": {"pretrain": {"sp_cuhk": {k: pre_cell[k] for k in two}},
+                                "sp_market": {"sp_cuhk": {k: cell[k] for k in two}}},
+                      "cross_domain": {"pretrain": {k: pre_cell[k] for k in two},
+                                       "sp_market": {k: cell[k] for k in two}},
+                      "in_domain": {}}
+    health = json.loads((project / "metrics/pretrain.json").read_text())["health"]
+    assert -1.0 <= health["cosine_other_id"] < health["cosine_same_id"] <= 1.0
     matrix = json.loads((project / "reports/eval_matrix.json").read_text())
     assert matrix["cells"]["sp_market"]["sp_cuhk"]["untrained"] == cell["untrained"]
     matrix_md = (project / "reports/eval_matrix.md").read_text()
@@ -183,7 +197,7 @@ def test_repro_then_noop_then_experiment(project):
 
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
     matrix_diff = diff["metrics/eval_matrix.json"]
-    changed = [k for k in ("rank1", "rank5", "mAP", "mINP") if matrix_diff.get(f"sp_market.sp_cuhk.{k}", {}).get("diff")]
+    changed = [k for k in ("rank1", "mAP") if matrix_diff.get(f"cells.sp_market.sp_cuhk.{k}", {}).get("diff")]
     assert changed, matrix_diff
     assert set(diff) <= set(_expected_metric_columns(params)), diff
     # Side by side, only what differs: the changed metrics, fusion.dim and the deps downstream of it

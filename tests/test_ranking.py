@@ -181,14 +181,19 @@ def test_ties_do_not_favour_any_pid():
     assert base.cmc[0] == 0.0  # every match ranks after all the query's kept wrong identities
 
 
-def test_float32_ties_are_ranked_in_float64_from_features():
-    # g0 and g1 are 1e-5 and 2e-5 rad from the query: their float32 cosine distances are both 0,
-    # their float64 ones 5e-11 and 2e-10. The match is g0, so in float64 it ranks first.
+@pytest.mark.parametrize("metric,as_tensor", [("cosine", False), ("euclidean", False), ("cosine", True)])
+def test_float32_ties_are_broken_in_float64_from_features(metric, as_tensor):
+    # g0 and g1 are 1e-5 and 2e-5 from the query: in float32 both distances round to 0 (cosine:
+    # 1 - 1; squared euclidean: 1 + 1 - 2), in float64 they differ. The match is g0, the nearer one.
     qf = np.array([[1.0, 0.0]], np.float32)
     gf = np.array([[1.0, 1e-5], [1.0, 2e-5], [0.0, 1.0]], np.float32)
     ids = ([1], [1, 2, 3], [0], [1, 1, 1])
-    assert evaluate_rank(cosine_distance(qf, gf), *ids, max_rank=3).cmc[0] == 0.0  # tied in float32
-    r = evaluate_features(qf, gf, *ids, max_rank=3)
+    dist = (cosine_distance if metric == "cosine" else euclidean_distance)(qf, gf)
+    assert dist[0, 0] == dist[0, 1]
+    assert evaluate_rank(dist, *ids, max_rank=3).cmc[0] == 0.0  # tied in float32: the match after
+    if as_tensor:
+        qf, gf = torch.from_numpy(qf), torch.from_numpy(gf)
+    r = evaluate_features(qf, gf, *ids, max_rank=3, metric=metric)
     np.testing.assert_allclose(r.cmc, [1.0, 1.0, 1.0])
     assert r.extra == {"float64_rows": 1, "tie_rows": 0}
     # identical gallery features stay tied in float64: the match ranks after the wrong identity
@@ -240,3 +245,17 @@ def test_bad_features():
         evaluate_features(qf, gf, *ids, metric="manhattan")
     with pytest.raises(ValueError, match="g_camids: length"):
         evaluate_features(qf, gf, *ids[:3], np.ones(4, int))
+
+
+def test_ties_from_features_do_not_depend_on_gallery_order():
+    # coarse features: many gallery items share a feature vector exactly, so float64 ties remain
+    rng = np.random.default_rng(4)
+    qf = rng.integers(0, 3, (40, 4)).astype(np.float32)
+    gf = rng.integers(0, 3, (300, 4)).astype(np.float32)
+    q_pids, g_pids, q_cams, g_cams = _ids(rng, 40, 300, 10, 3)
+    base = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    assert base.extra["tie_rows"] > 0
+    g = rng.permutation(300)
+    r = evaluate_features(qf, gf[g], q_pids, g_pids[g], q_cams, g_cams[g], max_rank=20)
+    np.testing.assert_array_equal(r.cmc, base.cmc)
+    assert r.mAP == base.mAP and r.extra == base.extra

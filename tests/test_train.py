@@ -396,11 +396,19 @@ def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
     d["model"]["text"]["max_length"] = 24
     cfg = config_from_dict(d)
     paths = outputs(tmp_path, "shared")
-    metrics = train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+    data = memory_stage_data(cfg, "pretrain")
+    metrics = train(cfg, "pretrain", data, **paths)
     assert metrics["run"]["with_captions"] and metrics["align_loss"] > 0
+    assert metrics["run"]["captions_encoded"] == len(set(data.captions))
     assert json.loads(paths["metrics_path"].read_text())["align_loss"] == metrics["align_loss"]
     model, meta = ckpt.load_model(paths["out_dir"])
     assert meta["with_text"] and model.has_text
+    # the same captions and encoder again (another lr: a new run): no caption is encoded twice
+    d["pretrain"]["lr"] = cfg.pretrain.lr / 2
+    again = train(config_from_dict(d), "pretrain", memory_stage_data(cfg, "pretrain"),
+                  **{**paths, "out_dir": tmp_path / "shared" / "model2"})
+    assert again["run"]["captions_encoded"] == 0 and again["align_loss"] > 0
+    assert len(list((tmp_path / "shared" / "caption_states").glob("*.pt"))) == 1
 
 
 def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):

@@ -53,8 +53,8 @@ def check_finite(x, name: str) -> None:
         raise ValueError(f"{name}: {int(bad.sum())} NaN/infinite value(s), first at index {first}")
 
 
-def _pair(q, g, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    qt, gt = as_tensor(q, "query features", dtype=dtype), as_tensor(g, "gallery features", dtype=dtype)
+def _pair(q, g) -> tuple[torch.Tensor, torch.Tensor]:
+    qt, gt = as_tensor(q, "query features"), as_tensor(g, "gallery features")
     if qt.shape[1] != gt.shape[1]:
         raise ValueError(f"feature dimensions differ: query has {qt.shape[1]}, gallery has {gt.shape[1]}")
     return qt, gt
@@ -82,15 +82,14 @@ def euclidean_chunk(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor | None 
     return d.clamp_(min=0.0)
 
 
-def iter_distance_chunks(q, g, metric: str = "cosine", chunk: int = DEFAULT_CHUNK, *,
-                         dtype: torch.dtype = torch.float32):
-    """Yield ``(start, block)`` with ``block`` the tensor of distances (``dtype``, float32 unless
-    asked) of queries ``start:start+len(block)`` to every gallery item. Validates once, up front."""
+def iter_distance_chunks(q, g, metric: str = "cosine", chunk: int = DEFAULT_CHUNK):
+    """Yield ``(start, block)`` with ``block`` the float32 tensor of distances of queries
+    ``start:start+len(block)`` to every gallery item. Validates once, up front."""
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     if chunk < 1:
         raise ValueError(f"chunk: expected a positive number of query rows, got {chunk}")
-    qt, gt = _pair(q, g, dtype)
+    qt, gt = _pair(q, g)
     if metric == "cosine":
         qt = torch.nn.functional.normalize(qt, dim=1)
         gt = torch.nn.functional.normalize(gt, dim=1)

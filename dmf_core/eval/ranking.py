@@ -8,7 +8,8 @@ Protocol (torchreid ``eval_market1501``; mINP as fast-reid):
   the manifest is built, before evaluation);
 - **ties**: a true match tied with a kept wrong-identity item ranks *after* it (matches tied among
   themselves are interchangeable). The result is the lowest over all orders of the tied items, the
-  same for any gallery order, and favours no pid; on tie-free input it is torchreid's;
+  same for any gallery order, and favours no pid; on tie-free input it is torchreid's. From
+  features, a float32 tie is first broken by the float64 distances of the tied items;
 - ``cmc[k-1]`` is the fraction of valid queries with a true match within the first k kept items;
   ``cmc`` always has ``max_rank`` entries (past the gallery size it stays at its last value, 1.0);
 - ``AP = mean over true matches m of (#matches ranked <= m) / rank(m)``; ``INP = #matches / rank(last
@@ -21,7 +22,7 @@ the row when a query has very many matches) minus the query's own same-pid items
 No ``num_query x num_gallery`` argsort is ever done. Queries are ranked in blocks of a few rows (the
 block stays in cache across its comparisons), most matches first, so a block's rows share their
 number of comparisons. :func:`evaluate_features` computes distances one query chunk at a time in
-float32 and recomputes in float64 the rows where a match ties with a wrong identity.
+float32 and breaks a tie between a match and a wrong identity by their float64 distances.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dmf_core.eval.distances import check_finite, iter_distance_chunks
+from dmf_core.eval.distances import METRICS, as_tensor, check_finite, iter_distance_chunks
 
 log = logging.getLogger(__name__)
 
@@ -139,64 +140,106 @@ class _Protocol:
 # ------------------------------------------------------------------------------------------------
 
 
-def _count_le(block: np.ndarray, values: np.ndarray, n: np.ndarray, strict: bool):
-    """``le[r, i] = #{j : block[r, j] <= values[r, i]}`` for ``i < n[r]`` (and ``lt`` with ``<``
-    when ``strict``). ``n`` must be non-increasing, so the rows of each comparison are a prefix."""
+def _count_le(block: np.ndarray, values: np.ndarray, n: np.ndarray, own_eq: np.ndarray | None = None):
+    """``le[r, i] = #{j : block[r, j] <= values[r, i]}`` for ``i < n[r]``; with ``own_eq`` (how
+    many of the row's own same-pid items equal ``values[r, i]``) also ``eq``, the same with ``==``
+    (rows without extra equal items are not counted again). ``n`` must be non-increasing, so the
+    rows of each comparison are a prefix."""
     le = np.zeros(values.shape, np.int64)
-    lt = np.zeros(values.shape, np.int64) if strict else None
+    eq = None if own_eq is None else own_eq.copy()
     n_sorted = int(np.count_nonzero(n > SORT_ABOVE))
     for r in range(n_sorted):  # many matches: one sort, then binary searches
         row = np.sort(block[r])
         le[r, :n[r]] = np.searchsorted(row, values[r, :n[r]], "right")
-        if strict:
-            lt[r, :n[r]] = np.searchsorted(row, values[r, :n[r]], "left")
+        if eq is not None:
+            eq[r, :n[r]] = le[r, :n[r]] - np.searchsorted(row, values[r, :n[r]], "left")
     hit = np.empty(block.shape, bool)
     for i in range(int(n[n_sorted:].max(initial=0))):
-        end = n_sorted + int(np.count_nonzero(n[n_sorted:] > i))
-        for out, op in ((le, np.less_equal), (lt, np.less)) if strict else ((le, np.less_equal),):
-            op(block[n_sorted:end], values[n_sorted:end, i:i + 1], out=hit[n_sorted:end])
-            out[n_sorted:end, i] = list(map(np.count_nonzero, hit[n_sorted:end]))
-    return le, lt
+        rows = slice(n_sorted, n_sorted + int(np.count_nonzero(n[n_sorted:] > i)))
+        np.less_equal(block[rows], values[rows, i:i + 1], out=hit[rows])
+        le[rows, i] = list(map(np.count_nonzero, hit[rows]))
+        if eq is not None:
+            np.equal(block[rows], values[rows, i:i + 1], out=hit[rows])
+            if np.count_nonzero(hit[rows]) > eq[rows, i].sum():
+                eq[rows, i] = list(map(np.count_nonzero, hit[rows]))
+    return le, eq
 
 
 @dataclass
 class _Rows:
-    """Per row of a block: 0-based kept rank of the first match, AP, INP, and whether a true match
-    ties with a kept wrong identity (only looked for when asked)."""
+    """Per row of a block: 0-based kept rank of the first match, AP, INP; whether a float32 tie
+    between a true match and a wrong identity was broken in float64, and whether an exact tie
+    remained there (both only looked for from features)."""
 
     first: np.ndarray
     ap: np.ndarray
     inp: np.ndarray
+    float64: np.ndarray
     tie: np.ndarray
 
 
-def _rank_block(block: np.ndarray, queries: np.ndarray, proto: _Protocol, find_ties: bool = False) -> _Rows:
-    """Metrics of the valid queries ``queries`` (in ``proto.order`` order) from their distance rows."""
+Float64Distance = Callable[[int, np.ndarray], np.ndarray]
+
+
+def _rank_block(block: np.ndarray, queries: np.ndarray, proto: _Protocol,
+                float64_distance: Float64Distance | None = None) -> _Rows:
+    """Metrics of the valid queries ``queries`` (in ``proto.order`` order) from their distance rows.
+    With ``float64_distance(query, gallery_indices)``, ties of a true match with a wrong identity
+    are broken by the float64 distance of just the tied items (see :func:`_break_ties`)."""
     row, col = proto.items(queries)
     val = block[row, col]
     is_match = proto.g_camids[col] != proto.q_camids[queries][row]
     order = np.lexsort((val, row))
     row, val, is_match = row[order], val[order], is_match[order]
-    # among the query's own same-pid items: how many are <= (and <) each one
+    # among the query's own same-pid items: how many are <= (and ==) each one
     row_start = np.searchsorted(row, row, "left")
     new_run = np.r_[True, (row[1:] != row[:-1]) | (val[1:] != val[:-1])]
     run = np.cumsum(new_run) - 1
-    same_le = (np.searchsorted(run, run, "right") - row_start)[is_match]
-    same_lt = (np.flatnonzero(new_run)[run] - row_start)[is_match]
+    run_end = np.searchsorted(run, run, "right")
+    same_le = (run_end - row_start)[is_match]
+    same_eq = (run_end - np.flatnonzero(new_run)[run])[is_match]
 
     n = proto.n_match[queries]
     m_row, m_val = row[is_match], val[is_match]
     i = np.arange(len(m_row)) - np.repeat(np.cumsum(n) - n, n)  # position among the row's matches
     values = np.zeros((len(queries), int(n.max())), block.dtype)
     values[m_row, i] = m_val
-    le, lt = _count_le(block, values, n, find_ties)
-    neg_le = le[m_row, i] - same_le
-    rank = i + neg_le
-    tie = np.zeros(len(queries), bool)
-    if find_ties:
-        tie[m_row[neg_le != lt[m_row, i] - same_lt]] = True
+    own_eq = None
+    if float64_distance is not None:
+        own_eq = np.zeros(values.shape, np.int64)
+        own_eq[m_row, i] = same_eq
+    le, eq = _count_le(block, values, n, own_eq)
+    rank = i + le[m_row, i] - same_le
+    broken, tie = np.zeros(len(queries), bool), np.zeros(len(queries), bool)
+    if float64_distance is not None:
+        neg_lt = (le - eq)[m_row, i] - (same_le - same_eq)  # kept wrong identities strictly closer
+        for r in np.unique(m_row[eq[m_row, i] > same_eq]):  # a wrong identity at a match's distance
+            sel = m_row == r
+            rank[sel], tie[r] = _break_ties(block[r], int(queries[r]), proto, m_val[sel], neg_lt[sel],
+                                            float64_distance)
+            broken[r] = True
     ap = np.bincount(m_row, weights=(i + 1.0) / (rank + 1.0), minlength=len(queries)) / n
-    return _Rows(first=rank[i == 0], ap=ap, inp=n / (rank[i == n[m_row] - 1] + 1.0), tie=tie)
+    return _Rows(first=rank[i == 0], ap=ap, inp=n / (rank[i == n[m_row] - 1] + 1.0), float64=broken, tie=tie)
+
+
+def _break_ties(row: np.ndarray, query: int, proto: _Protocol, p32: np.ndarray, neg_lt: np.ndarray,
+                float64_distance: Float64Distance) -> tuple[np.ndarray, bool]:
+    """Sorted kept ranks of one query's true matches when some tie a wrong identity in ``row``:
+    items are ordered by (float32 distance, float64 distance), a wrong identity first where both
+    are equal. Only the tied items' float64 distances are computed. ``p32``: the match distances,
+    sorted; ``neg_lt``: per match, the kept wrong identities strictly closer in float32."""
+    same = proto.items(np.array([query]))[1]
+    match = same[proto.g_camids[same] != proto.q_camids[query]]
+    match = match[np.argsort(row[match], kind="stable")]
+    neg = np.setdiff1d(np.flatnonzero(np.isin(row, p32)), same)  # wrong identities at a match's distance
+    d64 = float64_distance(query, np.concatenate([match, neg]))
+    m64, n64, n32 = d64[:len(match)], d64[len(match):], row[neg]
+    same32 = n32[None, :] == p32[:, None]
+    before = np.count_nonzero(same32 & (n64[None, :] <= m64[:, None]), axis=1)
+    exact = bool(np.any(same32 & (n64[None, :] == m64[:, None])))
+    position = np.empty(len(match), np.int64)
+    position[np.lexsort((m64, p32))] = np.arange(len(match))
+    return np.sort(position + neg_lt + before), exact
 
 
 class _Accumulator:
@@ -208,23 +251,25 @@ class _Accumulator:
         self.ap_sum = 0.0
         self.inp_sum = 0.0
         self.num_valid = 0
+        self.float64_rows = 0
+        self.tie_rows = 0
 
-    def add(self, rows: _Rows, keep: np.ndarray | None = None) -> None:
-        first, ap, inp = (rows.first, rows.ap, rows.inp) if keep is None else (
-            rows.first[keep], rows.ap[keep], rows.inp[keep])
-        self.first_hist += np.bincount(np.minimum(first, self.max_rank), minlength=self.max_rank + 1)
-        self.ap_sum += float(ap.sum())
-        self.inp_sum += float(inp.sum())
-        self.num_valid += len(first)
+    def add(self, rows: _Rows) -> None:
+        self.first_hist += np.bincount(np.minimum(rows.first, self.max_rank), minlength=self.max_rank + 1)
+        self.ap_sum += float(rows.ap.sum())
+        self.inp_sum += float(rows.inp.sum())
+        self.num_valid += len(rows.first)
+        self.float64_rows += int(rows.float64.sum())
+        self.tie_rows += int(rows.tie.sum())
 
-    def result(self, num_q: int, num_g: int, where: str, **extra) -> RankResult:
+    def result(self, num_q: int, num_g: int, where: str, extra: dict | None = None) -> RankResult:
         if self.num_valid == 0:
             raise ValueError(f"no valid query: none of the {num_q} queries has a true match in the gallery "
                              f"({where}); check that query and gallery share identities on other cameras")
         cmc = np.cumsum(self.first_hist[:self.max_rank]).astype(np.float64) / self.num_valid
         return RankResult(cmc=cmc.astype(np.float32), mAP=self.ap_sum / self.num_valid,
                           mINP=self.inp_sum / self.num_valid, num_valid=self.num_valid,
-                          num_query=num_q, num_gallery=num_g, extra=extra)
+                          num_query=num_q, num_gallery=num_g, extra=extra or {})
 
 
 def _block_rows(num_g: int) -> int:
@@ -287,48 +332,51 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
 def evaluate_features(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                       metric: str = "cosine", chunk: int | None = None) -> RankResult:
     """CMC / mAP / mINP straight from features: distances of one query chunk at a time (torch,
-    float32), ranked and accumulated; the full query x gallery matrix is never built. Rows where a
-    true match ties with a wrong identity in float32 are recomputed in float64 (``extra``:
-    ``float64_rows``; ``tie_rows``, the rows still tied then, ranked as the module docstring says).
+    float32), ranked and accumulated; the full query x gallery matrix is never built. Where a true
+    match ties a wrong identity in float32, the tie is broken by the float64 distances of the tied
+    items (``extra["float64_rows"]`` counts those queries; ``extra["tie_rows"]``, the ones with an
+    exact float64 tie left, ranked as the module docstring says).
 
     ``metric``: ``"cosine"`` (``1 - cos``, the protocol's) or ``"euclidean"`` (squared)."""
-    num_q = int(query_feats.shape[0]) if hasattr(query_feats, "shape") else len(query_feats)
-    num_g = int(gallery_feats.shape[0]) if hasattr(gallery_feats, "shape") else len(gallery_feats)
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    qt, gt = as_tensor(query_feats, "query features"), as_tensor(gallery_feats, "gallery features")
+    num_q, num_g = qt.shape[0], gt.shape[0]
     ids = _check_ids(num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank)
     proto = _Protocol(*ids)
     acc = _Accumulator(int(max_rank))
-    queries = _feature_rows(query_feats, proto.order)
-    tied = _rank_feature_chunks(queries, gallery_feats, metric, _chunk_size(chunk, num_g), proto,
-                                proto.order, acc, torch.float32)
-    still = _rank_feature_chunks(queries[tied], gallery_feats, metric, _chunk_size(chunk, num_g), proto,
-                                 proto.order[tied], acc, torch.float64) if len(tied) else tied
-    if len(tied):
-        log.info("evaluate_features: %d of %d rows tied in float32, recomputed in float64 (%d still tied)",
-                 len(tied), len(proto.order), len(still))
-    return acc.result(num_q, num_g, "evaluate_features", float64_rows=int(len(tied)), tie_rows=int(len(still)))
+    float64_distance = _float64_distance(query_feats, gallery_feats, metric)
+    block_rows = _block_rows(num_g)
+    ranked = qt[torch.from_numpy(proto.order)]  # most matches first, as the blocks want
+    for start, chunk_dist in iter_distance_chunks(ranked, gt, metric, _chunk_size(chunk, num_g)):
+        chunk_dist = chunk_dist.numpy()
+
+        def rank(sub: int, dist=chunk_dist, start=start) -> _Rows:
+            queries = proto.order[start + sub:start + min(sub + block_rows, len(dist))]
+            return _rank_block(dist[sub:sub + block_rows], queries, proto, float64_distance)
+
+        for rows in _map_blocks(rank, range(0, len(chunk_dist), block_rows)):
+            acc.add(rows)
+    if acc.float64_rows:
+        log.info("evaluate_features: float32 ties with a wrong identity in %d of %d queries, broken in "
+                 "float64 (%d with an exact tie left)", acc.float64_rows, acc.num_valid, acc.tie_rows)
+    return acc.result(num_q, num_g, "evaluate_features",
+                      {"float64_rows": acc.float64_rows, "tie_rows": acc.tie_rows})
 
 
-def _feature_rows(feats, rows: np.ndarray):
-    if isinstance(feats, torch.Tensor):
-        return feats[torch.from_numpy(rows)]
-    return np.asarray(feats)[rows]
+def _float64_distance(query_feats, gallery_feats, metric: str) -> Float64Distance:
+    """``distance(query, gallery_indices)``: the ``metric`` distance in float64 from the features
+    as given (only for the few items of a tie, so the gallery is never converted whole)."""
+    def rows(feats, index) -> np.ndarray:
+        if isinstance(feats, torch.Tensor):
+            return feats[torch.as_tensor(index)].detach().cpu().double().numpy()
+        return np.asarray(np.asarray(feats)[index], dtype=np.float64)
 
+    def distance(query: int, gallery: np.ndarray) -> np.ndarray:
+        q, g = rows(query_feats, [query])[0], rows(gallery_feats, gallery)
+        if metric == "euclidean":
+            return ((g - q) ** 2).sum(1)
+        q_norm = max(float(np.linalg.norm(q)), 1e-12)  # as torch's normalize: each norm at least eps
+        return 1.0 - (g @ q) / (np.maximum(np.linalg.norm(g, axis=1), 1e-12) * q_norm)
 
-def _rank_feature_chunks(query_feats, gallery_feats, metric: str, step: int, proto: _Protocol,
-                         queries: np.ndarray, acc: _Accumulator, dtype: torch.dtype) -> np.ndarray:
-    """Rank ``queries`` (rows of ``query_feats``, in ``proto.order`` order) in ``dtype``; add the
-    rows without ties (all rows in float64) to ``acc``; return the positions of the tied rows."""
-    final = dtype == torch.float64
-    tied = []
-    block_rows = _block_rows(proto.g_camids.shape[0])
-    for start, chunk in iter_distance_chunks(query_feats, gallery_feats, metric, step, dtype=dtype):
-        chunk = chunk.numpy()
-
-        def rank(sub: int, chunk=chunk, start=start) -> tuple[np.ndarray, _Rows]:
-            pos = np.arange(start + sub, start + min(sub + block_rows, len(chunk)))
-            return pos, _rank_block(chunk[sub:sub + block_rows], queries[pos], proto, find_ties=True)
-
-        for pos, rows in _map_blocks(rank, range(0, len(chunk), block_rows)):
-            acc.add(rows, None if final else ~rows.tie)
-            tied.append(pos[rows.tie])
-    return np.concatenate(tied) if tied else np.zeros(0, np.int64)
+    return distance

@@ -163,6 +163,25 @@ class CaptionStateCache:
         bar.close()
         log.info("cached token states of %d captions (%.1f MB)", len(self.states), self.nbytes / 2**20)
 
+    def save(self, path: Path) -> None:
+        """Write every cached state to one file (atomically), loadable with ``weights_only``."""
+        captions = list(self.states)
+        if not captions:
+            return
+        lengths = torch.tensor([self.states[c].shape[0] for c in captions])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"captions": captions, "lengths": lengths,
+                    "states": torch.cat([self.states[c] for c in captions])}, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> int:
+        """Add the states a :meth:`save` wrote; returns how many captions it held."""
+        data = torch.load(path, weights_only=True, map_location="cpu")
+        rows = data["states"].to(self.dtype).split(data["lengths"].tolist())
+        self._store(dict(zip(data["captions"], rows)))
+        return len(rows)
+
     def encode(self, captions: Sequence[str], device: torch.device | str = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded states (B, L, D) float32 and bool mask (B, L) for ``captions``, on ``device``."""

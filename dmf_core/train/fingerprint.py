@@ -107,3 +107,13 @@ def training_fingerprint(cfg: Config, stage: str, *, datasets: list[str], inputs
     blob = {"stage": stage, "params": relevant_params(cfg, stage, datasets), "inputs": inputs,
             "num_classes": num_classes, "num_images": num_images, "world_size": world_size}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def caption_states_key(cfg: Config, captions: list[str]) -> str:
+    """What decides the frozen encoder's token states: the distinct captions, the encoder's
+    files (or hub id) and its truncation length."""
+    h = hashlib.sha256(json.dumps({"encoder": _text_encoder_digest(cfg), "name": cfg.model.text.name,
+                                   "max_length": cfg.model.text.max_length}, sort_keys=True).encode())
+    for caption in sorted(set(captions)):
+        h.update(caption.encode("utf-8") + b"\0")
+    return h.hexdigest()[:32]

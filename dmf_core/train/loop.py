@@ -48,6 +48,7 @@ from dmf_core.train.distributed import (
     seed_everything,
 )
 from dmf_core.train.losses import STATS, TERMS, dmf_losses
+from dmf_core.train.precision import cpu_bf16_flags
 from dmf_core.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ def uses_attributes(cfg: Config, stage: Stage) -> bool:
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """``train.precision``; ``auto`` is bf16 on CUDA and fp32 on a CPU for now, even one with
+    native bf16 (:mod:`dmf_core.train.precision` detects it and the run facts record it): bf16
+    on such a CPU becomes the default once its accuracy is measured over seeds."""
     p = cfg.train.precision
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -333,6 +337,35 @@ def resume(run: Run) -> None:
     log.info("resuming %s from %s at epoch %d/%d", run.stage, path, run.start_epoch, run.st.epochs)
 
 
+KEEP_CAPTION_STATES = 3  # caption sets whose token states stay on disk (the most recent ones)
+
+
+def warm_caption_states(run: Run, captions: list[str]) -> None:
+    """The frozen encoder's token states of every caption: read from ``caption_states/`` next to
+    the work dir (``runs/caption_states/``, not a DVC output) when the same captions were encoded
+    by the same encoder before (a `dvc exp run` that changes no caption does not encode one
+    again), else computed and written there by rank 0."""
+    from dmf_core.train.fingerprint import caption_states_key
+
+    t0 = time.perf_counter()
+    folder = run.work_dir.parent / "caption_states"
+    path = folder / f"{caption_states_key(run.cfg, captions)}.pt"
+    if path.is_file():
+        try:
+            loaded = run.cache.load(path)
+            log.info("caption token states: %d captions read from %s in %.1f s", loaded, path,
+                     time.perf_counter() - t0)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # a torn or foreign file: recompute
+            log.warning("%s: unreadable (%s); encoding the captions again", path, exc)
+    run.cache.warm(captions, progress=run.dist.is_main)
+    if run.dist.is_main and run.cache.computed:
+        run.cache.save(path)
+        for old in sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)[:-KEEP_CAPTION_STATES]:
+            old.unlink(missing_ok=True)
+    log.info("caption token states: %d distinct captions ready in %.1f s (%d encoded)", len(run.cache),
+             time.perf_counter() - t0, run.cache.computed)
+
+
 def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     device = run.dist.device
     images = batch["image"].to(device, non_blocking=True)
@@ -441,10 +474,12 @@ def stage_metrics(run: Run, started: float) -> dict:
             "world_size": dist.world_size,
             "effective_batch": (run.batch_size or st.P * st.K) * dist.world_size * st.accumulate,
             "precision": run.precision,
+            "cpu_bf16_flags": cpu_bf16_flags(),
             "device": str(dist.device.type),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "with_captions": run.with_text,
+            "captions_encoded": run.cache.computed if run.cache is not None else 0,
             "train_s": round(totals["train_s"], 2),
             "wall_s": round(time.perf_counter() - started, 2),
             "resumed_from_epoch": run.start_epoch,
@@ -531,9 +566,7 @@ def train(
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if run.precision == "bf16"
                 else contextlib.nullcontext())
     if run.cache is not None and data.captions and run.start_epoch < run.st.epochs:
-        t0 = time.perf_counter()
-        run.cache.warm(data.captions, progress=dist.is_main)
-        log.info("caption token states: %d distinct captions in %.1f s", len(run.cache), time.perf_counter() - t0)
+        warm_caption_states(run, data.captions)
 
     tracker = Tracker(cfg.tracking.clearml, cfg.tracking.project, stage, enabled=dist.is_main,
                       config=to_dict(cfg), tags=[stage])
