@@ -78,6 +78,9 @@ class CaptionsConfig:
     viewpoint_words: dict[str, list[float]] = field(default_factory=dict)
     attributes: str | None = None  # attribute file; default: the one next to the dataset
     finegpr_c: str | None = None  # released FineGPR-C COCO-style JSON to use instead
+    # What a generated caption states: the attributes, viewpoint and the conditions (weather,
+    # time of day, scene) ("full"), or the attributes and viewpoint only ("person").
+    content: Literal["full", "person"] = "full"
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ class LossConfig:
     id_weight: float = 1.0
     triplet_weight: float = 1.0
     # Batch-hard triplet on L2-normalised f: hinge max(0, d_ap - d_an + margin), or the soft
-    # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "Collapse").
+    # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "What collapsed, and the fix").
     triplet_margin: float | None = 0.3
     label_smoothing: float = 0.1
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:

@@ -32,7 +32,8 @@ def main(cfg: Config) -> None:
         attributes_file = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
         attributes = read_attributes(attributes_file, on_bad_rows=c.on_bad_rows)
         result = cap.generate_captions(manifest, attributes, per_image=c.per_image, seed=c.seed,
-                                       viewpoint_words=c.viewpoint_words, on_bad_rows=c.on_bad_rows)
+                                       viewpoint_words=c.viewpoint_words, on_bad_rows=c.on_bad_rows,
+                                       content=c.content)
         cap.write_captions(result, out_parquet, out_json)
         metrics = result.metrics
     out = paths.captions_stats_json()  # statistics, not a DVC metric (docs/contracts.md)

@@ -362,3 +362,18 @@ def test_no_torch_import():
     code = ("import sys, dmf_core.data.captions, dmf_core.data.attributes; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_person_content_states_the_identity_and_viewpoint_only(inputs):
+    """captions.content: person leaves the conditions out: no weather, time of day or scene."""
+    man, attrs = inputs
+    res = cap.generate_captions(man, attrs, per_image=2, seed=7, viewpoint_words=cap.DEFAULT_VIEWPOINT_WORDS,
+                                content="person")
+    truth = attrs.set_index("pid")
+    for text, pid in zip(res.captions["caption"].head(200), man.set_index("image_id").loc[
+            res.captions["image_id"].head(200), "pid"]):
+        parsed = cap.parse_caption_attributes(text)
+        assert {k: parsed[k] for k in cap.ATTRIBUTE_COLUMNS} == truth.loc[pid, list(cap.ATTRIBUTE_COLUMNS)].to_dict()
+        assert "viewpoint" in parsed and not {"weather", "illumination", "scene"} & set(parsed), text
+    with pytest.raises(ValueError, match="captions.content"):
+        cap.generate_captions(man, attrs, per_image=1, seed=0, content="weather")

@@ -1,4 +1,4 @@
-"""What the controls of the caption experiments change (docs/training.md, "Controls").
+"""What the controls of the caption experiments change (docs/training.md, "Losses").
 
 * Shuffled captions: every identity reads the captions of another identity (a derangement), so
   the caption path keeps its form and its amount of supervision but says nothing true.

@@ -241,6 +241,18 @@ TEMPLATES: tuple[str, ...] = (
     "{View}, {subj} {wt} {scene}. {Pron} has {hair} hair and is dressed in {upper} and {lower} with {shoes}; "
     "{pron} {acc_clause}.",
 )
+#: Templates that state the identity's attributes and the viewpoint only, no weather, time of
+#: day or scene (``captions.content: person``): the conditions a re-ID feature should ignore.
+PERSON_TEMPLATES: tuple[str, ...] = (
+    "{Subj} in {upper} and {lower} and {shoes}, {hair_with}, {acc_with}, {dmf_view}.",
+    "There is {subj} {hair_with}, who wears {upper}, {lower} and {shoes}, {view}; {this_person} also {acc_clause}.",
+    "{View}, {subj}, who has {hair} hair, wears {upper}, {lower} and {shoes}; {this_person} also {acc_clause}.",
+    "{Subj} {hair_with} is {view}. {Pron} wears {upper}, {lower} and {shoes}. {Pron} {acc_clause}.",
+    "{Subj} {hair_with}, {view}: {upper}, {lower}, {shoes}, {acc_with}.",
+    "{View}, {subj}. {Pron} has {hair} hair and is dressed in {upper} and {lower} with {shoes}; "
+    "{pron} {acc_clause}.",
+)
+TEMPLATE_SETS = {"full": TEMPLATES, "person": PERSON_TEMPLATES}
 _PERSON_SLOTS = {"subj", "hair", "hair_with", "upper", "lower", "shoes", "acc_with", "acc_clause", "pron",
                  "this_person"}
 _CONDITION_SLOTS = {"wt", "scene", "view", "dmf_bg", "dmf_view"}
@@ -438,7 +450,8 @@ def _conditions(manifest: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarr
 
 def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_image: int, seed: int,
                       viewpoint_words: dict[str, list[float]] | None = None,
-                      on_bad_rows: str = "fail", metrics_sample: int = 2000) -> CaptionResult:
+                      on_bad_rows: str = "fail", metrics_sample: int = 2000,
+                      content: str = "full") -> CaptionResult:
     """Caption every image of a FineGPR-layout manifest from its identity's attributes and its conditions.
 
     ``manifest`` needs image_id and pid, plus viewpoint/weather/illumination/scene (1-based codes)
@@ -451,6 +464,8 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
         raise ValueError(f"captions.on_bad_rows: expected 'fail' or 'skip', got {on_bad_rows!r}")
     if per_image < 1:
         raise ValueError(f"captions.per_image: expected >= 1, got {per_image}")
+    if content not in TEMPLATE_SETS:
+        raise ValueError(f"captions.content: expected one of {sorted(TEMPLATE_SETS)}, got {content!r}")
     for col in ("image_id", "pid"):
         if col not in manifest.columns:
             raise CaptionInputError(f"manifest: missing column {col!r} (have {list(manifest.columns)})")
@@ -532,7 +547,7 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
     combo = ((view_word * 7 + (we - 1)) * 7 + (il - 1)) * 2 + scene_type  # index into condition table
 
     # --- phrase tables -------------------------------------------------------------------------
-    compiled = [compile_template(t) for t in TEMPLATES]
+    compiled = [compile_template(t) for t in TEMPLATE_SETS[content]]
     n_t = len(compiled)
     attr_records = attrs[list(ATTRIBUTE_COLUMNS)].astype(int).to_dict("records")
     pieces: list[str] = [""]

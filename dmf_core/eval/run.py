@@ -80,21 +80,23 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)
     splits = TargetSplits(cfg, target)
-    model, meta = load_model(paths.row_model_dir(source))
+    model, _ = load_model(paths.row_model_dir(source))
     feats = _features(model, splits, cfg.evaluate.flip)
     result, _ = _rank(cfg, feats, splits)
 
     # the untrained reference: the same architecture at its initialisation (seeded random
-    # weights, or model.image.pretrained, e.g. ImageNet, where that is set)
+    # weights, or model.image.pretrained where that is set). One class whatever the row: the
+    # classifier's size moves the random draws of the projection, and the reference must be the
+    # same model for every row of the matrix.
     torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg, num_classes=max(1, int(meta.get("num_classes", 1))), with_text=False)
+    untrained = build_model(cfg, num_classes=1, with_text=False)
     untrained_result, _ = _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)
 
     q_pids, _ = splits.ids("query")
     g_pids, _ = splits.ids("gallery")
     record = result.summary()  # the five numbers of a cell that DVC diffs
     record["untrained"] = untrained_result.summary()
-    record["untrained_init"] = (f"ImageNet-pretrained ViT ({Path(cfg.model.image.pretrained).name})"
+    record["untrained_init"] = (f"the model.image.pretrained weights ({Path(cfg.model.image.pretrained).name})"
                                 if cfg.model.image.pretrained else "random weights")
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))

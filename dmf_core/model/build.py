@@ -109,7 +109,7 @@ class DMFModel(nn.Module):
 
         Not f itself: f carries a component common to every image (the fusion CLS before its
         LayerNorm), which leaves f of different people at cosine ~0.999; BN removes it
-        (docs/training.md, "Collapse")."""
+        (docs/training.md, "What collapsed, and the fix")."""
         return self.head.bnneck(self.encode_images(images))
 
     def encode_text_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

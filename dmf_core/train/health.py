@@ -2,7 +2,7 @@
 
 A collapsed feature space has every image pointing the same way: the mean cosine between images
 of different identities goes to 1 and ranked lists turn into near-ties. The numbers here say
-whether that happened (docs/training.md, "Collapse"):
+whether that happened (docs/training.md, "What collapsed, and the fix"):
 
 * ``cosine_other_id`` / ``cosine_same_id``: mean cosine of f between images of different / of
   the same identity (pairs of distinct images);

@@ -1,7 +1,7 @@
 """Re-ID losses: label-smoothed ID cross-entropy, batch-hard triplet on normalised features, the
 identity-aware image<->caption contrastive term, and the attribute head's cross-entropy.
 
-Why this formulation (evidence in docs/training.md, "Collapse" and "Captions as teachers"):
+Why this formulation (evidence in docs/training.md, "Does caption fusion make features transfer?"):
 the triplet sees L2-normalised f (on BN(f) it transfers far worse); the contrastive term sees
 the retrieval feature, BN(f) of each modality's own BNNeck, which removes the component common
 to every image or every caption; captions have their own BNNeck (no statistics mixed across
