@@ -75,11 +75,11 @@ def profile(source: str, target: str, params: str) -> list[dict]:
 
     model_dir = paths.row_model_dir(source)
     if (model_dir / "model.safetensors").is_file():
-        model, meta = load_model(model_dir)
+        model, _ = load_model(model_dir)
         steps.done("load trained model", str(model_dir))
     else:
         torch.manual_seed(cfg.seed)
-        model, meta = build_model(cfg, num_classes=1, with_text=False), {"num_classes": 1}
+        model = build_model(cfg, num_classes=1, with_text=False)
         steps.done("load trained model", f"{model_dir} missing: untrained build instead")
     feats = run._features(model, splits, cfg.evaluate.flip)
     steps.done("features (trained)", f"{n_q + n_g} images, batch {cfg.evaluate.batch_size}")
@@ -87,7 +87,7 @@ def profile(source: str, target: str, params: str) -> list[dict]:
     steps.done("ranking (trained)", f"rank-1 {100 * float(result.cmc[0]):.1f}, {result.extra}")
 
     torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg, num_classes=max(1, int(meta.get("num_classes", 1))), with_text=False)
+    untrained = build_model(cfg, num_classes=1, with_text=False)  # as evaluate_cell (pretrain row only)
     steps.done("build untrained model")
     untrained_feats = run._features(untrained, splits, cfg.evaluate.flip)
     steps.done("features (untrained)")

@@ -97,6 +97,14 @@ def test_matrix_outputs(tmp_path):
         build_matrix({})
 
 
+def test_the_untrained_reference_of_the_pretrain_row_serves_every_row():
+    fine = {k: v for k, v in _record(50.0, 30.0).items() if k != "untrained"}
+    matrix = build_matrix({("pretrain", "x"): {**_record(40.0, 20.0), "untrained_init": "random weights"},
+                           ("a", "x"): fine})
+    assert matrix["cells"]["a"]["x"]["untrained"] == matrix["cells"]["pretrain"]["x"]["untrained"]
+    assert matrix["untrained_cross_domain"]["a"]["rank1"] == 4.0 and matrix["untrained_init"] == "random weights"
+
+
 def test_a_cell_that_is_no_transfer_result_is_flagged_and_left_out_of_the_means():
     results = {("a", "x"): _record(50.0, 30.0), ("a", "y"): _record(70.0, 90.0)}
     matrix = build_matrix(results, not_transfer={("a", "y"): "a's training images hold y's test images"})

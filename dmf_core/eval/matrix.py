@@ -57,7 +57,8 @@ def _mean(cells: list[dict]) -> dict:
 def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[str, str], str] | None = None) -> dict:
     """The whole matrix (``reports/eval_matrix.json``), values in percent::
 
-        {"sources": rows ("pretrain" first), "targets", "cells": {row: {target: {rank1.., "untrained": {..},
+        {"sources": rows ("pretrain" first), "targets", "cells": {row: {target: {rank1.., "untrained": {..}
+         (from the cell, else from the pretrain row's cell of that target),
          "num_query", "num_gallery", "num_valid_query"[, "not_transfer": reason]}}},
          "cross_domain": {row: five means over target != row (every target for pretrain)},
          "in_domain": {row: the five of target == row}, "untrained_cross_domain": {...}, "untrained_init"}
@@ -71,16 +72,19 @@ def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[
     rows = _row_order({s for s, _ in results})
     targets = sorted({t for _, t in results})
     cells: dict[str, dict] = {r: {} for r in rows}
+    # the untrained reference is one model for every row: the pretrain row's cells carry it
+    shared_untrained = {t: rec["untrained"] for (s, t), rec in results.items() if s == PRETRAIN_ROW and "untrained" in rec}
     inits = set()
     for (s, t), rec in sorted(results.items()):
         cell = _pick(rec)
-        cell["untrained"] = _pick(rec.get("untrained"))
+        cell["untrained"] = _pick(rec.get("untrained") or shared_untrained.get(t))
         for extra in ("num_query", "num_gallery", "num_valid_query"):
             if extra in rec:
                 cell[extra] = rec[extra]
         if (s, t) in not_transfer:
             cell["not_transfer"] = not_transfer[(s, t)]
-        inits.add(rec.get("untrained_init", "random weights"))
+        if "untrained_init" in rec:
+            inits.add(rec["untrained_init"])
         cells[s][t] = cell
 
     def cross(row: str) -> list[dict]:
@@ -90,7 +94,7 @@ def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[
             "cross_domain": {r: _mean(cross(r)) for r in rows},
             "in_domain": {r: _pick(cells[r][r]) for r in rows if r in cells[r]},
             "untrained_cross_domain": {r: _mean([c["untrained"] for c in cross(r) if c["untrained"]]) for r in rows},
-            "untrained_init": " / ".join(sorted(inits))}
+            "untrained_init": " / ".join(sorted(inits)) or "random weights"}
 
 
 #: The numbers of a cell that DVC diffs (the rest stays in the whole matrix).

@@ -71,10 +71,9 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     and the ranked list.
 
     The record (``reports/eval/<source>__<target>.json``) holds only what the inputs decide: the
-    five numbers, the untrained reference, the counts. Versions and timings go to the run facts
-    (``reports/facts/evaluate/<source>__<target>.json``)."""
+    five numbers, the counts and, in the ``pretrain`` row, the untrained reference. Versions and
+    timings go to the run facts (``reports/facts/evaluate/<source>__<target>.json``)."""
     from dmf_core.eval.matrix import write_cmc_tsv
-    from dmf_core.model.build import build_model
     from dmf_core.train.checkpoint import load_model
 
     started = time.perf_counter()
@@ -84,20 +83,14 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     feats = _features(model, splits, cfg.evaluate.flip)
     result, _ = _rank(cfg, feats, splits)
 
-    # the untrained reference: the same architecture at its initialisation (seeded random
-    # weights, or model.image.pretrained where that is set). One class whatever the row: the
-    # classifier's size moves the random draws of the projection, and the reference must be the
-    # same model for every row of the matrix.
-    torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg, num_classes=1, with_text=False)
-    untrained_result, _ = _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)
-
+    untrained = _untrained_reference(cfg, splits) if source == paths.PRETRAIN_ROW else None
     q_pids, _ = splits.ids("query")
     g_pids, _ = splits.ids("gallery")
     record = result.summary()  # the five numbers of a cell that DVC diffs
-    record["untrained"] = untrained_result.summary()
-    record["untrained_init"] = (f"the model.image.pretrained weights ({Path(cfg.model.image.pretrained).name})"
-                                if cfg.model.image.pretrained else "random weights")
+    if untrained is not None:
+        record["untrained"] = untrained
+        record["untrained_init"] = (f"the model.image.pretrained weights ({Path(cfg.model.image.pretrained).name})"
+                                    if cfg.model.image.pretrained else "random weights")
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))
 
@@ -111,9 +104,20 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
         "source": source, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
         "flip": cfg.evaluate.flip, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(time.perf_counter() - started, 1)})
-    log.info("%s -> %s: rank-1 %.1f mAP %.1f (untrained: %.1f / %.1f)", source, target,
-             record["rank1"], record["mAP"], record["untrained"]["rank1"], record["untrained"]["mAP"])
+    log.info("%s -> %s: rank-1 %.1f mAP %.1f", source, target, record["rank1"], record["mAP"])
     return record
+
+
+def _untrained_reference(cfg: Config, splits: TargetSplits) -> dict:
+    """The five numbers of the same architecture at its initialisation (seeded random weights,
+    or model.image.pretrained where that is set) on this target. It is one model for every row
+    of the matrix (one class: the classifier's size would move the random draws of the
+    projection), so only the ``pretrain`` row's cell computes it and the report shares it."""
+    from dmf_core.model.build import build_model
+
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg, num_classes=1, with_text=False)
+    return _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)[0].summary()
 
 
 def _write_json(path: Path, record: dict) -> None:
