@@ -42,16 +42,16 @@ def cosine_statistics(feats: torch.Tensor, pids: np.ndarray) -> dict[str, float]
 
 def retrieval_map(query: torch.Tensor, query_pids: np.ndarray, gallery: torch.Tensor,
                   gallery_pids: np.ndarray) -> float:
-    """mAP (percent) of cosine retrieval, every gallery entry of the query's identity a match."""
-    sim = F.normalize(query.double(), dim=1) @ F.normalize(gallery.double(), dim=1).t()
-    order = torch.argsort(sim, dim=1, descending=True).numpy()
-    matches = np.asarray(gallery_pids)[order] == np.asarray(query_pids)[:, None]
-    aps = []
-    for row in matches:
-        hits = np.flatnonzero(row)
-        if len(hits):
-            aps.append(float(np.mean(np.arange(1, len(hits) + 1) / (hits + 1))))
-    return round(100.0 * float(np.mean(aps)), 2) if aps else float("nan")
+    """mAP (percent) of cosine retrieval with the evaluation's own ranker, every gallery entry of
+    the query's identity a match (query and gallery on different "cameras", so none is left out)."""
+    from dmf_core.eval.distances import cosine_distance
+    from dmf_core.eval.ranking import evaluate_rank
+
+    dist = cosine_distance(query.float(), gallery.float())
+    q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
+    result = evaluate_rank(dist, q_pids, g_pids, np.zeros(len(q_pids), dtype=np.int64),
+                           np.ones(len(g_pids), dtype=np.int64), max_rank=1)
+    return round(100.0 * float(result.mAP), 2)
 
 
 @torch.no_grad()
