@@ -8,7 +8,9 @@ Arms (each a set of `dvc exp run -S` overrides):
 * ``attributes``  -- control: the 13 attributes the captions state, as a classification head on
   the images, no language (is it language, or just attribute supervision?);
 * ``shuffled``    -- control: the method, but each identity reads another identity's captions
-  (does caption content matter?).
+  (does caption content matter?);
+* ``shared_person`` -- the method with captions of the person only (attributes and viewpoint, no
+  weather, time of day or scene): which content should teach?
 
 For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
 current DVC project (the data stages re-run only for a new world), and records from
@@ -41,6 +43,7 @@ ARMS: dict[str, list[str]] = {
     "shared": ["fusion.mode=shared"],
     "attributes": ["fusion.mode=attributes"],
     "shuffled": ["fusion.mode=shared", "fusion.captions=shuffled"],
+    "shared_person": ["fusion.mode=shared", "captions.content=person"],
 }
 BASELINE = "image_only"
 # two-sided 95 % quantiles of Student's t, by degrees of freedom
@@ -56,6 +59,17 @@ def _mean_of_rows(matrix: dict, rows: list[str], key: str) -> float:
     return statistics.fmean(matrix["cross_domain"][r][key] for r in rows)
 
 
+def cpu_name() -> str:
+    """The CPU model and its vector extensions: float results, hence runs, differ between CPUs."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({' '.join(isa) or 'no avx2'}), {os.cpu_count()} cores"
+
+
 def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) -> dict:
     """What one finished experiment left in the workspace."""
     matrix = json.loads(Path("reports/eval_matrix.json").read_text())
@@ -63,6 +77,7 @@ def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) ->
     finetuned = [r for r in matrix["sources"] if r != "pretrain"]
     return {
         "world": world, "arm": arm, "seed": seed, "set": sets, "wall_s": round(wall_s, 1),
+        "cpu": cpu_name(),
         "pretrain_mAP": matrix["cross_domain"]["pretrain"]["mAP"],
         "pretrain_rank1": matrix["cross_domain"]["pretrain"]["rank1"],
         "finetuned_mAP": _mean_of_rows(matrix, finetuned, "mAP"),
@@ -130,7 +145,7 @@ def summary(runs: list[dict]) -> str:
 def _save(path: Path, runs: list[dict], command: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": "per run, under cpu",
         "command": command, "runs": runs}, indent=2) + "\n")
 
 

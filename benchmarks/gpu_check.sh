@@ -24,6 +24,12 @@ timeout 200 $bench --stage finetune --compile --loader --steps 40 --warmup 5 --i
 # CUDA graphs (compile mode reduce-overhead): does the launch-bound batch of 64 reach the target?
 timeout 200 $bench --stage finetune --compile reduce-overhead --loader --steps 40 --warmup 5 --ids 256 \
   --per-id 16 --workers 8 --json "$OUT/paper_bf16_cudagraphs.json" 2>&1 | tail -20
+# train.decode=device (workers only read the bytes; nvJPEG + batched augmentation on the GPU):
+# pretraining eager, fine-tuning under CUDA graphs, both with the real loader
+timeout 150 $bench --stage pretrain --decode device --loader --steps 40 --warmup 10 --ids 256 --per-id 16 \
+  --workers 4 --json "$OUT/paper_bf16_pretrain_decode_device.json" 2>&1 | tail -20
+timeout 200 $bench --stage finetune --decode device --compile reduce-overhead --loader --steps 40 --warmup 5 \
+  --ids 256 --per-id 16 --workers 4 --json "$OUT/paper_bf16_cudagraphs_decode_device.json" 2>&1 | tail -20
 # the training loop's CUDA path (bf16 autocast, checkpoints, NaN stop) from the test suite
 timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_train.py \
   -k "image_only or loss_decreases or non_finite" 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"

@@ -9,6 +9,7 @@ its own and loader + step.
     python benchmarks/train_throughput.py                       # params.yaml (the demo), CPU
     python benchmarks/train_throughput.py --profile tiny        # seconds, for a smoke run
     python benchmarks/train_throughput.py --params configs/paper.yaml --device cuda --loader
+    python benchmarks/train_throughput.py --params configs/paper.yaml --device cuda --loader --decode device
     python benchmarks/train_throughput.py --json out.json
 
 Prints one JSON object: device, threads, precision, and per stage images/s.
@@ -123,6 +124,7 @@ def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) 
 
 def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_model, lmdb, caps,
                       text_dim=None) -> dict:
+    from dmf_core.data.device_augment import BatchAugment
     from dmf_core.data.loader import build_train_loader, set_epoch
 
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
@@ -130,7 +132,13 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
     with_text = stage == "pretrain" and cfg.fusion.mode == "shared"
     loader = build_train_loader(lmdb, cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
                                 num_workers=cfg.train.num_workers, captions=caps if with_text else None,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", encoded=cfg.train.decode == "device")
+    on_device = BatchAugment(img.height, img.width, cfg.augment, device) if cfg.train.decode == "device" else None
+
+    def images_of(batch):
+        if on_device is not None:  # train.decode=device: decode + augment here, as the loop does
+            return on_device(batch["encoded"], batch["seed"])
+        return batch["image"].to(device, non_blocking=True)
 
     def batches():
         epoch = 0
@@ -145,7 +153,8 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
     t0 = time.perf_counter()
     n = 0
     for _ in range(steps):
-        n += len(next(it)["image"])
+        n += len(images_of(next(it)))
+    _sync(device)
     alone = n / (time.perf_counter() - t0)
 
     step, model, with_text = step_fn(cfg, stage, device, precision, compile_model, text_dim,
@@ -153,7 +162,7 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
     text_dim = model.text_proj.in_features if with_text else 0
 
     def run(batch):
-        images = batch["image"].to(device, non_blocking=True)
+        images = images_of(batch)
         labels = batch["label"].to(device, non_blocking=True)
         if with_text:  # stand-in for the cached frozen-encoder states
             states = torch.randn(len(images), CAPTION_TOKENS, text_dim, device=device)
@@ -168,7 +177,7 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
     n = 0
     for _ in range(steps):
         batch = next(it)
-        n += len(batch["image"])
+        n += len(batch["label"])
         run(batch)
     _sync(device)
     return {"loader_alone": alone, "loader_and_step": n / (time.perf_counter() - t0)}
@@ -190,6 +199,8 @@ def main() -> None:
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="torch.compile the model (mode; reduce-overhead adds CUDA graphs)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: train.num_workers)")
+    ap.add_argument("--decode", choices=["worker", "device"], default=None,
+                    help="where images are decoded and augmented (default: train.decode)")
     ap.add_argument("--text-dim", type=int, default=None,
                     help="width of the caption states (default: read from the text encoder's config; "
                          "give it where that encoder is not on disk)")
@@ -203,6 +214,8 @@ def main() -> None:
     params["model"]["image"]["pretrained"] = None
     if args.workers is not None:
         params["train"]["num_workers"] = args.workers
+    if args.decode is not None:
+        params["train"]["decode"] = args.decode
     cfg = config_from_dict(params)
     device = torch.device(args.device)
     torch.set_num_threads(cfg.train.threads)
@@ -220,7 +233,7 @@ def main() -> None:
         "vit": f"depth {cfg.model.image.depth} dim {cfg.model.image.dim}",
         "fusion": f"{cfg.fusion.layers}x{cfg.fusion.dim} ({cfg.fusion.mode})",
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "loader_workers": cfg.train.num_workers, "compiled": args.compile,
+        "loader_workers": cfg.train.num_workers, "decode": cfg.train.decode, "compiled": args.compile,
     }
     tmp = None
     if args.loader:

