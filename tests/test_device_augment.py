@@ -58,9 +58,9 @@ def test_device_batch_equals_worker_batch(tmp_path, aug):
         set_epoch(plain, epoch)
         set_epoch(encoded, epoch)
         for a, b in zip(plain, encoded, strict=True):
-            assert "image" not in b and len(b["encoded"]) == len(b["seed"]) == 12
+            assert "image" not in b and len(b["encoded"]) == 12 and b["augment"].shape == (12, 7)
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
-            images = batch_augment(b["encoded"], b["seed"])
+            images = batch_augment(b["encoded"], b["augment"])
             assert images.shape == (12, 3, 48, 24) and images.dtype == torch.float32
             assert torch.equal(images, a["image"])
 
@@ -70,7 +70,7 @@ def test_encoded_batches_with_workers_match(tmp_path):
     _, in_process = loaders(lmdb, Aug())
     _, with_workers = loaders(lmdb, Aug(), workers=2)
     for a, b in zip(in_process, with_workers, strict=True):
-        assert torch.equal(a["seed"], b["seed"])
+        assert torch.equal(a["augment"], b["augment"])
         assert all(torch.equal(x, y) for x, y in zip(a["encoded"], b["encoded"]))
 
 

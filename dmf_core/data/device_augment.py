@@ -6,9 +6,10 @@ ceiling of a step. Here the loader's workers only read the stored bytes (``encod
 with ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and applies resize, flip,
 pad + random crop, normalisation and random erasing as batched tensor operations.
 
-Each image's random choices come from :func:`~dmf_core.data.loader.draw_augment` with a CPU
-generator seeded by the item's own seed, the function and the seed the worker path uses: on the
-CPU both paths give the same tensors bit for bit (tests/test_device_augment.py); on CUDA the
+Each image's random choices are drawn in the workers (cheap, off the training thread) by
+:func:`~dmf_core.data.loader.draw_augment` with a generator seeded by the item's own seed, the
+function and the seed the worker path uses, and travel with the batch as a (B, 7) tensor: on
+the CPU both paths give the same tensors bit for bit (tests/test_device_augment.py); on CUDA the
 decoder and the resize kernels may differ from the CPU's by rounding.
 """
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from dmf_core.data.loader import AugmentDraw, ReidTrainAugment, decode_to_tensor
+from dmf_core.data.loader import ReidTrainAugment, decode_to_tensor
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
@@ -30,8 +31,9 @@ JPEG_MAGIC = b"\xff\xd8"
 
 
 class BatchAugment:
-    """``(encoded, seeds) -> float (B, 3, H, W)`` on ``device``: the training transform of
-    :class:`~dmf_core.data.loader.ReidTrainAugment`, batched."""
+    """``(encoded, augment) -> float (B, 3, H, W)`` on ``device``: the training transform of
+    :class:`~dmf_core.data.loader.ReidTrainAugment`, batched, with the random choices the
+    loader's workers drew."""
 
     def __init__(self, height: int, width: int, augment, device: torch.device | str):
         self.device = torch.device(device)
@@ -68,31 +70,21 @@ class BatchAugment:
             out[idx] = group
         return out
 
-    def draws(self, seeds: torch.Tensor | list[int]) -> list[AugmentDraw]:
-        generator = torch.Generator()
-        draws = []
-        for seed in torch.as_tensor(seeds).tolist():
-            generator.manual_seed(int(seed))
-            draws.append(self.chain.draw(generator))
-        return draws
-
-    def __call__(self, encoded: list[torch.Tensor], seeds: torch.Tensor | list[int]) -> torch.Tensor:
+    def __call__(self, encoded: list[torch.Tensor], augment: torch.Tensor) -> torch.Tensor:
+        """``augment``: (B, 7) int64, each row an :meth:`AugmentDraw.as_tensor` made in the workers."""
         images = self.resize(self.decode(encoded))
-        draws = self.draws(seeds)
         B, (H, W), p = len(images), self.size, self.chain.pad
-        flips = torch.tensor([d.flip for d in draws], device=self.device)
-        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        flip, dy, dx, top, left, h, w = augment.to(self.device).unbind(1)
+        images = torch.where(flip.bool()[:, None, None, None], images.flip(-1), images)
+        ys = torch.arange(H, device=self.device)[None, :]
+        xs = torch.arange(W, device=self.device)[None, :]
         if p > 0:  # pad with 0 and take each image's crop by index
             padded = F.pad(images, (p, p, p, p))
-            rows = torch.tensor([d.dy for d in draws], device=self.device)[:, None] + torch.arange(H, device=self.device)
-            cols = torch.tensor([d.dx for d in draws], device=self.device)[:, None] + torch.arange(W, device=self.device)
+            rows, cols = dy[:, None] + ys, dx[:, None] + xs
             b = torch.arange(B, device=self.device)[:, None, None]
             images = padded[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         out = images.float() * self.scale - self.shift
-        boxes = [(n, d.box) for n, d in enumerate(draws) if d.box is not None]
-        if boxes:
-            erase = torch.zeros((B, H, W), dtype=torch.bool, device=self.device)
-            for n, (i, j, h, w) in boxes:
-                erase[n, i:i + h, j:j + w] = True
-            out = out.masked_fill(erase[:, None], 0.0)
-        return out.contiguous()
+        in_rows = (ys >= top[:, None]) & (ys < (top + h)[:, None])  # no box: h = w = 0, nothing erased
+        in_cols = (xs >= left[:, None]) & (xs < (left + w)[:, None])
+        erase = in_rows[:, :, None] & in_cols[:, None, :]
+        return out.masked_fill(erase[:, None], 0.0).contiguous()

@@ -120,6 +120,10 @@ class AugmentDraw:
     dx: int
     box: tuple[int, int, int, int] | None  # top, left, height, width
 
+    def as_tensor(self) -> torch.Tensor:
+        """int64 [flip, dy, dx, top, left, height, width]; no box: height = width = 0."""
+        return torch.tensor([int(self.flip), self.dy, self.dx, *(self.box or (0, 0, 0, 0))], dtype=torch.int64)
+
 
 def draw_augment(size: tuple[int, int], flip: float, pad: int, erasing: float, erasing_scale: tuple[float, float],
                  log_ratio: tuple[float, float], generator: torch.Generator | None = None) -> AugmentDraw:
@@ -252,7 +256,8 @@ class ReidImageDataset(torch.utils.data.Dataset):
     """One packed split. Item: ``{"image": float 3xHxW, "label", "pid", "camid", "index"}``
     (+ ``"caption": str`` when a :class:`CaptionPicker` is given).
 
-    With ``encoded=True`` an item has ``"encoded"`` (the stored bytes, uint8) and ``"seed"``
+    With ``encoded=True`` (``transform`` a :class:`ReidTrainAugment`) an item has ``"encoded"``
+    (the stored bytes, uint8) and ``"augment"`` (its random choices, :meth:`AugmentDraw.as_tensor`)
     instead of ``"image"``: :class:`~dmf_core.data.device_augment.BatchAugment` decodes and
     augments the batch on the training device.
 
@@ -263,8 +268,9 @@ class ReidImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, lmdb_path: Path, transform, *, captions: CaptionPicker | None = None,
                  expected_meta: dict | None = None, augment_seed: int | None = None, encoded: bool = False):
-        if encoded and augment_seed is None:
-            raise ValueError("encoded items carry their augmentation seed: give augment_seed")
+        if encoded and (augment_seed is None or not isinstance(transform, ReidTrainAugment)):
+            raise ValueError("encoded items carry their augmentation draws: give augment_seed and a "
+                             "ReidTrainAugment")
         self.augment_seed = augment_seed
         self.encoded = encoded
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -331,6 +337,10 @@ class ReidImageDataset(torch.utils.data.Dataset):
         """The seed of item ``i``'s augmentation this epoch (63 bits)."""
         return _mix64(_mix64(_mix64(self.augment_seed & _MASK64) ^ (self.epoch & _MASK64)) ^ i) >> 1
 
+    def augment_draw(self, i: int) -> AugmentDraw:
+        """Item ``i``'s random choices this epoch: the ones :meth:`_augment` makes."""
+        return self.transform.draw(torch.Generator().manual_seed(self.sample_seed(i)))
+
     def _augment(self, image, i: int):
         if self.augment_seed is None:
             return self.transform(image)
@@ -357,7 +367,7 @@ class ReidImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> dict:
         i = int(i)
         if self.encoded:  # decoded and augmented on the device, batched (device_augment.py)
-            item = {"encoded": self.encoded_image(i), "seed": self.sample_seed(i)}
+            item = {"encoded": self.encoded_image(i), "augment": self.augment_draw(i).as_tensor()}
         else:
             image = tv_tensors.Image(self.load_image(i))
             if self.transform is not None:
@@ -401,13 +411,16 @@ def build_train_loader(
     ``num_workers`` and after a resume.
     ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch.
     ``holdout_ids``: the last that many identities (by label) are never drawn.
-    ``encoded``: batches carry the stored bytes (``"encoded"``, a list) and per-image seeds
-    (``"seed"``) instead of ``"image"``, for :class:`~dmf_core.data.device_augment.BatchAugment`."""
+    ``encoded``: batches carry the stored bytes (``"encoded"``, a list) and each image's random
+    choices (``"augment"``, B x 7) instead of ``"image"``, for
+    :class:`~dmf_core.data.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
-    dataset = ReidImageDataset(lmdb_path, build_train_transform(height, width, cfg_augment),
-                               captions=captions, expected_meta=expected_meta, augment_seed=seed,
-                               encoded=encoded)
+    transform = (ReidTrainAugment(height, width, cfg_augment.flip, cfg_augment.pad, cfg_augment.erasing,
+                                  cfg_augment.mean, cfg_augment.std) if encoded
+                 else build_train_transform(height, width, cfg_augment))
+    dataset = ReidImageDataset(lmdb_path, transform, captions=captions, expected_meta=expected_meta,
+                               augment_seed=seed, encoded=encoded)
     kept = dataset.num_classes - int(holdout_ids)
     if holdout_ids and kept < P:
         raise ValueError(f"{lmdb_path}: holding out {holdout_ids} of {dataset.num_classes} identities leaves "

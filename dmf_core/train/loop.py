@@ -377,7 +377,7 @@ def warm_caption_states(run: Run, captions: list[str]) -> None:
 def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     device = run.dist.device
     if run.data.batch_augment is not None:
-        images = run.data.batch_augment(batch["encoded"], batch["seed"])
+        images = run.data.batch_augment(batch["encoded"], batch["augment"])
     else:
         images = batch["image"].to(device, non_blocking=True)
     labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
