@@ -13,7 +13,8 @@ Arms (each a set of `dvc exp run -S` overrides):
   weather, time of day or scene): which content should teach?
 
 For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
-current DVC project (the data stages re-run only for a new world), and records from
+current DVC project (the data stages re-run for a new world, and the captions stage when an arm
+changes `captions.*`), and records from
 ``reports/eval_matrix.json`` and ``metrics/pretrain.json``: the cross-domain mean mAP / rank-1 of
 the ``pretrain`` row and of the fine-tuned rows, caption->image retrieval mAP on held-out
 identities, and the feature health. The JSON is rewritten after every run, and runs already in
@@ -107,6 +108,14 @@ def paired(runs: list[dict], arm: str, key: str) -> list[float]:
             if r["arm"] == arm and (r["world"], r["seed"]) in base]
 
 
+def cross_cpu_pairs(runs: list[dict], arm: str) -> int:
+    """How many of ``arm``'s pairs were run on another CPU than their baseline (float results,
+    hence trajectories, differ between CPUs: such a pair is two seeds, not one)."""
+    base = {(r["world"], r["seed"]): r.get("cpu") for r in runs if r["arm"] == BASELINE}
+    return sum(1 for r in runs if r["arm"] == arm and (r["world"], r["seed"]) in base
+               and base[(r["world"], r["seed"])] != r.get("cpu"))
+
+
 def interval(diffs: list[float]) -> str:
     if len(diffs) < 2:
         return f"{diffs[0]:+.2f} (1 pair)" if diffs else "-"
@@ -139,6 +148,11 @@ def summary(runs: list[dict]) -> str:
                 f"{interval(paired(at, arm, 'pretrain_mAP')) if diff else '-'} | "
                 f"{interval(paired(at, arm, 'finetuned_mAP')) if diff else '-'} | "
                 f"{_ms([r['caption_to_image_mAP'] for r in rs])} |")
+    mixed = [f"{arm} (world {w}): {n}" for w in sorted({r["world"] for r in runs})
+             for arm in ARMS if arm != BASELINE
+             for n in [cross_cpu_pairs([r for r in runs if r["world"] == w], arm)] if n]
+    if mixed:
+        lines.append("\nPairs whose two runs ran on different CPUs: " + ", ".join(mixed))
     return "\n".join(lines)
 
 

@@ -30,6 +30,6 @@ timeout 150 $bench --stage pretrain --decode device --loader --steps 40 --warmup
   --workers 4 --json "$OUT/paper_bf16_pretrain_decode_device.json" 2>&1 | tail -20
 timeout 200 $bench --stage finetune --decode device --compile reduce-overhead --loader --steps 40 --warmup 5 \
   --ids 256 --per-id 16 --workers 4 --json "$OUT/paper_bf16_cudagraphs_decode_device.json" 2>&1 | tail -20
-# the training loop's CUDA path (bf16 autocast, checkpoints, NaN stop) from the test suite
-timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_train.py \
-  -k "image_only or loss_decreases or non_finite" 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
+# the training loop's CUDA path (bf16 autocast, checkpoints, NaN stop) and nvJPEG against the CPU decoder
+timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_train.py tests/test_device_augment.py \
+  -k "image_only or loss_decreases or non_finite or cuda_batch" 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"

@@ -137,7 +137,7 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
 
     def images_of(batch):
         if on_device is not None:  # train.decode=device: decode + augment here, as the loop does
-            return on_device(batch["encoded"], batch["augment"])
+            return on_device(batch)
         return batch["image"].to(device, non_blocking=True)
 
     def batches():

@@ -26,16 +26,29 @@ class Aug:  # the fields of dmf_core.config.AugmentConfig
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
-def make_split(tmp, sizes=((40, 20),), png_every=0):
+def save_image(path, arr, kind: str) -> None:
+    """kind: rgb | gray | cmyk | progressive (JPEGs) or png."""
+    image = Image.fromarray(arr)
+    if kind == "gray":
+        image.convert("L").save(path, "JPEG")
+    elif kind == "cmyk":
+        image.convert("CMYK").save(path, "JPEG")
+    elif kind == "progressive":
+        image.save(path, "JPEG", progressive=True, quality=90)
+    else:
+        image.save(path, "PNG" if kind == "png" else "JPEG")
+
+
+def make_split(tmp, sizes=((40, 20),), kinds=("rgb",)):
     rng = np.random.default_rng(1)
     root, rows = tmp / "raw", []
     root.mkdir(parents=True)
     for pid in range(6):
         for n in range(4):
             h, w = sizes[(pid + n) % len(sizes)]
-            png = png_every and (pid * 4 + n) % png_every == 0
-            rel = f"{pid:04d}_c{n % 2}_{n:02d}.{'png' if png else 'jpg'}"
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / rel)
+            kind = kinds[(pid * 4 + n) % len(kinds)]
+            rel = f"{pid:04d}_c{n % 2}_{n:02d}.{'png' if kind == 'png' else 'jpg'}"
+            save_image(root / rel, rng.integers(0, 255, (h, w, 3), dtype=np.uint8), kind)
             rows.append({"image_id": rel, "split": "train", "pid": pid, "camid": n % 2, "dataset": "t"})
     out = tmp / "t-train.lmdb"
     pack_split(pd.DataFrame(rows), root, out, relabel=True, params_fingerprint={"resize": None})
@@ -51,16 +64,18 @@ def loaders(lmdb, aug, workers=0):
 @pytest.mark.parametrize("aug", [Aug(), Aug(flip=1.0, erasing=1.0), Aug(flip=0.0, pad=0, erasing=0.0)],
                          ids=["default", "always", "never"])
 def test_device_batch_equals_worker_batch(tmp_path, aug):
-    lmdb = make_split(tmp_path, sizes=((40, 20), (48, 24), (60, 30)), png_every=5)
+    lmdb = make_split(tmp_path, sizes=((40, 20), (48, 24), (60, 30)),
+                      kinds=("rgb", "gray", "rgb", "cmyk", "png", "progressive", "rgb"))
     plain, encoded = loaders(lmdb, aug)
     batch_augment = BatchAugment(48, 24, aug, "cpu")
     for epoch in (0, 1):
         set_epoch(plain, epoch)
         set_epoch(encoded, epoch)
         for a, b in zip(plain, encoded, strict=True):
-            assert "image" not in b and len(b["encoded"]) == 12 and b["augment"].shape == (12, 7)
+            assert "image" not in b and len(b["encoded_lengths"]) == 12 and b["augment"].shape == (12, 7)
+            assert b["encoded"].dtype == torch.uint8 and len(b["encoded"]) == int(b["encoded_lengths"].sum())
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
-            images = batch_augment(b["encoded"], b["augment"])
+            images = batch_augment(b)
             assert images.shape == (12, 3, 48, 24) and images.dtype == torch.float32
             assert torch.equal(images, a["image"])
 
@@ -70,8 +85,8 @@ def test_encoded_batches_with_workers_match(tmp_path):
     _, in_process = loaders(lmdb, Aug())
     _, with_workers = loaders(lmdb, Aug(), workers=2)
     for a, b in zip(in_process, with_workers, strict=True):
-        assert torch.equal(a["augment"], b["augment"])
-        assert all(torch.equal(x, y) for x, y in zip(a["encoded"], b["encoded"]))
+        for key in ("augment", "encoded", "encoded_lengths"):
+            assert torch.equal(a[key], b[key])
 
 
 def test_encoded_item_refuses_a_bomb_before_decoding(tmp_path):
@@ -84,3 +99,29 @@ def test_encoded_item_refuses_a_bomb_before_decoding(tmp_path):
             next(iter(encoded))
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_an_image_no_decoder_reads_is_named(tmp_path):
+    lmdb = make_split(tmp_path)
+    _, encoded = loaders(lmdb, Aug())
+    batch = next(iter(encoded))
+    lengths = batch["encoded_lengths"].tolist()
+    flat = batch["encoded"].clone()
+    start = sum(lengths[:3])
+    flat[start + 200:start + lengths[3]] = 0  # image 3: a JPEG header over garbage
+    batch["encoded"] = flat
+    names = {int(i): f"t-train.lmdb: image {int(i)}" for i in batch["index"]}
+    with pytest.raises(ValueError, match=f"image {int(batch['index'][3])}: does not decode"):
+        BatchAugment(48, 24, Aug(), "cpu", name_of=names.__getitem__)(batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
+def test_cuda_batch_is_close_to_the_cpu_batch(tmp_path):
+    lmdb = make_split(tmp_path, sizes=((40, 20), (60, 30)), kinds=("rgb", "gray", "cmyk", "progressive"))
+    _, encoded = loaders(lmdb, Aug())
+    std = torch.tensor(Aug().std).view(1, 3, 1, 1)
+    for batch in encoded:
+        on_cpu = BatchAugment(48, 24, Aug(), "cpu")(batch)
+        on_gpu = BatchAugment(48, 24, Aug(), "cuda")(batch).cpu()
+        levels = ((on_gpu - on_cpu) * std * 255).abs()  # in 8-bit grey levels
+        assert float(levels.mean()) < 1.0 and float(levels.max()) <= 24.0

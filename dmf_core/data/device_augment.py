@@ -4,7 +4,8 @@ On a GPU the CPU workers that decode JPEGs and augment them one image at a time 
 ceiling of a step. Here the loader's workers only read the stored bytes (``encoded=True`` in
 :func:`~dmf_core.data.loader.build_train_loader`); :class:`BatchAugment` decodes the whole batch
 with ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and applies resize, flip,
-pad + random crop, normalisation and random erasing as batched tensor operations.
+pad + random crop, normalisation and random erasing as batched tensor operations. The
+workers send one flat byte tensor per batch (not one per image: fewer shared-memory segments).
 
 Each image's random choices are drawn in the workers (cheap, off the training thread) by
 :func:`~dmf_core.data.loader.draw_augment` with a generator seeded by the item's own seed, the
@@ -15,7 +16,9 @@ decoder and the resize kernels may differ from the CPU's by rounding.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,53 +31,78 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 JPEG_MAGIC = b"\xff\xd8"
+log = logging.getLogger(__name__)
 
 
 class BatchAugment:
-    """``(encoded, augment) -> float (B, 3, H, W)`` on ``device``: the training transform of
+    """``batch -> float (B, 3, H, W)`` on ``device``: the training transform of
     :class:`~dmf_core.data.loader.ReidTrainAugment`, batched, with the random choices the
-    loader's workers drew."""
+    loader's workers drew. ``batch`` is what an ``encoded=True`` loader yields: ``encoded`` (every
+    image's stored bytes, concatenated), ``encoded_lengths``, ``augment`` (B x 7) and ``index``;
+    ``name_of(index)`` names an image in a decode error."""
 
-    def __init__(self, height: int, width: int, augment, device: torch.device | str):
+    def __init__(self, height: int, width: int, augment, device: torch.device | str,
+                 name_of: Callable[[int], str] | None = None):
         self.device = torch.device(device)
         self.chain = ReidTrainAugment(height, width, augment.flip, augment.pad, augment.erasing,
                                       augment.mean, augment.std)
         self.size = self.chain.size
         self.scale = self.chain.scale.to(self.device)
         self.shift = self.chain.shift.to(self.device)
+        self.name_of = name_of or (lambda index: f"training image {index}")
+        self._warned_cpu = False
 
-    def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 3xHxW per image on the device; what is not a JPEG is decoded on the CPU."""
-        jpeg = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+    def decode(self, encoded: list[torch.Tensor], index: list[int]) -> list[torch.Tensor]:
+        """uint8 3xHxW per image on the device. JPEGs in one batched call; what that decoder
+        refuses, and what is not a JPEG, one by one through the worker path's decoder."""
+        jpeg = [k for k, data in enumerate(encoded) if data[:2].numpy().tobytes() == JPEG_MAGIC]
         out: list[torch.Tensor | None] = [None] * len(encoded)
-        if jpeg:
-            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-            for i, image in zip(jpeg, decoded):
-                out[i] = image
-        for i, image in enumerate(out):
+        if self.device.type == "cuda":
+            # nvJPEG decodes on its own stream into memory allocated on ours, without waiting
+            # for it: kernels still queued from the last step could be using those blocks.
+            torch.cuda.current_stream(self.device).synchronize()
+        try:
+            decoded = decode_jpeg([encoded[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device) if jpeg else []
+        except RuntimeError:
+            decoded = [None] * len(jpeg)  # one bad image fails the whole call: retry one by one below
+        for k, image in zip(jpeg, decoded):
+            out[k] = image
+        for k, image in enumerate(out):
             if image is None:
-                out[i] = decode_to_tensor(bytes(encoded[i].tolist())).to(self.device)
+                out[k] = self._decode_one(encoded[k], index[k], is_jpeg=k in jpeg)
         return out
+
+    def _decode_one(self, data: torch.Tensor, index: int, is_jpeg: bool) -> torch.Tensor:
+        if is_jpeg:
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                pass
+        if not self._warned_cpu:
+            log.warning("train.decode=device: %s is decoded on the CPU (not a JPEG, or refused by the device's "
+                        "decoder); with many such images train.decode=worker is faster", self.name_of(index))
+            self._warned_cpu = True
+        return decode_to_tensor(data.numpy().tobytes(), self.name_of(index)).to(self.device)
 
     def resize(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One uint8 (B, 3, H, W) batch at the model's size (images of one size in one call)."""
         H, W = self.size
         out = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
         by_size: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+        for k, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
         for size, idx in by_size.items():
-            group = torch.stack([images[i] for i in idx])
+            group = torch.stack([images[k] for k in idx])
             if size != (H, W):
                 group = v2.functional.resize(group, [H, W], antialias=True)
             out[idx] = group
         return out
 
-    def __call__(self, encoded: list[torch.Tensor], augment: torch.Tensor) -> torch.Tensor:
-        """``augment``: (B, 7) int64, each row an :meth:`AugmentDraw.as_tensor` made in the workers."""
-        images = self.resize(self.decode(encoded))
+    def __call__(self, batch: dict) -> torch.Tensor:
+        encoded = list(batch["encoded"].split(batch["encoded_lengths"].tolist()))
+        images = self.resize(self.decode(encoded, batch["index"].tolist()))
         B, (H, W), p = len(images), self.size, self.chain.pad
-        flip, dy, dx, top, left, h, w = augment.to(self.device).unbind(1)
+        flip, dy, dx, top, left, h, w = batch["augment"].to(self.device).unbind(1)
         images = torch.where(flip.bool()[:, None, None, None], images.flip(-1), images)
         ys = torch.arange(H, device=self.device)[None, :]
         xs = torch.arange(W, device=self.device)[None, :]

@@ -60,7 +60,10 @@ def decode_to_tensor(data: bytes, name: str = "image") -> torch.Tensor:
     try:
         return _tv_decode(buf, mode=ImageReadMode.RGB)
     except RuntimeError:
-        header.load()
+        try:
+            header.load()
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises on truncated or garbled data
+            raise ValueError(f"{name}: does not decode ({exc.__class__.__name__}: {exc})") from exc
         im = header if header.mode == "RGB" else header.convert("RGB")
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -357,11 +360,14 @@ class ReidImageDataset(torch.utils.data.Dataset):
         DecompressionBombError naming the LMDB and the image_id)."""
         return decode_to_tensor(self.reader.get_bytes(i), f"{self.path}: {self._image_ids[i]}")
 
+    def image_name(self, i: int) -> str:
+        return f"{self.path}: {self._image_ids[int(i)]}"
+
     def encoded_image(self, i: int) -> torch.Tensor:
         """The stored bytes of image ``i`` as a uint8 tensor, for decoding on the training device;
         the header is checked against PIL's pixel limit first, as for :meth:`load_image`."""
         data = self.reader.get_bytes(i)
-        open_checked(data, f"{self.path}: {self._image_ids[i]}")
+        open_checked(data, self.image_name(i))
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def __getitem__(self, i) -> dict:
@@ -411,8 +417,8 @@ def build_train_loader(
     ``num_workers`` and after a resume.
     ``captions`` (picker or captions parquet path) adds a ``"caption"`` list to each batch.
     ``holdout_ids``: the last that many identities (by label) are never drawn.
-    ``encoded``: batches carry the stored bytes (``"encoded"``, a list) and each image's random
-    choices (``"augment"``, B x 7) instead of ``"image"``, for
+    ``encoded``: batches carry the stored bytes (``"encoded"``, flat, and ``"encoded_lengths"``)
+    and each image's random choices (``"augment"``, B x 7) instead of ``"image"``, for
     :class:`~dmf_core.data.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
@@ -439,10 +445,12 @@ def build_train_loader(
 
 
 def collate_encoded(items: list[dict]) -> dict:
-    """Default collation, except the encoded images: a list (their lengths differ)."""
+    """Default collation, except the encoded images (their lengths differ): one flat uint8
+    tensor ``encoded`` and ``encoded_lengths``; ``encoded.split(lengths.tolist())`` gives them back."""
     encoded = [item.pop("encoded") for item in items]
     batch = torch.utils.data.default_collate(items)
-    batch["encoded"] = encoded
+    batch["encoded"] = torch.cat(encoded)
+    batch["encoded_lengths"] = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
     return batch
 
 

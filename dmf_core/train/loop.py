@@ -87,7 +87,7 @@ class StageData:
     attribute_table: Any = None
     health: Iterable[dict] | None = None
     health_captions: list[str] | None = None
-    batch_augment: Any = None  # train.decode=device: (encoded, seeds) -> images on the device
+    batch_augment: Any = None  # train.decode=device: batch of bytes + augment draws -> images on the device
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -157,7 +157,8 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
     if cfg.train.decode == "device":
         from dmf_core.data.device_augment import BatchAugment
 
-        data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device)
+        data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device,
+                                          name_of=dataset.image_name)
     data.health, held_out = _health_images(cfg, stage, dataset, dataset_name, holdout)
     if picker is not None and dist.is_main:
         data.inputs["captions"] = file_sha256(captions_parquet)
@@ -377,7 +378,7 @@ def warm_caption_states(run: Run, captions: list[str]) -> None:
 def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     device = run.dist.device
     if run.data.batch_augment is not None:
-        images = run.data.batch_augment(batch["encoded"], batch["augment"])
+        images = run.data.batch_augment(batch)
     else:
         images = batch["image"].to(device, non_blocking=True)
     labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
