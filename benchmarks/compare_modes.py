@@ -94,6 +94,10 @@ def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) ->
 def run_experiment(world: int, arm: str, seed: int, extra: list[str]) -> dict:
     sets = [f"seed={seed}", f"synth.seed={world}", *ARMS[arm], *extra]
     cmd = ["dvc", "exp", "run", *(arg for s in sets for arg in ("-S", s))]
+    # `-S` edits the workspace's params.yaml, which still holds the previous experiment's values:
+    # without this an arm would inherit the knobs of the arm before it (fusion.captions=shuffled
+    # into the attribute control, captions.content=person into the next world)
+    subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], check=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
