@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _augment import Aug
 from PIL import Image
 
 from dmf_core.data.lmdb_store import pack_split
@@ -27,13 +27,6 @@ from dmf_core.data.loader import (
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
 
-@dataclass(frozen=True)
-class Aug:  # the fields of dmf_core.config.AugmentConfig
-    flip: float = 0.5
-    pad: int = 4
-    erasing: float = 0.5
-    mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
 def make_split(tmp: Path, ids: int = 8, per_id: int = 6, captions: bool = True, png: bool = False):
