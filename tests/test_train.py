@@ -16,6 +16,7 @@ import torch
 
 from dmf_core.config import config_from_dict
 from dmf_core.data.sampler import PKSampler
+from dmf_core.model.build import build_model
 from dmf_core.train import checkpoint as ckpt
 from dmf_core.train.loop import CURVE_COLUMNS, LOSS_NAMES, NonFiniteLossError, StageData, train
 
@@ -134,6 +135,40 @@ def test_loss_decreases_and_finetune_inits_from_pretrain(params_dict, tmp_path):
     meta = json.loads((ft["out_dir"] / "meta.json").read_text())
     assert meta["num_classes"] == 5 and meta["init_from"] == str(pre["out_dir"])
     assert seen["model"].head.classifier.out_features == 5
+
+
+def test_loss_step_is_the_model_then_its_losses_and_stays_eager_off_cuda(params_dict):
+    from dmf_core.train.losses import dmf_losses
+    from dmf_core.train.step import LossStep, loss_step
+
+    cfg = tiny_cfg(params_dict)
+    model = build_model(cfg, 4).train()
+    images, labels = torch.randn(8, 3, 32, 16), torch.arange(4).repeat_interleave(2)
+    torch.manual_seed(0)
+    expected = dmf_losses(model(images), labels, cfg)
+    torch.manual_seed(0)
+    got = loss_step(model, cfg, "reduce-overhead", torch.device("cpu"))(images, labels)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # CUDA graphs only pay on CUDA: on the CPU the step stays eager (no minutes of compiling)
+    assert type(loss_step(model, cfg, "reduce-overhead", torch.device("cpu"))) is LossStep
+    assert type(loss_step(model, cfg, None, torch.device("cuda"))) is LossStep
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
+def test_step_compiled_under_cuda_graphs_trains_like_eager(params_dict, tmp_path):
+    """train.compile: reduce-overhead compiles model + losses into CUDA graphs; with no random
+    layers (drop_path 0) its losses follow the eager run's, epoch by epoch."""
+    curves = {}
+    for mode in (None, "reduce-overhead"):
+        d = ckpt.to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))
+        d["train"].update(compile=mode, precision="fp32")
+        cfg = config_from_dict(d)
+        paths = outputs(tmp_path, str(mode))
+        train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
+        curves[mode] = [float(line.split("\t")[1]) for line in paths["curve_path"].read_text().splitlines()[1:]]
+    compiled = curves["reduce-overhead"]
+    assert compiled[-1] < compiled[0]
+    assert compiled == pytest.approx(curves[None], rel=2e-2)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(params_dict, tmp_path):

@@ -194,9 +194,11 @@ class CaptionStateCache:
         self._store(dict(zip(data["captions"], rows)))
         return len(rows)
 
-    def encode(self, captions: Sequence[str], device: torch.device | str = "cpu"
+    def encode(self, captions: Sequence[str], device: torch.device | str = "cpu", pad_multiple: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded states (B, L, D) float32 and bool mask (B, L) for ``captions``, on ``device``."""
+        """Padded states (B, L, D) float32 and bool mask (B, L) for ``captions``, on ``device``;
+        L is the longest caption rounded up to ``pad_multiple`` (a compiled step records one CUDA
+        graph per distinct L)."""
         missing = sorted({c for c in captions if c not in self.states})
         extra: dict[str, torch.Tensor] = {}
         if missing:
@@ -205,6 +207,9 @@ class CaptionStateCache:
         rows = [self.states[c] if c in self.states else extra[c] for c in captions]
         lengths = torch.tensor([r.shape[0] for r in rows])
         states = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        extra_pad = -states.shape[1] % pad_multiple
+        if extra_pad:
+            states = nn.functional.pad(states, (0, 0, 0, extra_pad))
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
         non_blocking = torch.device(device).type == "cuda"
         if non_blocking:

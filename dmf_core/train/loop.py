@@ -47,9 +47,10 @@ from dmf_core.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from dmf_core.train.losses import STATS, TERMS, dmf_losses
+from dmf_core.train.losses import STATS, TERMS
 from dmf_core.train.precision import cpu_bf16_flags
 from dmf_core.train.schedule import build_optimizer, build_scheduler
+from dmf_core.train.step import CAPTION_PAD_MULTIPLE, compiles, loss_step
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +240,6 @@ def run_stage(
 # ---------------------------------------------------------------------------------------------
 
 
-def compiled_forward(model: nn.Module, mode: str | None, device: torch.device) -> nn.Module:
-    """``model`` under ``torch.compile(mode=...)``; checkpoints keep saving the plain module.
-
-    ``reduce-overhead`` (CUDA graphs) only pays on CUDA, where small batches are launch-bound;
-    elsewhere it stays eager rather than spend minutes compiling for no gain.
-    """
-    if mode is None or (mode == "reduce-overhead" and device.type != "cuda"):
-        return model
-    return torch.compile(model, mode=mode)
-
-
 def _all_finite(model: nn.Module) -> bool:
     flags = [p.detach().isfinite().all() for p in model.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
@@ -386,13 +376,14 @@ def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, di
     if run.data.attribute_table is not None:
         kwargs["attributes"] = torch.as_tensor(run.data.attribute_table)[labels.cpu()].to(device)
     if run.with_text and run.cache is not None:
-        kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(batch["caption"], device)
+        pad = CAPTION_PAD_MULTIPLE if compiles(run.cfg.train.compile, device) else 1
+        kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(batch["caption"], device, pad_multiple=pad)
     elif run.with_text:
         kwargs["captions"] = batch["caption"]
     return images, labels, kwargs
 
 
-def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Module, autocast) -> dict:
+def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, step: nn.Module, autocast) -> dict:
     """One pass over the loader; returns the curve row (losses averaged over ranks, lr)."""
     st, dist = run.st, run.dist
     seed_everything(epoch_seed(run.cfg.seed, epoch, dist.rank))
@@ -414,7 +405,7 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, forward: nn.Modu
         no_sync = ddp_model.no_sync() if dist.distributed and not sync_now else contextlib.nullcontext()
         with no_sync:
             with autocast:
-                losses = dmf_losses(forward(images, **kwargs), labels, run.cfg, attributes)
+                losses = step(images, labels, attributes, **kwargs)
             (losses["loss"] / st.accumulate).backward()
         if sync_now:
             if st.grad_clip:
@@ -574,7 +565,7 @@ def train(
     if dist.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    forward = compiled_forward(ddp_model, cfg.train.compile, dist.device)
+    step = loss_step(ddp_model, cfg, cfg.train.compile, dist.device, dist.distributed)
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if run.precision == "bf16"
                 else contextlib.nullcontext())
     if run.cache is not None and data.captions and run.start_epoch < run.st.epochs:
@@ -584,7 +575,7 @@ def train(
                       config=to_dict(cfg), tags=[stage])
     try:
         for epoch in range(run.start_epoch, run.st.epochs):
-            row = train_one_epoch(run, epoch, ddp_model, forward, autocast)
+            row = train_one_epoch(run, epoch, ddp_model, step, autocast)
             end_epoch(run, row, Path(curve_path), tracker)
             barrier()
         metrics = stage_metrics(run, started)
