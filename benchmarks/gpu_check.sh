@@ -23,9 +23,9 @@ loaders="--loader --decode worker device --profile-dir $OUT"
 # pretraining with captions (batch 128) and fine-tuning (batch 64): the loop's compiled step, compute
 # alone, then the real loader (4,096 random 256x128 JPEGs, the paper's augmentation) on each decode path
 SECONDS=0
-timeout 200 $bench --stage pretrain $loaders --json "$OUT/pretrain_step_cudagraphs.json" 2>&1 | tail -4
+timeout 200 $bench --stage pretrain $loaders --json "$OUT/pretrain_step_cudagraphs.json" 2>&1 | tee -a "$OUT/bench.log" | tail -4
 echo "pretrain: ${SECONDS}s"; SECONDS=0
-timeout 170 $bench --stage finetune $loaders --json "$OUT/finetune_step_cudagraphs.json" 2>&1 | tail -4
+timeout 170 $bench --stage finetune $loaders --json "$OUT/finetune_step_cudagraphs.json" 2>&1 | tee -a "$OUT/bench.log" | tail -4
 echo "finetune: ${SECONDS}s"; SECONDS=0
 # the training loop's CUDA path: compiled step vs eager, bf16 autocast, NaN stop; nvJPEG vs the CPU decoder
 timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_train.py tests/test_device_augment.py \
@@ -33,5 +33,5 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_tr
   | tail -15 | tee "$OUT/pytest_cuda.txt"
 echo "pytest: ${SECONDS}s"; SECONDS=0
 # the compile scope before 2026-12-04 (the model alone, losses eager), compute only: the A/B
-timeout 110 $bench --stage finetune --scope model --json "$OUT/finetune_model_cudagraphs.json" 2>&1 | tail -4
+timeout 110 $bench --stage finetune --scope model --json "$OUT/finetune_model_cudagraphs.json" 2>&1 | tee -a "$OUT/bench.log" | tail -4
 echo "finetune, model scope: ${SECONDS}s"

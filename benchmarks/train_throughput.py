@@ -209,12 +209,14 @@ def measure_stage(args, cfg, stage, device, precision, lmdb, caps) -> dict:
     _sync(device)
     entry = {"batch": st.P * st.K, "first_step_s": round(time.perf_counter() - t0, 1),
              "compute_images_per_s": round(timed(device, compute, args.steps, args.warmup), 1)}
+    print(stage, json.dumps(entry), flush=True)
     if args.profile_dir:
         profile_table(device, compute, 5, args.profile_dir / f"profile_{stage}.txt")
     text_dim = model.text_proj.in_features if with_text else 0
     for decode in (args.decode or [cfg.train.decode]) if lmdb else []:
         rates = loader_throughput(cfg, stage, device, step, text_dim, args.steps, args.warmup, lmdb, caps, decode)
         entry.update({k + "_images_per_s": round(v, 1) for k, v in rates.items()})
+        print(stage, json.dumps(entry), flush=True)
     return entry
 
 
@@ -286,7 +288,6 @@ def main() -> None:
                                       cfg.model.image.height, cfg.model.image.width)
     for stage in stages:
         result[stage] = measure_stage(args, cfg, stage, device, precision, lmdb, caps)
-        print(stage, json.dumps(result[stage]), flush=True)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     if tmp is not None:
