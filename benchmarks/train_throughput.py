@@ -108,8 +108,9 @@ def timed(device, fn, steps: int, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def profile_table(device, fn, steps: int, path: Path) -> None:
-    """torch.profiler over ``steps`` calls: the kernels and ops by device time, to ``path``."""
+def profile_table(device, fn, steps: int, path: Path, by: str = "device") -> None:
+    """torch.profiler over ``steps`` calls: the kernels and ops by device time (``by="device"``)
+    or by host time including what they wait for (``by="host"``), to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -117,7 +118,7 @@ def profile_table(device, fn, steps: int, path: Path) -> None:
         for _ in range(steps):
             fn()
         _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" and by == "device" else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
@@ -146,9 +147,10 @@ def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) 
     return lmdb, caps_path
 
 
-def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, caps, decode: str) -> dict:
+def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, caps, decode: str,
+                      profile_path: Path | None = None) -> dict:
     """The real P x K loader over the throwaway LMDB (``decode``: worker or device): on its own,
-    then feeding ``step``."""
+    then feeding ``step`` (and a host-time profile of 10 such steps to ``profile_path``)."""
     from dmf_core.data.device_augment import BatchAugment
     from dmf_core.data.loader import build_train_loader, set_epoch
 
@@ -188,8 +190,11 @@ def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, c
             step(images, labels)
         return len(images)
 
-    return {f"loader_alone_{decode}": timed(device, load_only, steps, warmup),
-            f"loader_and_step_{decode}": timed(device, load_and_step, steps, warmup)}
+    rates = {f"loader_alone_{decode}": timed(device, load_only, steps, warmup),
+             f"loader_and_step_{decode}": timed(device, load_and_step, steps, warmup)}
+    if profile_path is not None:
+        profile_table(device, load_and_step, 10, profile_path, by="host")
+    return rates
 
 
 def measure_stage(args, cfg, stage, device, precision, lmdb, caps) -> dict:
@@ -214,7 +219,9 @@ def measure_stage(args, cfg, stage, device, precision, lmdb, caps) -> dict:
         profile_table(device, compute, 5, args.profile_dir / f"profile_{stage}.txt")
     text_dim = model.text_proj.in_features if with_text else 0
     for decode in (args.decode or [cfg.train.decode]) if lmdb else []:
-        rates = loader_throughput(cfg, stage, device, step, text_dim, args.steps, args.warmup, lmdb, caps, decode)
+        prof = args.profile_dir / f"profile_{stage}_loader_{decode}.txt" if args.profile_dir else None
+        rates = loader_throughput(cfg, stage, device, step, text_dim, args.steps, args.warmup, lmdb, caps, decode,
+                                  prof)
         entry.update({k + "_images_per_s": round(v, 1) for k, v in rates.items()})
         print(stage, json.dumps(entry), flush=True)
     return entry

@@ -112,11 +112,17 @@ def test_an_image_no_decoder_reads_is_named(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
 def test_cuda_batch_is_close_to_the_cpu_batch(tmp_path):
+    """nvJPEG (the hardware decoder on A100/H100/H200) is not libjpeg: its IDCT and chroma
+    upsampling differ, most on these per-pixel noise images (mean 2.7 grey levels on an H200,
+    torchvision 0.26, 2026-12-04). A wrong flip, crop, channel order or normalisation moves
+    every pixel instead: the device batch must stay far closer to the CPU batch than the CPU
+    batch mirrored is, and within 6 levels on average."""
     lmdb = make_split(tmp_path, sizes=((40, 20), (60, 30)), kinds=("rgb", "gray", "cmyk", "progressive"))
     _, encoded = loaders(lmdb, Aug())
     std = torch.tensor(Aug().std).view(1, 3, 1, 1)
     for batch in encoded:
         on_cpu = BatchAugment(48, 24, Aug(), "cpu")(batch)
         on_gpu = BatchAugment(48, 24, Aug(), "cuda")(batch).cpu()
-        levels = ((on_gpu - on_cpu) * std * 255).abs()  # in 8-bit grey levels
-        assert float(levels.mean()) < 1.0 and float(levels.max()) <= 24.0
+        levels = float(((on_gpu - on_cpu) * std * 255).abs().mean())  # in 8-bit grey levels
+        mirrored = float(((on_cpu.flip(-1) - on_cpu) * std * 255).abs().mean())
+        assert levels < 6.0 and levels < mirrored / 5

@@ -51,18 +51,15 @@ class BatchAugment:
         self.shift = self.chain.shift.to(self.device)
         self.name_of = name_of or (lambda index: f"training image {index}")
         self._warned_cpu = False
+        self._stream: torch.cuda.Stream | None = None  # CUDA: where nvJPEG's outputs are allocated
 
     def decode(self, encoded: list[torch.Tensor], index: list[int]) -> list[torch.Tensor]:
         """uint8 3xHxW per image on the device. JPEGs in one batched call; what that decoder
         refuses, and what is not a JPEG, one by one through the worker path's decoder."""
         jpeg = [k for k, data in enumerate(encoded) if data[:2].numpy().tobytes() == JPEG_MAGIC]
         out: list[torch.Tensor | None] = [None] * len(encoded)
-        if self.device.type == "cuda":
-            # nvJPEG decodes on its own stream into memory allocated on ours, without waiting
-            # for it: kernels still queued from the last step could be using those blocks.
-            torch.cuda.current_stream(self.device).synchronize()
         try:
-            decoded = decode_jpeg([encoded[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device) if jpeg else []
+            decoded = self._decode_batch([encoded[k] for k in jpeg]) if jpeg else []
         except RuntimeError:
             decoded = [None] * len(jpeg)  # one bad image fails the whole call: retry one by one below
         for k, image in zip(jpeg, decoded):
@@ -72,10 +69,29 @@ class BatchAugment:
                 out[k] = self._decode_one(encoded[k], index[k], is_jpeg=k in jpeg)
         return out
 
+    def _decode_batch(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """nvJPEG decodes on its own stream into memory allocated on the current one, without
+        waiting for it. On the training stream, kernels still queued from the last step could be
+        using those blocks; so the output is allocated on a stream of its own (whose blocks no step
+        kernel touches), and each image is marked as used by the training stream, so that its
+        block is not handed out again before the step that reads it has run. No host sync: the
+        next batch decodes while the GPU still runs the last step."""
+        if self.device.type != "cuda":
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        training = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        training.wait_stream(self._stream)
+        for image in decoded:
+            image.record_stream(training)
+        return decoded
+
     def _decode_one(self, data: torch.Tensor, index: int, is_jpeg: bool) -> torch.Tensor:
         if is_jpeg:
             try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                return self._decode_batch([data])[0]
             except RuntimeError:
                 pass
         if not self._warned_cpu:
