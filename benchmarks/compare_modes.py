@@ -24,6 +24,7 @@ paired difference to ``image_only`` (same world and seed) with its 95 % t interv
     python benchmarks/compare_modes.py --json docs/results/compare_arms_world0.json
     python benchmarks/compare_modes.py --world 1 --json docs/results/compare_arms_world1.json
     python benchmarks/compare_modes.py --summary docs/results/compare_arms_world0.json
+    python benchmarks/compare_modes.py --compare fp32.json bf16.json   # a --set sweep against another
 
 Run it in a clone (the workspace ends holding the last experiment); ~5 min per run on 2 cores.
 """
@@ -160,6 +161,27 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_files(a: list[dict], b: list[dict]) -> str:
+    """Each (world, arm) that both sweeps ran: b minus a over the seeds both have (e.g. a setting
+    given with --set, such as train.precision=bf16, against the sweep without it)."""
+    lines = ["| world | arm | seeds | pretrain row mAP, a | pretrain row mAP, b | b - a [95 % CI] | "
+             "fine-tuned mAP, a | fine-tuned mAP, b | b - a [95 % CI] | wall s, a | wall s, b |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {(r["world"], r["arm"], r["seed"]): r for r in a}
+    for world, arm in sorted({(r["world"], r["arm"]) for r in b}):
+        pairs = [(first[(world, arm, r["seed"])], r) for r in b
+                 if r["world"] == world and r["arm"] == arm and (world, arm, r["seed"]) in first]
+        if not pairs:
+            continue
+        cols = [f"{world}", arm, str(len(pairs))]
+        for key in ("pretrain_mAP", "finetuned_mAP"):
+            cols += [_ms([x[key] for x, _ in pairs]), _ms([y[key] for _, y in pairs]),
+                     interval([y[key] - x[key] for x, y in pairs])]
+        cols += [_ms([x["wall_s"] for x, _ in pairs]), _ms([y["wall_s"] for _, y in pairs])]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
 def _save(path: Path, runs: list[dict], command: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
@@ -176,9 +198,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra -S override for every run")
     ap.add_argument("--json", type=Path, default=None, help="results so far; runs in it are skipped")
     ap.add_argument("--summary", type=Path, default=None, help="only print the table of this JSON")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
+                    help="only print B minus A, paired by (world, arm, seed), for two sweeps' JSON")
     args = ap.parse_args()
     if args.summary:
         print(summary(json.loads(args.summary.read_text())["runs"]))
+        return
+    if args.compare:
+        a, b = (json.loads(path.read_text())["runs"] for path in args.compare)
+        print(compare_files(a, b))
         return
 
     runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
