@@ -167,6 +167,11 @@ def compare_files(a: list[dict], b: list[dict]) -> str:
     lines = ["| world | arm | seeds | pretrain row mAP, a | pretrain row mAP, b | b - a [95 % CI] | "
              "fine-tuned mAP, a | fine-tuned mAP, b | b - a [95 % CI] | wall s, a | wall s, b |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for runs in (a, b):
+        keys = [(r["world"], r["arm"], r["seed"]) for r in runs]
+        if len(keys) != len(set(keys)):
+            raise SystemExit("--compare needs one run per (world, arm, seed) in each file: "
+                             f"{sorted({k for k in keys if keys.count(k) > 1})} more than once")
     first = {(r["world"], r["arm"], r["seed"]): r for r in a}
     for world, arm in sorted({(r["world"], r["arm"]) for r in b}):
         pairs = [(first[(world, arm, r["seed"])], r) for r in b

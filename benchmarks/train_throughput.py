@@ -97,8 +97,8 @@ def synthetic_inputs(cfg, stage, device, model, with_text):
 
 
 def timed(device, fn, steps: int, warmup: int) -> float:
-    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` untimed ones; ``fn`` returns
-    how many images it handled (summed for the rate)."""
+    """Images per second over ``steps`` calls of ``fn`` after ``warmup`` untimed ones; ``fn``
+    returns how many images it handled."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -174,6 +174,9 @@ def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, c
             epoch += 1
 
     it = batches()
+    # the workers' first batches are ready before timing starts: drain them in the warm-up, or
+    # the loader looks faster than it runs
+    warmup = max(warmup, cfg.train.num_workers * (loader.prefetch_factor or 0))
 
     def load_only():
         return len(images_of(next(it)))
@@ -218,7 +221,8 @@ def measure_stage(args, cfg, stage, device, precision, lmdb, caps) -> dict:
     if args.profile_dir:
         profile_table(device, compute, 5, args.profile_dir / f"profile_{stage}.txt")
     text_dim = model.text_proj.in_features if with_text else 0
-    for decode in (args.decode or [cfg.train.decode]) if lmdb else []:
+    decodes = (args.decode or [cfg.train.decode]) if lmdb is not None else []
+    for decode in decodes:
         prof = args.profile_dir / f"profile_{stage}_loader_{decode}.txt" if args.profile_dir else None
         rates = loader_throughput(cfg, stage, device, step, text_dim, args.steps, args.warmup, lmdb, caps, decode,
                                   prof)
@@ -250,7 +254,8 @@ def main() -> None:
                     help="what --compile compiles: model and losses as one graph (the training loop) "
                          "or the model alone (before 2026-12-04)")
     ap.add_argument("--profile-dir", type=Path, default=None,
-                    help="write a torch.profiler table of 5 steps per stage here")
+                    help="write torch.profiler tables here: 5 steps per stage by device time, and "
+                         "10 loader + step iterations per decode path by host time")
     ap.add_argument("--text-dim", type=int, default=None,
                     help="width of the caption states (default: read from the text encoder's config; "
                          "give it where that encoder is not on disk)")

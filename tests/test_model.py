@@ -203,6 +203,10 @@ def test_caption_states_padded_for_a_compiled_step_change_no_output(params_dict)
     plain, with_pad = model(images, states, mask), model(images, padded, pmask)
     assert torch.allclose(plain.text.feat, with_pad.text.feat, atol=1e-5)
     assert torch.equal(plain.image.feat, with_pad.image.feat)
+    # never past the model's caption positions (max_length need not be a multiple of 16)
+    assert n + 1 < padded.shape[1]
+    capped, _ = cache.encode(caps, pad_multiple=16, max_length=n + 1)
+    assert capped.shape[1] == n + 1
 
 
 def test_caption_cache_read_from_disk_never_builds_the_encoder(tmp_path):

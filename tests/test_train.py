@@ -152,12 +152,24 @@ def test_loss_step_is_the_model_then_its_losses_and_stays_eager_off_cuda(params_
     # CUDA graphs only pay on CUDA: on the CPU the step stays eager (no minutes of compiling)
     assert type(loss_step(model, cfg, "reduce-overhead", torch.device("cpu"))) is LossStep
     assert type(loss_step(model, cfg, None, torch.device("cuda"))) is LossStep
+    # compiled (lazily: nothing is compiled until called): model and losses as one graph; under
+    # DDP the model alone, so that dynamo sees the DDP module
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    one_graph = loss_step(model, cfg, "default", torch.device("cpu"))
+    assert isinstance(one_graph, compiled) and isinstance(one_graph._orig_mod, LossStep)
+    ddp = loss_step(model, cfg, "default", torch.device("cpu"), distributed=True)
+    assert type(ddp) is LossStep and isinstance(ddp.model, compiled)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
 def test_step_compiled_under_cuda_graphs_trains_like_eager(params_dict, tmp_path):
     """train.compile: reduce-overhead compiles model + losses into CUDA graphs; with no random
     layers (drop_path 0) its losses follow the eager run's, epoch by epoch."""
+    from dmf_core.train.step import loss_step
+
+    cfg = tiny_cfg(params_dict)
+    assert isinstance(loss_step(build_model(cfg, 4), cfg, "reduce-overhead", torch.device("cuda")),
+                      torch._dynamo.eval_frame.OptimizedModule)
     curves = {}
     for mode in (None, "reduce-overhead"):
         d = ckpt.to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))

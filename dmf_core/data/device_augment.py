@@ -74,8 +74,9 @@ class BatchAugment:
         waiting for it. On the training stream, kernels still queued from the last step could be
         using those blocks; so the output is allocated on a stream of its own (whose blocks no step
         kernel touches), and each image is marked as used by the training stream, so that its
-        block is not handed out again before the step that reads it has run. No host sync: the
-        next batch decodes while the GPU still runs the last step."""
+        block is not handed out again before the step that reads it has run. Nothing here waits
+        for the training stream (torchvision still waits for its own decode), so the next batch
+        decodes while the GPU runs the last step."""
         if self.device.type != "cuda":
             return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
         if self._stream is None:
@@ -103,22 +104,31 @@ class BatchAugment:
     def resize(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One uint8 (B, 3, H, W) batch at the model's size (images of one size in one call)."""
         H, W = self.size
-        out = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
         by_size: dict[tuple[int, int], list[int]] = {}
         for k, image in enumerate(images):
             by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
+        groups = {}
         for size, idx in by_size.items():
             group = torch.stack([images[k] for k in idx])
-            if size != (H, W):
-                group = v2.functional.resize(group, [H, W], antialias=True)
-            out[idx] = group
+            groups[size] = group if size == (H, W) else v2.functional.resize(group, [H, W], antialias=True)
+        if len(groups) == 1:
+            return next(iter(groups.values()))  # one size: the batch in order, no index copy
+        out = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
+        for size, idx in by_size.items():
+            rows = torch.as_tensor(idx)
+            if self.device.type == "cuda":  # from pinned memory: a pageable copy waits for the GPU
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            out.index_copy_(0, rows, groups[size])
         return out
 
     def __call__(self, batch: dict) -> torch.Tensor:
         encoded = list(batch["encoded"].split(batch["encoded_lengths"].tolist()))
         images = self.resize(self.decode(encoded, batch["index"].tolist()))
         B, (H, W), p = len(images), self.size, self.chain.pad
-        flip, dy, dx, top, left, h, w = batch["augment"].to(self.device).unbind(1)
+        draws = batch["augment"]
+        if self.device.type == "cuda" and not draws.is_pinned():
+            draws = draws.pin_memory()
+        flip, dy, dx, top, left, h, w = draws.to(self.device, non_blocking=True).unbind(1)
         images = torch.where(flip.bool()[:, None, None, None], images.flip(-1), images)
         ys = torch.arange(H, device=self.device)[None, :]
         xs = torch.arange(W, device=self.device)[None, :]

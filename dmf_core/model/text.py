@@ -194,11 +194,11 @@ class CaptionStateCache:
         self._store(dict(zip(data["captions"], rows)))
         return len(rows)
 
-    def encode(self, captions: Sequence[str], device: torch.device | str = "cpu", pad_multiple: int = 1
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: Sequence[str], device: torch.device | str = "cpu", pad_multiple: int = 1,
+               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded states (B, L, D) float32 and bool mask (B, L) for ``captions``, on ``device``;
         L is the longest caption rounded up to ``pad_multiple`` (a compiled step records one CUDA
-        graph per distinct L)."""
+        graph per distinct L), but never past ``max_length`` (the model's caption positions)."""
         missing = sorted({c for c in captions if c not in self.states})
         extra: dict[str, torch.Tensor] = {}
         if missing:
@@ -208,6 +208,8 @@ class CaptionStateCache:
         lengths = torch.tensor([r.shape[0] for r in rows])
         states = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         extra_pad = -states.shape[1] % pad_multiple
+        if max_length is not None:
+            extra_pad = min(extra_pad, max(max_length - states.shape[1], 0))
         if extra_pad:
             states = nn.functional.pad(states, (0, 0, 0, extra_pad))
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]

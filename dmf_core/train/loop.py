@@ -377,7 +377,8 @@ def _batch_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, di
         kwargs["attributes"] = torch.as_tensor(run.data.attribute_table)[labels.cpu()].to(device)
     if run.with_text and run.cache is not None:
         pad = CAPTION_PAD_MULTIPLE if compiles(run.cfg.train.compile, device) else 1
-        kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(batch["caption"], device, pad_multiple=pad)
+        kwargs["text_states"], kwargs["text_mask"] = run.cache.encode(
+            batch["caption"], device, pad_multiple=pad, max_length=run.cfg.model.text.max_length)
     elif run.with_text:
         kwargs["captions"] = batch["caption"]
     return images, labels, kwargs

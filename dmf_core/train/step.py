@@ -43,10 +43,8 @@ def loss_step(model: nn.Module, cfg: Config, mode: str | None, device: torch.dev
               distributed: bool = False) -> nn.Module:
     """The step's forward for ``model`` (plain or DDP-wrapped) under ``train.compile: mode``;
     checkpoints keep saving the plain module."""
-    step = LossStep(model, cfg)
     if not compiles(mode, device):
-        return step
+        return LossStep(model, cfg)
     if distributed:
-        step.model = torch.compile(model, mode=mode)
-        return step
-    return torch.compile(step, mode=mode)
+        return LossStep(torch.compile(model, mode=mode), cfg)
+    return torch.compile(LossStep(model, cfg), mode=mode)
