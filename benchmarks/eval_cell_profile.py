@@ -6,7 +6,7 @@
 Run from the root of a DVC project whose data stages have run (``data/lmdb/<target>``). Steps, in
 the order ``evaluate_cell`` runs them, in this fresh interpreter: the imports (each module group
 separately, cumulative as Python imports them), the config, opening the query/gallery LMDBs and
-their loaders, loading the trained model (``models/finetune/<source>``, or ``models/pretrain`` for
+their loaders, loading the trained model (``models/<source>``, or ``models/pretrain`` for
 the row ``pretrain``), extracting its query and gallery features, ranking, building the untrained
 reference, its features and ranking, and the outputs (CMC TSV and ranked-list PNG, written to a
 temporary folder, never into ``reports/``). Without the trained model the step is replaced by the

@@ -5,7 +5,7 @@ share of f's energy that varies between images, ``E||f - mean f||^2 / E||f||^2``
 component; 0: every image maps to the same point). Used to diagnose shared-mode pretraining
 (docs/training.md, "Shared vs image-only on the demo").
 
-    python benchmarks/feature_spread.py models/pretrain models/finetune/sp_market --split sp_cuhk/query
+    python benchmarks/feature_spread.py models/pretrain models/sp_market --split sp_cuhk/query
 """
 
 from __future__ import annotations

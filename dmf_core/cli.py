@@ -203,7 +203,7 @@ def _positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, metavar="DIR",
-                   help="a trained model folder (model.safetensors + config.json), e.g. models/finetune/sp_market")
+                   help="a trained model folder (model.safetensors + config.json), e.g. models/sp_market")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
     p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser(
         "search", help=_search.__doc__, description=_search.__doc__,
-        epilog="example: dmf search my_queries/ --model models/finetune/sp_market --gallery sp_cuhk -k 10")
+        epilog="example: dmf search my_queries/ --model models/sp_market --gallery sp_cuhk -k 10")
     search.add_argument("queries", nargs="+", help="query image files and/or folders (searched recursively)")
     search.add_argument("--gallery", required=True, metavar="NAME|LMDB",
                         help="a packed dataset name (its gallery split) or a .lmdb file, e.g. "
@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract = sub.add_parser(
         "extract", help=_extract.__doc__, description=_extract.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples: dmf extract sp_cuhk --split gallery --model models/finetune/sp_market --out feats/cuhk_gallery\n"
-               "          dmf extract photos/ --model models/finetune/sp_market --out feats/photos")
+        epilog="examples: dmf extract sp_cuhk --split gallery --model models/sp_market --out feats/cuhk_gallery\n"
+               "          dmf extract photos/ --model models/sp_market --out feats/photos")
     extract.add_argument("source", nargs="+",
                          help="a packed dataset name (with --split), a .lmdb file, or image files/folders")
     extract.add_argument("--split", default="gallery", choices=("train", "query", "gallery"),
@@ -263,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=_export.__doc__ + "\n\nThe graph normalises with the model's mean/std itself and returns "
         "the L2-normalised\ntest-time feature (N x D); the written file is run against the torch model "
         "(docs/cli.md).",
-        epilog="examples: dmf export models/finetune/sp_market --format onnx --out exported/sp_market.onnx\n"
-               "          dmf export models/finetune/sp_market --format torchscript --out exported/sp_market.pt")
+        epilog="examples: dmf export models/sp_market --format onnx --out exported/sp_market.onnx\n"
+               "          dmf export models/sp_market --format torchscript --out exported/sp_market.pt")
     export.add_argument("model_dir", metavar="MODEL_DIR",
-                        help="a trained model folder (model.safetensors + config.json), e.g. models/finetune/sp_market")
+                        help="a trained model folder (model.safetensors + config.json), e.g. models/sp_market")
     export.add_argument("--format", choices=("onnx", "torchscript"),
                         help="default: from the suffix of --out (.onnx; .pt, .ts, .torchscript)")
     export.add_argument("--out", required=True, metavar="FILE", help="the file to write")

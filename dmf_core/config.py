@@ -207,6 +207,9 @@ class FinetuneConfig(StageTrainConfig):
 @dataclass(frozen=True)
 class EvaluateConfig:
     targets: list[str]
+    # The matrix's rows: 'pretrain' (the pretrained model) then finetune.sources, in that order.
+    # Redundant, because a DVC matrix cannot join 'pretrain' to a list; validated below.
+    rows: list[str]
     batch_size: int = 128
     flip: bool = False
     rerank: bool = False
@@ -461,6 +464,10 @@ def _check_consistency(cfg: Config) -> None:
     if "pretrain" in cfg.finetune.sources:
         raise ConfigError("finetune.sources: 'pretrain' names the pretrained model's row of the matrix; "
                           "rename that dataset")
+    rows = ["pretrain", *cfg.finetune.sources]
+    if cfg.evaluate.rows != rows:
+        raise ConfigError(f"evaluate.rows: expected {rows} ('pretrain', then finetune.sources in order: the "
+                          f"stages evaluate@<row>-<target>), got {cfg.evaluate.rows}")
     for name, spec in cfg.datasets.items():
         if spec.source == "synth":
             if cfg.synth is None:

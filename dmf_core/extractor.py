@@ -3,7 +3,7 @@
 ```python
 from dmf_core import FeatureExtractor
 
-extract = FeatureExtractor.from_pretrained("models/finetune/sp_market")   # device: CUDA if available
+extract = FeatureExtractor.from_pretrained("models/sp_market")   # device: CUDA if available
 feats = extract(["a.jpg", "b.png"])          # torch.Tensor (2, D), rows of unit length
 ```
 
@@ -190,7 +190,7 @@ class FeatureExtractor:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: model folder not found (expected a folder with "
-                                    "model.safetensors + config.json, e.g. models/finetune/<source>)")
+                                    "model.safetensors + config.json, e.g. models/<source>)")
         model, meta = load_model(model_dir, device="cpu")
         return cls(model, device=device, meta=meta, source=model_dir, **kwargs)
 

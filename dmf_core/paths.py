@@ -42,21 +42,22 @@ def captions_parquet(dataset: str) -> Path:
     return CAPTIONS / ("finegpr.parquet" if dataset == "synthped" else f"{dataset}.parquet")
 
 
-def pretrain_model_dir() -> Path:
-    return MODELS / "pretrain"
-
-
-def finetune_model_dir(source: str) -> Path:
-    return MODELS / "finetune" / source
-
-
 #: The matrix row of the pretrained model itself (no fine-tuning).
 PRETRAIN_ROW = "pretrain"
 
 
 def row_model_dir(row: str) -> Path:
-    """The model of a matrix row: the pretrained one for ``pretrain``, else fine-tuned on ``row``."""
-    return pretrain_model_dir() if row == PRETRAIN_ROW else finetune_model_dir(row)
+    """The model of a matrix row, ``models/<row>``: the pretrained one for ``pretrain``, else the
+    one fine-tuned on the source ``row`` (one pattern, so the DVC matrix can name its dependency)."""
+    return MODELS / row
+
+
+def pretrain_model_dir() -> Path:
+    return row_model_dir(PRETRAIN_ROW)
+
+
+def finetune_model_dir(source: str) -> Path:
+    return row_model_dir(source)
 
 
 def dataset_stats_json(dataset: str) -> Path:

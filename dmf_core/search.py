@@ -10,7 +10,7 @@
 
 Both embed through :class:`~dmf_core.extractor.FeatureExtractor` (image files directly; an LMDB
 split through the evaluation's test loader, decoded to [0, 1], then the extractor's model call).
-The model directory (``models/finetune/<source>`` or ``models/pretrain``) carries its own
+The model directory (``models/<source>`` or ``models/pretrain``) carries its own
 ``config.json``: input size and normalisation come from there, not from params.yaml, so a model
 is always fed what it was trained on.
 """
@@ -86,7 +86,7 @@ def load_extractor(model_dir: str | Path, device: str = "auto", *, batch_size: i
     from dmf_core.extractor import FeatureExtractor
 
     if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"{model_dir}: model folder not found (expected e.g. models/finetune/<source>; "
+        raise FileNotFoundError(f"{model_dir}: model folder not found (expected e.g. models/<source>; "
                                 "run `dvc repro` or `dvc pull` first)")
     return FeatureExtractor.from_pretrained(model_dir, device=device, batch_size=batch_size, flip=flip,
                                             num_workers=num_workers)

@@ -1,29 +1,28 @@
-"""evaluate@<source>-<target>: CMC, mAP and mINP of the model fine-tuned on <source> (or of the
-pretrained model, for the source ``pretrain``) on one target, and of the same architecture
-untrained, under the Market-1501 protocol."""
+"""evaluate@<row>-<target>: CMC, mAP and mINP of the model of one matrix row (``pretrain``, the
+pretrained model, or a fine-tuning source) on one target, and for the row ``pretrain`` of the same
+architecture untrained, under the Market-1501 protocol."""
 
 from __future__ import annotations
 
 import argparse
 
 from dmf_core.config import Config
-from dmf_core.paths import PRETRAIN_ROW
 from dmf_core.runtime import StageError, run_stage
 
 
-def main(cfg: Config, source: str, target: str) -> None:
+def main(cfg: Config, row: str, target: str) -> None:
     from dmf_core.eval.run import evaluate_cell
 
-    rows = [PRETRAIN_ROW, *cfg.finetune.sources]
-    for name, listed in ((source, rows), (target, cfg.evaluate.targets)):
+    for name, listed, where in ((row, cfg.evaluate.rows, "evaluate.rows"),
+                                (target, cfg.evaluate.targets, "evaluate.targets")):
         if name not in listed:
-            raise StageError(f"{name!r} is not listed in ['pretrain'] + finetune.sources / evaluate.targets")
-    evaluate_cell(cfg, source, target)
+            raise StageError(f"{name!r} is not listed in {where} {listed}")
+    evaluate_cell(cfg, row, target)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("source")
-    parser.add_argument("target")
+    parser.add_argument("row", help="'pretrain' or a fine-tuning source (evaluate.rows)")
+    parser.add_argument("target", help="a dataset listed in evaluate.targets")
     args = parser.parse_args()
-    run_stage(f"evaluate@{args.source}-{args.target}", lambda cfg: main(cfg, args.source, args.target))
+    run_stage(f"evaluate@{args.row}-{args.target}", lambda cfg: main(cfg, args.row, args.target))

@@ -21,7 +21,7 @@ def main(cfg: Config) -> None:
     )
 
     results = load_eval_results(paths.EVAL_CELLS)
-    wanted = {(s, t) for s in (paths.PRETRAIN_ROW, *cfg.finetune.sources) for t in cfg.evaluate.targets}
+    wanted = {(r, t) for r in cfg.evaluate.rows for t in cfg.evaluate.targets}
     missing = sorted(wanted - set(results))
     if missing:
         raise StageError(f"missing evaluation results for {missing}; run the evaluate stages first")

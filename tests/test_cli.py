@@ -234,6 +234,7 @@ def test_datasets_states(params_dict, tmp_path, monkeypatch, capsys):
                      "location": "data/archives/cuhk03-np.zip"},
     }
     params_dict["finetune"]["sources"] = ["sp_market"]
+    params_dict["evaluate"]["rows"] = ["pretrain", "sp_market"]
     params_dict["evaluate"]["targets"] = ["sp_market"]
     params_dict["pretrain"]["dataset"] = "sp_market"
     params_dict["captions"]["dataset"] = "sp_market"

@@ -36,7 +36,7 @@ def _tiny(params: dict) -> dict:
     params["fusion"].update(dim=32, layers=1, heads=2, mode="image_only")
     params["pretrain"].update(epochs=2, P=4, K=2, holdout_ids=2)
     params["finetune"].update(epochs=1, P=4, K=2, sources=["sp_market"])
-    params["evaluate"].update(targets=["sp_market"], ranked_list_queries=1)
+    params["evaluate"].update(targets=["sp_market"], rows=["pretrain", "sp_market"], ranked_list_queries=1)
     return params
 
 
@@ -207,7 +207,7 @@ def _results(project: Path) -> dict:
            "metrics": [json.loads((project / f"metrics/{name}.json").read_text())
                        for name in ("pretrain", "finetune/sp_market", "eval_matrix")]}
     out.update(tree_digest(project / "models/pretrain/model.safetensors",
-                           project / "models/finetune/sp_market/model.safetensors"))
+                           project / "models/sp_market/model.safetensors"))
     return out
 
 
@@ -219,7 +219,7 @@ def test_sigkill_training_evaluate_report_then_repro_gives_the_same_results(proj
     seed = int(os.environ.get("DMF_FAULT_SEED", time.time_ns() % 100_000)) + 1
     rng = random.Random(seed)
     stages = ["pretrain", "finetune@sp_market", "evaluate@sp_market-sp_market", "report"]
-    run(["dvc", "repro", "pretrain", "pack@sp_market", "evaluate_pretrain@sp_market"], project, timeout=400)
+    run(["dvc", "repro", "pretrain", "pack@sp_market", "evaluate@pretrain-sp_market"], project, timeout=400)
     _clear(project / "runs")
     script_s = {stage: _repro(stage, project)[0] for stage in stages}  # the uninterrupted reference, timed
     want = _results(project)

@@ -61,6 +61,7 @@ def _tiny_params() -> dict:
     p["train"].update(nproc=2, threads=1, num_workers=0)
     p["pretrain"].update(epochs=2, P=2, K=2, warmup_epochs=0, holdout_ids=2)
     p["finetune"]["sources"] = ["sp_market"]
+    p["evaluate"]["rows"] = ["pretrain", "sp_market"]
     p["evaluate"]["targets"] = ["sp_market"]
     return p
 

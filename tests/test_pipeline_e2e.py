@@ -71,6 +71,7 @@ def _tiny_params(params: dict) -> dict:
         params[stage].update(epochs=2, P=4, K=2)
     params["pretrain"]["holdout_ids"] = 2
     params["finetune"]["sources"] = ["sp_market"]
+    params["evaluate"]["rows"] = ["pretrain", "sp_market"]
     params["evaluate"]["targets"] = ["sp_cuhk"]
     params["evaluate"]["ranked_list_queries"] = 2
     return params
@@ -151,7 +152,7 @@ def test_repro_then_noop_then_experiment(project):
     assert "untrained" not in cell  # computed once per target, by the pretrain row's cell
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= cell[key] <= 100.0 and 0.0 <= pre_cell["untrained"][key] <= 100.0
-    assert "evaluate_pretrain@sp_cuhk" in _ran_stages(first)
+    assert "evaluate@pretrain-sp_cuhk" in _ran_stages(first)
     metric = json.loads((project / "metrics/eval_matrix.json").read_text())
     two = ("mAP", "rank1")
     assert metric == {"cells": {"pretrain": {"sp_cuhk": {k: pre_cell[k] for k in two}},
@@ -202,13 +203,13 @@ def test_repro_then_noop_then_experiment(project):
     assert changed, matrix_diff
     assert set(diff) <= set(_expected_metric_columns(params)), diff
     # Side by side, only what differs: the changed metrics, fusion.dim and the deps downstream of it
-    # (models/pretrain, models/finetune/sp_market, reports/eval).
+    # (models/pretrain, models/sp_market, reports/eval).
     only_changed = _exp_show_header(project, "--only-changed")
     assert "fusion.dim" in only_changed and len(only_changed) <= 7 + n_metrics + 1 + 3, only_changed
 
     # Another pretraining must reach the fine-tuned model: no state of the last fine-tuning
     # may be resumed as "done" (runs/finetune/ persists between runs).
-    finetuned = project / "models/finetune/sp_market/model.safetensors"
+    finetuned = project / "models/sp_market/model.safetensors"
     before = hashlib.sha256(finetuned.read_bytes()).hexdigest()
     exp = _run(["dvc", "exp", "run", "-S", "pretrain.lr=0.003"], project)
     assert {"pretrain", "finetune@sp_market"} <= _ran_stages(exp), exp

@@ -368,6 +368,7 @@ def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tm
     same["train"]["checkpoint_every"] = 5
     same["evaluate"]["flip"] = not same["evaluate"]["flip"]
     same["finetune"]["sources"] = ["sp_msmt"]
+    same["evaluate"]["rows"] = ["pretrain", "sp_msmt"]
     assert fingerprint(same) == base
     code = fp.code_digest()
     monkeypatch.setattr(fp, "CODE_ROOT", tmp_path)

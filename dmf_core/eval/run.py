@@ -66,8 +66,8 @@ def _rank(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits):
 
 
 def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
-    """Evaluate the model of row ``source`` (models/finetune/<source>, or models/pretrain for the
-    row ``pretrain``) on <target>; write the cell record (returned), its run facts, the CMC TSV
+    """Evaluate the model of row ``source`` (``models/<source>``: ``pretrain`` or a fine-tuning
+    source) on <target>; write the cell record (returned), its run facts, the CMC TSV
     and the ranked list.
 
     The record (``reports/eval/<source>__<target>.json``) holds only what the inputs decide: the
