@@ -41,6 +41,10 @@ def test_paper_profile_differs_only_in_values():
         (lambda p: p["model"]["text"].update(freeze="yes"), "model.text.freeze: expected true or false"),
         (lambda p: p["evaluate"].update(targets="sp_cuhk"), "evaluate.targets: expected a list of str"),
         (lambda p: p["evaluate"].update(targets=["nowhere"]), "dataset 'nowhere' is not listed"),
+        (lambda p: p["finetune"].update(sources=["sp_msmt"]),
+         "evaluate.rows: expected ['pretrain', 'sp_msmt']"),  # a source added or dropped in one list only
+        (lambda p: p["evaluate"].update(rows=["sp_market", "sp_msmt", "pretrain"]),
+         "evaluate.rows: expected ['pretrain', 'sp_market', 'sp_msmt']"),
         (lambda p: p.pop("fusion"), "fusion: missing"),
         (lambda p: p["pack"].update(on_corrupt="ignore"), "pack.on_corrupt: expected one of"),
     ],
