@@ -1,6 +1,7 @@
 """finetune@<source>: Stage II on one real (or SynthPed) source, image path only, from Stage I weights.
 
-Runs under `torchrun --standalone --nproc-per-node ${train.nproc}`; only rank 0 writes.
+One process, or `train.nproc` under torchrun (dmf_core.runtime.relaunch_under_torchrun); only
+rank 0 writes.
 """
 
 from __future__ import annotations
@@ -31,4 +32,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("source", help="a dataset listed in finetune.sources")
     args = parser.parse_args()
-    run_stage(f"finetune@{args.source}", lambda cfg: main(cfg, args.source))
+    run_stage(f"finetune@{args.source}", lambda cfg: main(cfg, args.source), distributed=True)

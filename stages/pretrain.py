@@ -1,6 +1,7 @@
 """pretrain: Stage I on the FineGPR-format set, images + captions through the shared fusion encoder.
 
-Runs under `torchrun --standalone --nproc-per-node ${train.nproc}`; only rank 0 writes.
+One process, or `train.nproc` under torchrun (dmf_core.runtime.relaunch_under_torchrun); only
+rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,4 +26,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("pretrain", main)
+    run_stage("pretrain", main, distributed=True)

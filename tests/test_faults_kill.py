@@ -152,12 +152,14 @@ def test_sigkill_each_data_stage_then_repro_is_byte_identical(project):
 
 
 def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
-    """Ctrl-C while pretrain trains under torchrun (runs after the data-stage test; shares the project)."""
+    """Ctrl-C while pretrain trains under torchrun, 2 processes: the stage replaced itself by the
+    torchrun agent (runs after the data-stage test; shares the project)."""
     run(["dvc", "repro", "pack@synthped"], project)
     params_file = project / "params.yaml"
     tiny = params_file.read_text()
     long_run = yaml.safe_load(tiny)
     long_run["pretrain"]["epochs"] = 1000  # cannot finish before the Ctrl-C, however fast the machine
+    long_run["train"]["nproc"] = 2
     params_file.write_text(yaml.safe_dump(long_run, sort_keys=False))
     proc = subprocess.Popen(["dvc", "repro", "-s", "pretrain"], cwd=project, env=env_with_venv(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -73,3 +73,40 @@ def test_non_zero_ranks_log_warnings_only_by_default(env, info, warning):
         assert "info line" not in proc.stderr
     else:
         assert info in proc.stderr
+
+
+# A training-like stage: each process records its torchrun environment and pid.
+DISTRIBUTED_STAGE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from dmf_core.runtime import run_stage
+
+    def body(cfg):
+        rank = os.environ.get("RANK", "none")
+        Path(sys.argv[2], f"rank-{rank}.txt").write_text(f"{os.environ.get('WORLD_SIZE')} {os.getpid()}")
+
+    run_stage("probe", body, params=sys.argv[1], distributed=True)
+""")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_distributed_stage_runs_in_one_process_or_under_torchrun(tmp_path, nproc):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["nproc"] = nproc
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    script = tmp_path / "stage.py"
+    script.write_text(DISTRIBUTED_STAGE)
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "params.yaml"), str(tmp_path)],
+                            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    records = {p.name: p.read_text().split() for p in tmp_path.glob("rank-*.txt")}
+    if nproc == 1:  # no torchrun agent: the body ran in the very process that was started
+        assert records == {"rank-none.txt": ["None", str(proc.pid)]}
+    else:
+        assert sorted(records) == ["rank-0.txt", "rank-1.txt"], err
+        assert all(world == "2" for world, _ in records.values())
+        assert all(int(pid) != proc.pid for _, pid in records.values())  # workers under the agent

@@ -1,8 +1,8 @@
 """One training loop for Stage I (``pretrain``) and Stage II (``finetune``).
 
-``run_stage`` is what the DVC stages call (under torchrun): it reads the packed LMDB, builds the
-P x K loader and calls :func:`train`, which any in-memory loader of the same dict batches can
-drive too (tests, benchmarks).
+``run_stage`` is what the DVC stages call (one process, or under torchrun): it reads the packed
+LMDB, builds the P x K loader and calls :func:`train`, which any in-memory loader of the same
+dict batches can drive too (tests, benchmarks).
 
 Per epoch: loader moved to the epoch (sampler order, caption choice), all RNGs reseeded from
 (seed, epoch, rank), losses summed on the device (one host sync per ``SYNC_EVERY`` steps for the
