@@ -44,14 +44,22 @@ def relaunch_under_torchrun(nproc: int) -> None:
     """With ``nproc`` > 1, replace this process by ``torchrun --standalone --nproc-per-node nproc``
     running the same script and arguments; a no-op for one process (a torchrun agent costs ~1.7 s
     of start-up for nothing) and inside a torchrun worker (``LOCAL_RANK`` is set)."""
-    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+    if nproc <= 1:
+        return
+    if "LOCAL_RANK" in os.environ:
+        if "WORLD_SIZE" not in os.environ:  # not torchrun's: a stray variable would train alone
+            raise StageError(f"train.nproc is {nproc}, but LOCAL_RANK={os.environ['LOCAL_RANK']} is set without "
+                             "WORLD_SIZE; unset LOCAL_RANK, or start the stage under torchrun")
         return
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             sys.argv[0], *sys.argv[1:]]
     log.info("%d processes: %s", nproc, " ".join(argv[1:]))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, argv)
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        raise StageError(f"cannot start torchrun for train.nproc={nproc} ({exc})") from exc
 
 
 def run_stage(name: str, body: Callable[[Config], None], params: str | Path = "params.yaml", *,

@@ -110,3 +110,18 @@ def test_a_distributed_stage_runs_in_one_process_or_under_torchrun(tmp_path, npr
         assert sorted(records) == ["rank-0.txt", "rank-1.txt"], err
         assert all(world == "2" for world, _ in records.values())
         assert all(int(pid) != proc.pid for _, pid in records.values())  # workers under the agent
+
+
+def test_a_stray_local_rank_does_not_make_a_two_process_run_train_alone(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["nproc"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "stage.py").write_text(DISTRIBUTED_STAGE)
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, str(tmp_path / "stage.py"), str(tmp_path / "params.yaml"), str(tmp_path)],
+                          cwd=ROOT, env={**environ, "LOCAL_RANK": "0"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "LOCAL_RANK=0 is set without WORLD_SIZE" in proc.stderr
+    assert not list(tmp_path.glob("rank-*.txt"))

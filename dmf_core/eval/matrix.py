@@ -1,4 +1,4 @@
-"""The cross-domain matrix: every ``reports/eval/<source>__<target>.json`` -> JSON, Markdown, heatmap
+"""The cross-domain matrix: every ``reports/eval/<row>__<target>.json`` -> JSON, Markdown, heatmap
 and the matrix's DVC metric; plus the CMC TSV that DVC plots."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ TABLE_KEYS = ("rank1", "mAP", "mINP")
 
 
 def load_eval_results(eval_dir: Path) -> dict[tuple[str, str], dict]:
-    """``{(source, target): record}`` from ``<eval_dir>/<source>__<target>.json``; ``ValueError``
+    """``{(row, target): record}`` from ``<eval_dir>/<row>__<target>.json``; ``ValueError``
     naming the file on a bad name, bad JSON or a missing metric key."""
     eval_dir = Path(eval_dir)
     results: dict[tuple[str, str], dict] = {}
@@ -27,7 +27,7 @@ def load_eval_results(eval_dir: Path) -> dict[tuple[str, str], dict]:
     for path in sorted(eval_dir.glob("*.json")):
         parts = path.stem.split("__")
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{path}: expected a file name <source>__<target>.json")
+            raise ValueError(f"{path}: expected a file name <row>__<target>.json")
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

@@ -65,25 +65,25 @@ def _rank(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits):
     return result, None
 
 
-def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
-    """Evaluate the model of row ``source`` (``models/<source>``: ``pretrain`` or a fine-tuning
+def evaluate_cell(cfg: Config, row: str, target: str) -> dict:
+    """Evaluate the model of matrix row ``row`` (``models/<row>``: ``pretrain`` or a fine-tuning
     source) on <target>; write the cell record (returned), its run facts, the CMC TSV
     and the ranked list.
 
-    The record (``reports/eval/<source>__<target>.json``) holds only what the inputs decide: the
+    The record (``reports/eval/<row>__<target>.json``) holds only what the inputs decide: the
     five numbers, the counts and, in the ``pretrain`` row, the untrained reference. Versions and
-    timings go to the run facts (``reports/facts/evaluate/<source>__<target>.json``)."""
+    timings go to the run facts (``reports/facts/evaluate/<row>__<target>.json``)."""
     from dmf_core.eval.matrix import write_cmc_tsv
     from dmf_core.train.checkpoint import load_model
 
     started = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)
     splits = TargetSplits(cfg, target)
-    model, _ = load_model(paths.row_model_dir(source))
+    model, _ = load_model(paths.row_model_dir(row))
     feats = _features(model, splits, cfg.evaluate.flip)
     result, _ = _rank(cfg, feats, splits)
 
-    untrained = _untrained_reference(cfg, splits) if source == paths.PRETRAIN_ROW else None
+    untrained = _untrained_reference(cfg, splits) if row == paths.PRETRAIN_ROW else None
     q_pids, _ = splits.ids("query")
     g_pids, _ = splits.ids("gallery")
     record = result.summary()  # the five numbers of a cell that DVC diffs
@@ -94,17 +94,17 @@ def evaluate_cell(cfg: Config, source: str, target: str) -> dict:
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))
 
-    _write_json(paths.eval_json(source, target), record)
-    cmc_path = paths.cmc_tsv(source, target)
+    _write_json(paths.eval_json(row, target), record)
+    cmc_path = paths.cmc_tsv(row, target)
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     write_cmc_tsv(result.cmc, cmc_path)
     if cfg.evaluate.ranked_list_queries:
-        _ranked_list(cfg, feats, splits, paths.ranked_list_png(source, target))
-    _write_json(paths.eval_facts_json(source, target), {
-        "source": source, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
+        _ranked_list(cfg, feats, splits, paths.ranked_list_png(row, target))
+    _write_json(paths.eval_facts_json(row, target), {
+        "source": row, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
         "flip": cfg.evaluate.flip, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(time.perf_counter() - started, 1)})
-    log.info("%s -> %s: rank-1 %.1f mAP %.1f", source, target, record["rank1"], record["mAP"])
+    log.info("%s -> %s: rank-1 %.1f mAP %.1f", row, target, record["rank1"], record["mAP"])
     return record
 
 
