@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
-from dmf_core.data.captions import DEFAULT_VIEWPOINT_WORDS, generate_captions, write_captions
+from dmf_core.data.captions.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
+from dmf_core.data.captions.generate import DEFAULT_VIEWPOINT_WORDS, generate_captions, write_captions
 
 
 def peak_rss_mib() -> float:

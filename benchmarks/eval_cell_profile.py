@@ -54,11 +54,11 @@ def profile(source: str, target: str, params: str) -> list[dict]:
     from dmf_core.eval import run
 
     steps.done("import dmf_core.eval.run")
-    from dmf_core.data.loader import build_test_loader  # noqa: F401
+    from dmf_core.data.loading.loader import build_test_loader  # noqa: F401
 
     steps.done("import data loader (torchvision)")
     from dmf_core.model.build import build_model
-    from dmf_core.train.checkpoint import load_model
+    from dmf_core.model.pretrained import load_model
 
     steps.done("import model build + checkpoint")
     from dmf_core.eval.features import extract_features  # noqa: F401

@@ -18,8 +18,8 @@ import torch
 
 from dmf_core import paths
 from dmf_core.config import config_from_dict
-from dmf_core.data.loader import build_test_loader
-from dmf_core.train.checkpoint import load_model
+from dmf_core.data.loading.loader import build_test_loader
+from dmf_core.model.pretrained import load_model
 
 
 def spread(model_dir: Path, lmdb: Path, batch: int) -> dict:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_speed import make_folder  # noqa: E402
 
-from dmf_core.data.lmdb_store import LmdbReader, pack_split  # noqa: E402
-from dmf_core.data.loader import ReidImageDataset, build_train_transform, decode_to_tensor  # noqa: E402
+from dmf_core.data.loading.loader import ReidImageDataset, build_train_transform, decode_to_tensor  # noqa: E402
+from dmf_core.data.store.lmdb_store import LmdbReader, pack_split  # noqa: E402
 
 
 @dataclass(frozen=True)

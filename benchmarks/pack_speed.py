@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dmf_core.data.lmdb_store import pack_split  # noqa: E402
+from dmf_core.data.store.lmdb_store import pack_split  # noqa: E402
 
 
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -127,7 +127,7 @@ def pack_random_lmdb(tmp: Path, ids: int, per_id: int, height: int, width: int) 
     import pandas as pd
     from PIL import Image
 
-    from dmf_core.data.lmdb_store import pack_split
+    from dmf_core.data.store.lmdb_store import pack_split
 
     rng = np.random.default_rng(0)
     root = tmp / "raw"
@@ -151,8 +151,8 @@ def loader_throughput(cfg, stage, device, step, text_dim, steps, warmup, lmdb, c
                       profile_path: Path | None = None) -> dict:
     """The real P x K loader over the throwaway LMDB (``decode``: worker or device): on its own,
     then feeding ``step`` (and a host-time profile of 10 such steps to ``profile_path``)."""
-    from dmf_core.data.device_augment import BatchAugment
-    from dmf_core.data.loader import build_train_loader, set_epoch
+    from dmf_core.data.loading.device_augment import BatchAugment
+    from dmf_core.data.loading.loader import build_train_loader, set_epoch
 
     st = cfg.pretrain if stage == "pretrain" else cfg.finetune
     img = cfg.model.image

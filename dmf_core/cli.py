@@ -68,7 +68,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _doctor_requirements(params: Path) -> tuple[tuple[str, str], list]:
     """A row about the params file, and what those params need (none when it cannot be read)."""
     from dmf_core.config import ConfigError, load_config
-    from dmf_core.datasets_status import requirements
+    from dmf_core.data.sources.status import requirements
 
     if not params.is_file():
         return ("params", f"{params} not found: what the params need is not checked"), []
@@ -156,7 +156,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace) -> int:
     """Every registered or configured dataset: its state here, its size, and what to do next."""
-    from dmf_core.datasets_status import collect, format_table
+    from dmf_core.data.sources.status import collect, format_table
 
     if args.forget:
         return _forget(args.forget)
@@ -170,7 +170,7 @@ def _datasets(args: argparse.Namespace) -> int:
 
 def _forget(name: str) -> int:
     """Drop the archive hash recorded for ``name`` (its archive was replaced on purpose)."""
-    from dmf_core.data.fetch import forget_lock, read_lock
+    from dmf_core.data.sources.fetch import forget_lock, read_lock
 
     record = forget_lock(paths.CHECKSUMS, name)
     if record is None:

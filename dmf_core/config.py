@@ -170,7 +170,7 @@ class TrainConfig:
     # reduce-overhead adds CUDA graphs: the paper's batch of 64 is launch-bound without them.
     compile: Literal["default", "reduce-overhead"] | None = None
     # Where training images are decoded and augmented: in the loader's workers, one at a time, or
-    # on the training device, a batch at a time (dmf_core/data/device_augment.py; for GPUs whose
+    # on the training device, a batch at a time (dmf_core/data/loading/device_augment.py; for GPUs whose
     # CPU workers cannot keep up). Same images from the same seed on the CPU.
     decode: Literal["worker", "device"] = "worker"
 

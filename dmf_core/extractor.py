@@ -11,9 +11,9 @@ The feature is the evaluation's: f, the fusion CLS output before BNNeck, L2-norm
 (optionally flip-averaged), with the evaluation's preprocessing. Two kinds of input:
 
 - **images**: a list (or one) of file paths, PIL images or H x W x 3 uint8 arrays. Each goes
-  through the evaluation's test transform (:func:`~dmf_core.data.loader.build_test_transform`:
+  through the evaluation's test transform (:func:`~dmf_core.data.loading.loader.build_test_transform`:
   resize to the model's H x W, antialiased, then to float in [0, 1]); files are decoded with the
-  evaluation's decoder (:func:`~dmf_core.data.loader.decode_to_tensor`).
+  evaluation's decoder (:func:`~dmf_core.data.loading.loader.decode_to_tensor`).
 - **a float tensor** (N, 3, H, W) with values in [0, 1] at the model's input size: used as is.
 
 Either way the batch then goes through :class:`TestTimeEncoder`, which normalises with the
@@ -115,7 +115,7 @@ class ImageInputs(torch.utils.data.Dataset):
     def _decode(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        from dmf_core.data.loader import decode_to_tensor
+        from dmf_core.data.loading.loader import decode_to_tensor
 
         item = self.items[i]
         if isinstance(item, np.ndarray):
@@ -185,13 +185,13 @@ class FeatureExtractor:
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
                         **kwargs) -> FeatureExtractor:
         """The model a training stage wrote (or any folder with model.safetensors + config.json)."""
-        from dmf_core.train.checkpoint import load_model
+        from dmf_core.model.build import DMFModel
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: model folder not found (expected a folder with "
                                     "model.safetensors + config.json, e.g. models/<source>)")
-        model, meta = load_model(model_dir, device="cpu")
+        model, meta = DMFModel.from_pretrained(model_dir, device="cpu")
         return cls(model, device=device, meta=meta, source=model_dir, **kwargs)
 
     @property
@@ -214,7 +214,7 @@ class FeatureExtractor:
     def transform(self):
         """uint8 3 x h x w -> float [0, 1] 3 x H x W: the evaluation's test transform, less the
         normalisation (which :class:`TestTimeEncoder` applies)."""
-        from dmf_core.data.loader import build_test_transform
+        from dmf_core.data.loading.loader import build_test_transform
 
         return build_test_transform(*self.input_size, UNIT_RANGE)
 

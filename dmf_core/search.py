@@ -95,7 +95,7 @@ def load_extractor(model_dir: str | Path, device: str = "auto", *, batch_size: i
 def split_features(extractor, lmdb_path: Path, desc: str) -> tuple[np.ndarray, pd.DataFrame]:
     """Features of every image of a packed split, in key order, and the split's sidecar: the
     evaluation's test loader with the [0, 1] transform, through the extractor's model call."""
-    from dmf_core.data.loader import build_test_loader
+    from dmf_core.data.loading.loader import build_test_loader
     from dmf_core.extractor import UNIT_RANGE
 
     loader = build_test_loader(Path(lmdb_path), UNIT_RANGE, *extractor.input_size, extractor.batch_size,
@@ -198,7 +198,7 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
            plot_queries: int = 8) -> dict:
     """Top-k gallery matches of each query image; writes ``search.json`` and ``search.png``
     under ``out_dir`` and returns the JSON record."""
-    from dmf_core.data.lmdb_store import LmdbReader
+    from dmf_core.data.store.lmdb_store import LmdbReader
     from dmf_core.eval.retrieval import topk
 
     files = list_images(queries)
@@ -238,7 +238,7 @@ def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.n
     rank, distance, id and camera; the evaluation's ranked-list drawing."""
     from PIL import Image
 
-    from dmf_core.data.lmdb_store import decode_image
+    from dmf_core.data.store.lmdb_store import decode_image
     from dmf_core.eval.visualise import plot_ranked_list
 
     sidecar = reader.sidecar

@@ -8,13 +8,13 @@ import shutil
 import socket
 
 from dmf_core import paths
+from dmf_core.checks import certain_failures
 from dmf_core.config import Config
-from dmf_core.datasets_status import PARTIAL, certain_failures
 from dmf_core.runtime import StageError, run_stage
 
 
 def generate_synthetic(cfg: Config, name: str) -> None:
-    from dmf_core.data import synth
+    from dmf_core.data.synthped import world as synth
 
     out = paths.raw_dir(name)
     tmp = out.with_name(out.name + ".tmp")
@@ -38,22 +38,22 @@ def bad_images_report(name: str):
 
 def acquire_real(cfg: Config, name: str):
     """Fetch, verify and extract a real dataset; (root, manifest, whether its counts are official)."""
-    from dmf_core.data.acquire import acquire, expected_statistics, layout_options
-    from dmf_core.data.layouts import parse_layout
-    from dmf_core.data.manifest import check_statistics
+    from dmf_core.data.sources.acquire import acquire, expected_statistics, layout_options
+    from dmf_core.data.sources.layouts import parse_layout
+    from dmf_core.data.sources.manifest import ACCEPTED_PARTIAL, check_statistics
 
     spec = cfg.dataset(name)
     root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS, cache_dir=paths.ARCHIVES)
     manifest = parse_layout(spec.layout, root, name, **layout_options(name, spec))
     expected = expected_statistics(name, spec)
     table = check_statistics(manifest, expected, allow_partial=spec.allow_partial)
-    official = "unknown" if not expected else "match" if table["ok"].all() else PARTIAL
+    official = "unknown" if not expected else "match" if table["ok"].all() else ACCEPTED_PARTIAL
     return root, manifest, official
 
 
 def main(cfg: Config, name: str) -> None:
-    from dmf_core.data.layouts import parse_layout
-    from dmf_core.data.manifest import verify_images, write_manifest
+    from dmf_core.data.sources.layouts import parse_layout
+    from dmf_core.data.sources.manifest import verify_images, write_manifest
 
     spec = cfg.dataset(name)
     # the first stage of `dvc repro` to run says what a later one would certainly fail on
@@ -74,7 +74,7 @@ def main(cfg: Config, name: str) -> None:
     report["unreadable_images"] = len(verify_images(manifest, root, bad_images_report(name)))
     write_manifest(manifest, paths.manifest_path(name))
     if report.get("official_statistics") in ("match", "unknown"):  # a partial copy's hash would refuse the full one
-        from dmf_core.data.acquire import extracted_record, record_verified
+        from dmf_core.data.sources.acquire import extracted_record, record_verified
 
         record_verified(name, extracted_record(root), paths.CHECKSUMS,
                         recorded_by=f"download@{name} on {socket.gethostname()}")

@@ -14,18 +14,18 @@ from dmf_core.runtime import run_stage
 
 
 def main(cfg: Config, source: str) -> None:
-    from dmf_core.train.loop import run_stage as train
+    from dmf_core.train.loop import train_stage
 
     cfg.dataset(source)
-    train(cfg, "finetune",
-          train_lmdb=paths.lmdb_path(source, "train"),
-          init_from=paths.pretrain_model_dir(),
-          dataset_name=source,
-          out_dir=paths.finetune_model_dir(source),
-          metrics_path=paths.train_metrics_json("finetune", source),
-          facts_path=paths.train_facts_json("finetune", source),
-          curve_path=paths.PLOTS / "train" / f"finetune_{source}.tsv",
-          work_dir=paths.RUNS / "finetune" / source)
+    train_stage(cfg, "finetune",
+                train_lmdb=paths.lmdb_path(source, "train"),
+                init_from=paths.pretrain_model_dir(),
+                dataset_name=source,
+                out_dir=paths.finetune_model_dir(source),
+                metrics_path=paths.train_metrics_json("finetune", source),
+                facts_path=paths.train_facts_json("finetune", source),
+                curve_path=paths.PLOTS / "train" / f"finetune_{source}.tsv",
+                work_dir=paths.RUNS / "finetune" / source)
 
 
 if __name__ == "__main__":

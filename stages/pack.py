@@ -12,8 +12,8 @@ from dmf_core.runtime import run_stage
 
 
 def main(cfg: Config, name: str) -> None:
-    from dmf_core.data.lmdb_store import pack_split
-    from dmf_core.data.manifest import read_manifest
+    from dmf_core.data.sources.manifest import read_manifest
+    from dmf_core.data.store.lmdb_store import pack_split
 
     manifest = read_manifest(paths.manifest_path(name))
     out_dir = paths.lmdb_dir(name)

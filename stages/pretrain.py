@@ -12,17 +12,17 @@ from dmf_core.runtime import run_stage
 
 
 def main(cfg: Config) -> None:
-    from dmf_core.train.loop import run_stage as train
+    from dmf_core.train.loop import train_stage
 
     dataset = cfg.pretrain.dataset
-    train(cfg, "pretrain",
-          train_lmdb=paths.lmdb_path(dataset, "train"),
-          captions_parquet=paths.captions_parquet(dataset),
-          out_dir=paths.pretrain_model_dir(),
-          metrics_path=paths.train_metrics_json("pretrain"),
-          facts_path=paths.train_facts_json("pretrain"),
-          curve_path=paths.PLOTS / "train" / "pretrain.tsv",
-          work_dir=paths.RUNS / "pretrain")
+    train_stage(cfg, "pretrain",
+                train_lmdb=paths.lmdb_path(dataset, "train"),
+                captions_parquet=paths.captions_parquet(dataset),
+                out_dir=paths.pretrain_model_dir(),
+                metrics_path=paths.train_metrics_json("pretrain"),
+                facts_path=paths.train_facts_json("pretrain"),
+                curve_path=paths.PLOTS / "train" / "pretrain.tsv",
+                work_dir=paths.RUNS / "pretrain")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dmf_core.track import write_metrics
 
 
 def main(cfg: Config) -> None:
-    from dmf_core.data.registry import leakage_reason
+    from dmf_core.data.sources.registry import leakage_reason
     from dmf_core.eval.matrix import (
         build_matrix,
         load_eval_results,

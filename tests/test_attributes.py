@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmf_core.data.attributes import (
+from dmf_core.data.captions.attributes import (
     ATTRIBUTE_CODES,
     ATTRIBUTE_COLUMNS,
     HEADER_ALIASES,

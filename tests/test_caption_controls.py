@@ -8,16 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
-from dmf_core.data.caption_controls import (
+from dmf_core.data.captions.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
+from dmf_core.data.captions.controls import (
     ATTRIBUTE_CLASSES,
     attribute_targets,
     derangement,
     shuffled_caption_sources,
 )
-from dmf_core.data.captions import render_caption
-from dmf_core.data.loader import CaptionPicker
-from dmf_core.data.sampler import PKSampler
+from dmf_core.data.captions.generate import render_caption
+from dmf_core.data.loading.loader import CaptionPicker
+from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.train.health import cosine_statistics, retrieval_map
 
 

@@ -12,8 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmf_core.data import captions as cap
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS, read_attributes, write_attributes
+from dmf_core.data.captions.attributes import (
+    ATTRIBUTE_CODES,
+    ATTRIBUTE_COLUMNS,
+    read_attributes,
+    write_attributes,
+)
+from dmf_core.data.captions.generate import generate as cap
 
 
 def make_attributes(n_ids: int = 40, seed: int = 0) -> pd.DataFrame:
@@ -314,8 +319,8 @@ def test_bad_params(inputs):
 
 def test_synthped_end_to_end(tmp_path):
     """SynthPed's FineGPR-format output -> layout parser -> attribute reader -> captions -> files."""
-    synth = pytest.importorskip("dmf_core.data.synth")
-    layouts = pytest.importorskip("dmf_core.data.layouts")
+    synth = pytest.importorskip("dmf_core.data.synthped.world")
+    layouts = pytest.importorskip("dmf_core.data.sources.layouts")
     synth.write_finegpr(tmp_path, ids=4, images_per_id=3, height=32, width=16, seed=0)
     man = layouts.parse_finegpr(tmp_path, "synthped")
     res = cap.generate_captions(man, read_attributes(tmp_path / "attributes.csv"), per_image=2, seed=0,
@@ -359,7 +364,7 @@ def test_no_torch_import():
     import subprocess
     import sys
 
-    code = ("import sys, dmf_core.data.captions, dmf_core.data.attributes; "
+    code = ("import sys, dmf_core.data.captions.generate, dmf_core.data.captions.attributes; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dmf_core.config import config_from_dict
+from dmf_core.model import pretrained as ckpt
 from dmf_core.model.build import build_model
-from dmf_core.train import checkpoint as ckpt
+from dmf_core.train import checkpoint as training_state
 
 
 def _cfg(params: dict, dim: int = 32):
@@ -161,18 +162,18 @@ def test_weights_that_do_not_match_config_json(params_dict, tmp_path):
 def test_training_state_round_trip(tmp_path):
     state = {"epoch": 2, "fingerprint": "abc", "totals": {"images": np.int64(8), "arr": np.arange(3)},
              "curve": [{"epoch": 1, "loss": 1.0}], "model": {"w": torch.ones(2)}}
-    ckpt.save_training_state(tmp_path, state)
+    training_state.save_training_state(tmp_path, state)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
-    loaded = ckpt.load_training_state(tmp_path)
+    loaded = training_state.load_training_state(tmp_path)
     assert loaded["totals"] == {"images": 8, "arr": [0, 1, 2]} and torch.equal(loaded["model"]["w"], torch.ones(2))
-    ckpt.remove_training_state(tmp_path)
-    assert ckpt.load_training_state(tmp_path) is None
+    training_state.remove_training_state(tmp_path)
+    assert training_state.load_training_state(tmp_path) is None
 
 
 def test_torn_training_state_is_ignored(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
-    assert ckpt.load_training_state(tmp_path) is None
-    assert ckpt.load_training_state(tmp_path / "empty") is None
+    assert training_state.load_training_state(tmp_path) is None
+    assert training_state.load_training_state(tmp_path / "empty") is None
 
 
 def test_trainable_text_encoder_is_rebuilt_from_config_json(params_dict, tmp_path):

@@ -18,8 +18,8 @@ from PIL import Image
 
 from dmf_core import cli
 from dmf_core.config import config_from_dict
+from dmf_core.model import pretrained as ckpt
 from dmf_core.model.build import build_model
-from dmf_core.train import checkpoint as ckpt
 
 SUBCOMMANDS = ["search", "extract", "export", "datasets", "doctor", "matrix", "showcase"]
 
@@ -45,7 +45,7 @@ def world(tmp_path_factory):
 
     import yaml
 
-    from dmf_core.data.lmdb_store import pack_split
+    from dmf_core.data.store.lmdb_store import pack_split
 
     root = tmp_path_factory.mktemp("cli")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -148,7 +148,7 @@ def test_extract_split_and_folder(world, tmp_path, capsys):
 
     # The same features as the evaluation stage computes (its loader, transform and feature
     # function; batches change nothing).
-    from dmf_core.data.loader import build_test_loader
+    from dmf_core.data.loading.loader import build_test_loader
     from dmf_core.eval.features import extract_features
 
     model, _ = ckpt.load_model(world["model"])
@@ -224,7 +224,7 @@ def _write_params(root: Path, params: dict) -> None:
 
 
 def test_datasets_states(params_dict, tmp_path, monkeypatch, capsys):
-    from dmf_core.data.manifest import write_manifest
+    from dmf_core.data.sources.manifest import write_manifest
 
     params_dict["datasets"] = {
         "sp_market": {"layout": "market", "source": "synth"},
@@ -309,9 +309,9 @@ def test_matrix_without_a_run_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_showcase_renders_captioned_sheet(tmp_path, monkeypatch, capsys):
-    from dmf_core.data import synth
-    from dmf_core.data.layouts import parse_layout
-    from dmf_core.data.manifest import write_manifest
+    from dmf_core.data.sources.layouts import parse_layout
+    from dmf_core.data.sources.manifest import write_manifest
+    from dmf_core.data.synthped import world as synth
 
     monkeypatch.chdir(tmp_path)
     raw = tmp_path / "data" / "raw" / "synthped"

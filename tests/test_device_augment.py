@@ -9,9 +9,9 @@ import torch
 from _augment import Aug as _Aug
 from PIL import Image
 
-from dmf_core.data.device_augment import BatchAugment
-from dmf_core.data.lmdb_store import pack_split
-from dmf_core.data.loader import build_train_loader, set_epoch
+from dmf_core.data.loading.device_augment import BatchAugment
+from dmf_core.data.loading.loader import build_train_loader, set_epoch
+from dmf_core.data.store.lmdb_store import pack_split
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 

@@ -13,8 +13,8 @@ import torch
 
 from dmf_core import FeatureExtractor, cli
 from dmf_core.config import config_from_dict
+from dmf_core.model import pretrained as ckpt
 from dmf_core.model.build import build_model
-from dmf_core.train import checkpoint as ckpt
 
 H, W = 32, 16
 BATCHES = (1, 5)

@@ -11,15 +11,15 @@ import zipfile
 import pytest
 from _archives import build_market, make_tar, make_zip, tar_with_members
 
-from dmf_core.data import extract
-from dmf_core.data.extract import (
+from dmf_core.data.sources import extract
+from dmf_core.data.sources.extract import (
     ArchiveError,
     InsufficientSpaceError,
     UnsafeArchiveError,
     read_marker,
     safe_extract,
 )
-from dmf_core.data.layouts import parse_layout
+from dmf_core.data.sources.layouts import parse_layout
 
 
 def _tarinfo(name: str, kind=tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:

@@ -16,8 +16,8 @@ from PIL import Image
 
 from dmf_core import FeatureExtractor
 from dmf_core.config import config_from_dict
+from dmf_core.model import pretrained as ckpt
 from dmf_core.model.build import build_model
-from dmf_core.train import checkpoint as ckpt
 
 H, W = 32, 16
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -53,7 +53,7 @@ def world(tmp_path_factory):
 def _evaluation_features(world, files, flip: bool = False) -> np.ndarray:
     """What the evaluation stage computes for these images: its decoder, its test transform with
     the training config's mean/std, its feature function."""
-    from dmf_core.data.loader import build_test_transform, decode_to_tensor
+    from dmf_core.data.loading.loader import build_test_transform, decode_to_tensor
     from dmf_core.eval.features import extract_features
 
     model, _ = ckpt.load_model(world["model"])
@@ -86,7 +86,7 @@ def test_every_input_kind_gives_the_same_feature(world):
     torch.testing.assert_close(extractor([np.asarray(im.convert("RGB")) for im in pil]), by_path, atol=1e-6, rtol=0)
     torch.testing.assert_close(extractor(pngs[1]), by_path[1:2], atol=1e-6, rtol=0)  # one path, no list
     # The image at the model's size, decoded to [0, 1]: the tensor contract, same feature.
-    from dmf_core.data.loader import decode_to_tensor
+    from dmf_core.data.loading.loader import decode_to_tensor
 
     tensor = decode_to_tensor(pngs[1].read_bytes()).float()[None] / 255
     torch.testing.assert_close(extractor(tensor), by_path[1:2], atol=1e-6, rtol=0)

@@ -19,10 +19,10 @@ import torch
 from _faults import evil_torch_file, good_jpeg, hostile_images
 from PIL import Image
 
-from dmf_core.data import extract, lmdb_store
-from dmf_core.data.extract import InsufficientSpaceError, UnsafeArchiveError, safe_extract
-from dmf_core.data.lmdb_store import LmdbReader, pack_split
-from dmf_core.data.manifest import verify_images
+from dmf_core.data.sources import extract, lmdb_store
+from dmf_core.data.sources.extract import InsufficientSpaceError, UnsafeArchiveError, safe_extract
+from dmf_core.data.sources.manifest import verify_images
+from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
 # --------------------------------------------------------------------------------------------- archives
 
@@ -235,7 +235,7 @@ def test_resume_checkpoint_with_code_running_pickle_is_ignored(tmp_path, caplog)
 
 def test_model_checkpoint_is_safetensors_not_pickle(tmp_path):
     """Our model files carry no pickle at all: a .pth dropped next to them is never read."""
-    from dmf_core.train import checkpoint
+    from dmf_core.model import pretrained as checkpoint
 
     marker = tmp_path / "PWNED"
     model_dir = tmp_path / "models" / "pretrain"
@@ -257,7 +257,7 @@ def test_model_file_bytes_do_not_depend_on_the_process(tmp_path):
 
     from safetensors import safe_open
 
-    from dmf_core.train.checkpoint import _save_safetensors_sorted
+    from dmf_core.model.pretrained import _save_safetensors_sorted
 
     state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(1, dtype=torch.int64)}
     meta = {k: f"v{k}" for k in "zyxwvutsrq"}

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from _faults import good_jpeg
 
-from dmf_core.data import captions as cap
-from dmf_core.data import extract, lmdb_store, manifest
-from dmf_core.data.lmdb_store import LmdbReader, pack_split
+from dmf_core.data.captions.generate import generate as cap
+from dmf_core.data.sources import extract, lmdb_store, manifest
+from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
 
 def _enospc(*_a, **_k):

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmf_core.data.attributes import ATTRIBUTE_COLUMNS, AttributeFileError, read_attributes
-from dmf_core.data.captions import CaptionInputError, read_finegpr_c
-from dmf_core.data.layouts import parse_layout
+from dmf_core.data.captions.attributes import ATTRIBUTE_COLUMNS, AttributeFileError, read_attributes
+from dmf_core.data.captions.generate import CaptionInputError, read_finegpr_c
+from dmf_core.data.sources.layouts import parse_layout
 
 HEADER = ",".join(["pid", *ATTRIBUTE_COLUMNS])
 ROW1 = "0001," + ",".join(["1"] * 13)

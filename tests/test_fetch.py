@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 from _http import FileServer, tls_contexts
 
-from dmf_core.data import fetch
-from dmf_core.data.acquire import acquire_file
-from dmf_core.data.fetch import (
+from dmf_core.data.sources import fetch
+from dmf_core.data.sources.acquire import acquire_file
+from dmf_core.data.sources.fetch import (
     CheckedRedirectHandler,
     ChecksumError,
     DownloadError,
@@ -204,7 +204,7 @@ def test_file_changed_between_attempts_is_not_spliced(server, tmp_path, validato
 @pytest.mark.parametrize("validators", [(), ("weak_etag",)], ids=["none", "weak_etag_only"])
 def test_no_validator_means_no_blind_resume(server, tmp_path, caplog, validators):
     url = server.add("/n.zip", PAYLOAD, mode="drop", times=1, validators=validators)
-    with caplog.at_level(logging.WARNING, logger="dmf_core.data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="dmf_core.data.sources.fetch"):
         assert download(url, tmp_path / "n.zip", sha256=SHA, sleep=lambda s: None, **FAST) == SHA
     assert [r for _, r in server.requests] == [None, None]  # started over instead of sending a Range
     assert "If-Range" not in server.headers[1]

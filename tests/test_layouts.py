@@ -16,8 +16,8 @@ from _archives import (
     jpeg_bytes,
 )
 
-from dmf_core.data.layouts import RANDPERSON_CAM_OFFSETS, parse_layout
-from dmf_core.data.manifest import (
+from dmf_core.data.sources.layouts import RANDPERSON_CAM_OFFSETS, parse_layout
+from dmf_core.data.sources.manifest import (
     MANIFEST_COLUMNS,
     StatisticsError,
     check_statistics,

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dmf_core.data import lmdb_store
-from dmf_core.data.lmdb_store import LmdbReader, check_lmdb, pack_split
+from dmf_core.data.store import lmdb_store
+from dmf_core.data.store.lmdb_store import LmdbReader, check_lmdb, pack_split
 
 
 def make_images(root: Path, ids: int = 6, per_id: int = 5, size=(32, 16), seed: int = 0) -> pd.DataFrame:
@@ -97,7 +97,7 @@ def test_interrupted_pack_leaves_no_final_file(toy, tmp_path):
     script = textwrap.dedent(f"""
         import os, pandas as pd
         from pathlib import Path
-        from dmf_core.data import lmdb_store
+        from dmf_core.data.store import lmdb_store
         lmdb_store.COMMIT_EVERY = 4
         real, calls = lmdb_store._load_one, [0]
         def dying(*a):

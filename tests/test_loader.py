@@ -12,8 +12,7 @@ import torch
 from _augment import Aug
 from PIL import Image
 
-from dmf_core.data.lmdb_store import pack_split
-from dmf_core.data.loader import (
+from dmf_core.data.loading.loader import (
     CaptionPicker,
     ReidImageDataset,
     build_test_loader,
@@ -22,6 +21,7 @@ from dmf_core.data.loader import (
     build_train_transform,
     set_epoch,
 )
+from dmf_core.data.store.lmdb_store import pack_split
 
 # torchvision 0.29 flags its codecs deprecated; loader.py filters it, pytest resets filters per test
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")

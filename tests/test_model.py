@@ -150,8 +150,8 @@ def test_each_modality_has_its_own_bnneck_and_shares_the_classifier(params_dict)
 
 
 def test_attribute_head_is_a_pretraining_part(params_dict, tmp_path):
-    from dmf_core.data.caption_controls import ATTRIBUTE_CLASSES
-    from dmf_core.train.checkpoint import load_init_weights, load_model, save_model
+    from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES
+    from dmf_core.model.pretrained import load_init_weights, load_model, save_model
 
     cfg = _cfg(params_dict, mode="attributes")
     model = build_model(cfg, num_classes=4, attribute_classes=ATTRIBUTE_CLASSES).eval()
@@ -243,7 +243,7 @@ def test_image_only_never_imports_transformers(params_dict, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(to_dict(_cfg(params_dict, mode="image_only"))))
     code = ("import json, sys; from pathlib import Path; from dmf_core.config import config_from_dict;"
-            "from dmf_core.model.build import build_model; from dmf_core.train import loop, checkpoint;"
+            "from dmf_core.model.build import build_model; from dmf_core.train import loop, checkpoint; from dmf_core.model import pretrained;"
             f"build_model(config_from_dict(json.loads(Path({str(cfg_path)!r}).read_text())), 3);"
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,7 +32,7 @@ from _archives import (
 )
 
 from dmf_core.config import load_config
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS, write_attributes
+from dmf_core.data.captions.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS, write_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
 

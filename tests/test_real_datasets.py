@@ -16,9 +16,9 @@ from _archives import build_cuhk03np, build_finegpr, build_market, make_zip
 
 from dmf_core import cli
 from dmf_core.config import load_config
-from dmf_core.data.fetch import ChecksumError, read_lock
-from dmf_core.data.manifest import StatisticsError
-from dmf_core.data.registry import ATTRIBUTES_PATH, REGISTRY
+from dmf_core.data.sources.fetch import ChecksumError, read_lock
+from dmf_core.data.sources.manifest import StatisticsError
+from dmf_core.data.sources.registry import ATTRIBUTES_PATH, REGISTRY
 from dmf_core.runtime import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_attribute_path_is_the_same_everywhere(project):
         assert stale not in text
     assert ATTRIBUTES_PATH in REGISTRY["finegpr"].note and ATTRIBUTES_PATH in (ROOT / "docs/datasets.md").read_text()
     # an attribute file kept inside a real dataset's data/raw/<name>/ is refused before any work
-    from dmf_core.datasets_status import attributes_requirement
+    from dmf_core.data.sources.status import attributes_requirement
 
     params = project["params"]
     params["datasets"]["finegpr"] = {"layout": "finegpr", "source": "archive", "location": "data/archives/F.zip"}
@@ -275,7 +275,7 @@ def test_doctor_checks_the_params(project, monkeypatch, capsys):
 
 
 def test_local_text_encoder_folder(tmp_path):
-    from dmf_core.datasets_status import text_encoder_requirement
+    from dmf_core.data.sources.status import text_encoder_requirement
 
     folder = tmp_path / "bert-base-uncased"
     assert not text_encoder_requirement(str(folder)).ok

@@ -18,13 +18,13 @@ from _archives import (
 from _http import FileServer
 
 from dmf_core.config import DatasetSpec
-from dmf_core.data import extract
-from dmf_core.data.acquire import acquire, acquire_file, extracted_record, record_verified
-from dmf_core.data.extract import InsufficientSpaceError
-from dmf_core.data.fetch import ChecksumError, DownloadError, FetchError, read_lock
-from dmf_core.data.layouts import LAYOUTS, parse_layout
-from dmf_core.data.manifest import check_statistics, read_manifest, verify_images, write_manifest
-from dmf_core.data.registry import REGISTRY, get_entry
+from dmf_core.data.sources import extract
+from dmf_core.data.sources.acquire import acquire, acquire_file, extracted_record, record_verified
+from dmf_core.data.sources.extract import InsufficientSpaceError
+from dmf_core.data.sources.fetch import ChecksumError, DownloadError, FetchError, read_lock
+from dmf_core.data.sources.layouts import LAYOUTS, parse_layout
+from dmf_core.data.sources.manifest import check_statistics, read_manifest, verify_images, write_manifest
+from dmf_core.data.sources.registry import REGISTRY, get_entry
 
 FAST = {"backoff": 0.01, "timeout": 5.0, "progress": False}
 # The loopback server is plain http, which fetch.download refuses without a pinned sha256: the
@@ -258,7 +258,7 @@ def test_acquire_file_weights(tmp_path, server):
 
 
 def test_layout_options_and_statistics_follow_the_registry_key():
-    from dmf_core.data.acquire import expected_statistics, layout_options
+    from dmf_core.data.sources.acquire import expected_statistics, layout_options
 
     spec = DatasetSpec(layout="msmt17", source="archive", location="x", registry="msmt17_all")
     assert layout_options("whatever", spec) == {"combine_all": True}
@@ -280,7 +280,7 @@ def test_leakage_reason_paper_profile():
     import yaml
 
     from dmf_core.config import config_from_dict
-    from dmf_core.data.registry import leakage_reason
+    from dmf_core.data.sources.registry import leakage_reason
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "paper.yaml").read_text())
     datasets = config_from_dict(params).datasets
@@ -294,7 +294,7 @@ def test_leakage_reason_paper_profile():
 
 
 def test_leakage_reason_without_registry_keys():
-    from dmf_core.data.registry import leakage_reason
+    from dmf_core.data.sources.registry import leakage_reason
 
     datasets = {  # no registry: the same archive read with and without combine_all
         "my_msmt_all": DatasetSpec(layout="msmt17", source="archive", location="data/archives/M.tar.gz"),

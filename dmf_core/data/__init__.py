@@ -1,2 +1,11 @@
-"""Data layer: dataset registry, fetching, layouts, SynthPed, captions, LMDB, loaders."""
+"""Data, one sub-package per stage's job.
 
+- ``sources``: dataset acquisition for ``download`` (registry, fetch, extract, layouts, manifests)
+  and the ``dmf datasets`` view;
+- ``synthped``: the embedded SynthPed world ``download`` generates;
+- ``captions``: attribute tables to captions, for ``captions``;
+- ``store``: the packed LMDB store ``pack`` writes and every later stage reads;
+- ``loading``: datasets, the P x K sampler and augmentation for training and evaluation.
+
+``images.py`` (checked image decoding) is shared by sources, store and loading.
+"""

@@ -21,7 +21,7 @@ class TargetSplits:
     """Query and gallery of one target: loaders, ids and cameras, and image access for pictures."""
 
     def __init__(self, cfg: Config, target: str):
-        from dmf_core.data.loader import build_test_loader
+        from dmf_core.data.loading.loader import build_test_loader
 
         img = cfg.model.image
         self.paths = {s: paths.lmdb_path(target, s) for s in ("query", "gallery")}
@@ -37,7 +37,7 @@ class TargetSplits:
         return side["pid"].to_numpy(), side["camid"].to_numpy()
 
     def image(self, split: str, index: int):
-        from dmf_core.data.lmdb_store import decode_image
+        from dmf_core.data.store.lmdb_store import decode_image
 
         return decode_image(self.loaders[split].dataset.reader.get_bytes(index))
 
@@ -74,12 +74,12 @@ def evaluate_cell(cfg: Config, row: str, target: str) -> dict:
     five numbers, the counts and, in the ``pretrain`` row, the untrained reference. Versions and
     timings go to the run facts (``reports/facts/evaluate/<row>__<target>.json``)."""
     from dmf_core.eval.matrix import write_cmc_tsv
-    from dmf_core.train.checkpoint import load_model
+    from dmf_core.model.build import DMFModel
 
     started = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)
     splits = TargetSplits(cfg, target)
-    model, _ = load_model(paths.row_model_dir(row))
+    model, _ = DMFModel.from_pretrained(paths.row_model_dir(row))
     feats = _features(model, splits, cfg.evaluate.flip)
     result, _ = _rank(cfg, feats, splits)
 

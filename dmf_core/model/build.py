@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -99,6 +100,22 @@ class DMFModel(nn.Module):
             "fusion": dict(self.fusion.init_kwargs),
             "text_encoder": dict(text) if text is not None else None,
         }
+
+    def save_pretrained(self, out_dir: str | Path, *, cfg: Config, num_classes: int, stage: str,
+                        extra: dict | None = None) -> dict:
+        """Write ``model.safetensors``, ``config.json`` and ``meta.json`` to ``out_dir``; returns the
+        metadata (:func:`dmf_core.model.pretrained.save_model`)."""
+        from dmf_core.model.pretrained import save_model
+
+        return save_model(self, out_dir, cfg=cfg, num_classes=num_classes, stage=stage, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[DMFModel, dict]:
+        """The model a training stage wrote, weights loaded strictly, in eval mode, and its
+        metadata (:func:`dmf_core.model.pretrained.load_model`)."""
+        from dmf_core.model.pretrained import load_model
+
+        return load_model(model_dir, device)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """f for a batch of images (B, 3, H, W): the fusion CLS output, before BNNeck."""

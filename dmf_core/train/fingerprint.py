@@ -58,7 +58,7 @@ def code_digest() -> str:
 def lmdb_digest(lmdb_path: str | Path) -> str:
     """The packed split's content: its embedded metadata (digests of rows, index and captions,
     pack params) and its sidecar index (one sha1 per stored image). Reads no image."""
-    from dmf_core.data.lmdb_store import LmdbReader, sidecar_path
+    from dmf_core.data.store.lmdb_store import LmdbReader, sidecar_path
 
     meta = LmdbReader(Path(lmdb_path)).meta  # checked against the sidecar on construction
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
@@ -77,7 +77,7 @@ def _text_encoder_digest(cfg: Config) -> str:
 def model_input_digests(cfg: Config, *, init_from: Path | None, with_text: bool) -> dict[str, str]:
     """Content digests of what the model starts from (the data side digests its own inputs:
     :func:`lmdb_digest`, captions), plus the code and torch version that train it."""
-    from dmf_core.train.checkpoint import MODEL_FILE
+    from dmf_core.model.pretrained import MODEL_FILE
 
     digests = {"code": code_digest(), "torch": torch.__version__}
     if with_text:

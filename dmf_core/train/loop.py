@@ -1,6 +1,6 @@
 """One training loop for Stage I (``pretrain``) and Stage II (``finetune``).
 
-``run_stage`` is what the DVC stages call (one process, or under torchrun): it reads the packed
+``train_stage`` is what the DVC stages call (one process, or under torchrun): it reads the packed
 LMDB, builds the P x K loader and calls :func:`train`, which any in-memory loader of the same
 dict batches can drive too (tests, benchmarks).
 
@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dmf_core.config import Config, StageTrainConfig, to_dict
+from dmf_core.model.pretrained import load_init_weights, unwrap
 from dmf_core.runtime import StageError
 from dmf_core.track import Tracker, write_metrics, write_tsv
 from dmf_core.train import checkpoint as ckpt
@@ -134,7 +135,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parquet: Path | None,
                      dist: DistInfo, dataset_name: str | None = None) -> StageData:
-    from dmf_core.data.loader import CaptionPicker, build_train_loader, set_epoch
+    from dmf_core.data.loading.loader import CaptionPicker, build_train_loader, set_epoch
     from dmf_core.train.fingerprint import file_sha256, lmdb_digest
 
     st = stage_config(cfg, stage)
@@ -156,7 +157,7 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
     data = StageData(loader=loader, num_classes=dataset.num_classes - holdout, num_images=len(dataset),
                      set_epoch=lambda epoch: set_epoch(loader, epoch))
     if cfg.train.decode == "device":
-        from dmf_core.data.device_augment import BatchAugment
+        from dmf_core.data.loading.device_augment import BatchAugment
 
         data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device,
                                           name_of=dataset.image_name)
@@ -164,13 +165,13 @@ def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parqu
     if picker is not None and dist.is_main:
         data.inputs["captions"] = file_sha256(captions_parquet)
     if uses_attributes(cfg, stage):
-        from dmf_core.data.caption_controls import attribute_targets
+        from dmf_core.data.captions.controls import attribute_targets
 
         data.attribute_table = attribute_targets(dataset, picker)
     if uses_captions(cfg, stage):
         data.health_captions = [picker.text(dataset.caption_rows(i)[0]) for i in held_out]
         if cfg.fusion.captions == "shuffled":
-            from dmf_core.data.caption_controls import shuffled_caption_sources
+            from dmf_core.data.captions.controls import shuffled_caption_sources
 
             dataset.take_captions_of(shuffled_caption_sources(dataset.labels, cfg.seed))
         data.captions = [picker.text(i) for i in range(len(picker))]
@@ -188,7 +189,7 @@ def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
     from dmf_core import paths
-    from dmf_core.data.loader import ReidImageDataset, build_test_transform
+    from dmf_core.data.loading.loader import ReidImageDataset, build_test_transform
     from dmf_core.train.health import spread_subset
 
     transform = build_test_transform(cfg.model.image.height, cfg.model.image.width, cfg.augment)
@@ -208,7 +209,7 @@ def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
     return DataLoader(images, batch_size=cfg.evaluate.batch_size, shuffle=False), held_out
 
 
-def run_stage(
+def train_stage(
     cfg: Config,
     stage: Stage,
     *,
@@ -284,11 +285,11 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     seed_everything(cfg.seed)
     attribute_classes = None
     if data.attribute_table is not None:
-        from dmf_core.data.caption_controls import ATTRIBUTE_CLASSES as attribute_classes
+        from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES as attribute_classes
     model = build_model(cfg, data.num_classes, with_text=with_text,
                         pretrained=stage == "pretrain" or init_from is None, attribute_classes=attribute_classes)
     if stage == "finetune" and init_from is not None:
-        ckpt.load_init_weights(model, init_from)
+        load_init_weights(model, init_from)
     model.to(dist.device)
     steps_per_epoch = len(data.loader) // st.accumulate
     if steps_per_epoch == 0:
@@ -527,8 +528,8 @@ def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metric
     stage for) can take it for done."""
     if not run.dist.is_main:
         return
-    ckpt.save_model(run.model, out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
-                    extra={"epochs": run.st.epochs, "init_from": str(init_from) if init_from else None})
+    unwrap(run.model).save_pretrained(out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
+                                      extra={"epochs": run.st.epochs, "init_from": str(init_from) if init_from else None})
     write_tsv(curve_path, run.curve, CURVE_COLUMNS)
     write_metrics(metrics_path, {k: metrics[k] for k in metric_names(run)})
     if facts_path is not None:

@@ -9,7 +9,7 @@ DataLoader builders.
   one pass, about 1.6x faster here; ``build_train_transform(..., fused=False)`` gives the stock
   ``torchvision.transforms.v2`` chain) and converted to float last.
 - Augmentations are seeded per (seed, epoch, index): identical with any number of workers.
-- The LMDB is opened lazily in each process (see :class:`~dmf_core.data.lmdb_store.LmdbReader`),
+- The LMDB is opened lazily in each process (see :class:`~dmf_core.data.store.lmdb_store.LmdbReader`),
   so ``num_workers > 0`` works and no lock file is touched.
 - Per epoch, call :func:`set_epoch` (``loader.batch_sampler`` and the caption picker follow it);
   the caption epoch lives in shared memory, so persistent workers see it too.
@@ -31,8 +31,8 @@ from torchvision.io import decode_image as _tv_decode
 from torchvision.transforms import v2
 
 from dmf_core.data.images import open_checked
-from dmf_core.data.lmdb_store import LmdbReader, caption_refs, captions_digest
-from dmf_core.data.sampler import PKSampler
+from dmf_core.data.loading.sampler import PKSampler
+from dmf_core.data.store.lmdb_store import LmdbReader, caption_refs, captions_digest
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 flags its image codecs as deprecated (in favour of TorchCodec); they are the
@@ -131,7 +131,7 @@ class AugmentDraw:
 def draw_augment(size: tuple[int, int], flip: float, pad: int, erasing: float, erasing_scale: tuple[float, float],
                  log_ratio: tuple[float, float], generator: torch.Generator | None = None) -> AugmentDraw:
     """The random choices of :class:`ReidTrainAugment`, drawn from ``generator`` (torch's default
-    one if None) in the chain's order; the batched device path (:mod:`dmf_core.data.device_augment`)
+    one if None) in the chain's order; the batched device path (:mod:`dmf_core.data.loading.device_augment`)
     draws with the same function, so both give the same images from the same seed."""
     H, W = size
     do_flip = flip > 0 and float(torch.rand((), generator=generator)) < flip
@@ -261,7 +261,7 @@ class ReidImageDataset(torch.utils.data.Dataset):
 
     With ``encoded=True`` (``transform`` a :class:`ReidTrainAugment`) an item has ``"encoded"``
     (the stored bytes, uint8) and ``"augment"`` (its random choices, :meth:`AugmentDraw.as_tensor`)
-    instead of ``"image"``: :class:`~dmf_core.data.device_augment.BatchAugment` decodes and
+    instead of ``"image"``: :class:`~dmf_core.data.loading.device_augment.BatchAugment` decodes and
     augments the batch on the training device.
 
     With ``augment_seed``, the random transform of item ``i`` is seeded from
@@ -419,7 +419,7 @@ def build_train_loader(
     ``holdout_ids``: the last that many identities (by label) are never drawn.
     ``encoded``: batches carry the stored bytes (``"encoded"``, flat, and ``"encoded_lengths"``)
     and each image's random choices (``"augment"``, B x 7) instead of ``"image"``, for
-    :class:`~dmf_core.data.device_augment.BatchAugment`."""
+    :class:`~dmf_core.data.loading.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
     transform = (ReidTrainAugment(height, width, cfg_augment.flip, cfg_augment.pad, cfg_augment.erasing,

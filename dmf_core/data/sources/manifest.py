@@ -139,6 +139,10 @@ def statistics(df: pd.DataFrame) -> dict[str, dict[str, int]]:
             for split, g in df.groupby("split", sort=True)}
 
 
+#: reports/stats/datasets/<name>.json "official_statistics" of a copy let through by allow_partial
+ACCEPTED_PARTIAL = "differ, accepted (allow_partial)"
+
+
 def check_statistics(df: pd.DataFrame, expected: Mapping[str, Mapping[str, int | None]],
                      allow_partial: bool = False) -> pd.DataFrame:
     """Compare per-split ids/images with ``expected`` ({split: {"ids", "images"}}, None = unknown).

@@ -31,7 +31,7 @@ class DatasetEntry:
     key: str
     title: str
     kind: Literal["dataset", "weights"] = "dataset"
-    layout: str | None = None  # parser in dmf_core.data.layouts (None for weights)
+    layout: str | None = None  # parser in dmf_core.data.sources.layouts (None for weights)
     layout_options: dict = field(default_factory=dict)  # extra parse_layout() keywords
     urls: tuple[str, ...] = ()  # direct http(s) links that a plain GET can fetch
     archive_names: tuple[str, ...] = ()  # expected file name(s) under data/archives/

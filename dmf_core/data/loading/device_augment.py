@@ -2,13 +2,13 @@
 
 On a GPU the CPU workers that decode JPEGs and augment them one image at a time can become the
 ceiling of a step. Here the loader's workers only read the stored bytes (``encoded=True`` in
-:func:`~dmf_core.data.loader.build_train_loader`); :class:`BatchAugment` decodes the whole batch
+:func:`~dmf_core.data.loading.loader.build_train_loader`); :class:`BatchAugment` decodes the whole batch
 with ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and applies resize, flip,
 pad + random crop, normalisation and random erasing as batched tensor operations. The
 workers send one flat byte tensor per batch (not one per image: fewer shared-memory segments).
 
 Each image's random choices are drawn in the workers (cheap, off the training thread) by
-:func:`~dmf_core.data.loader.draw_augment` with a generator seeded by the item's own seed, the
+:func:`~dmf_core.data.loading.loader.draw_augment` with a generator seeded by the item's own seed, the
 function and the seed the worker path uses, and travel with the batch as a (B, 7) tensor: on
 the CPU both paths give the same tensors bit for bit (tests/test_device_augment.py); on CUDA the
 decoder and the resize kernels may differ from the CPU's by rounding.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from dmf_core.data.loader import ReidTrainAugment, decode_to_tensor
+from dmf_core.data.loading.loader import ReidTrainAugment, decode_to_tensor
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class BatchAugment:
     """``batch -> float (B, 3, H, W)`` on ``device``: the training transform of
-    :class:`~dmf_core.data.loader.ReidTrainAugment`, batched, with the random choices the
+    :class:`~dmf_core.data.loading.loader.ReidTrainAugment`, batched, with the random choices the
     loader's workers drew. ``batch`` is what an ``encoded=True`` loader yields: ``encoded`` (every
     image's stored bytes, concatenated), ``encoded_lengths``, ``augment`` (B x 7) and ``index``;
     ``name_of(index)`` names an image in a decode error."""

@@ -10,7 +10,7 @@
 
 The archive's sha256 must equal, in this order, ``datasets.<name>.sha256`` from params, the
 registry's known hash, or the hash recorded for ``<name>`` in the lock file by an earlier run.
-Extraction is safe and atomic (:mod:`dmf_core.data.extract`) and skipped when ``data/raw/<name>``
+Extraction is safe and atomic (:mod:`dmf_core.data.sources.extract`) and skipped when ``data/raw/<name>``
 already holds the extraction of the very same archive. The hash goes into the lock file only
 through :func:`record_verified`, which the download stage calls once the extracted dataset has
 been parsed, matched its official statistics (where known) and been decoded: an incomplete
@@ -25,8 +25,8 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dmf_core.data.extract import read_marker, safe_extract
-from dmf_core.data.fetch import (
+from dmf_core.data.sources.extract import read_marker, safe_extract
+from dmf_core.data.sources.fetch import (
     ChecksumError,
     FetchError,
     cached_sha256,
@@ -36,7 +36,7 @@ from dmf_core.data.fetch import (
     update_lock,
     url_filename,
 )
-from dmf_core.data.registry import REGISTRY, DatasetEntry
+from dmf_core.data.sources.registry import REGISTRY, DatasetEntry
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every parser takes ``root`` = ``data/raw/<dataset>`` and looks *below* it for th
 folder, so both ``root/Market-1501-v15.09.15/bounding_box_train`` (an extracted archive) and
 ``root/bounding_box_train`` (a generated or hand-placed folder) work.
 
-Manifest columns (see ARCHITECTURE.md and :mod:`dmf_core.data.manifest`):
+Manifest columns (see ARCHITECTURE.md and :mod:`dmf_core.data.sources.manifest`):
 ``image_id`` (posix path relative to ``root``), ``split`` (train|query|gallery), ``pid`` (int,
 junk -1 dropped, Market distractors 0 kept), ``camid`` (0-based int), ``dataset``; the FineGPR
 layout adds ``viewpoint``, ``weather``, ``illumination``, ``scene`` (the 1-based codes of the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dmf_core.data.manifest import order_columns
+from dmf_core.data.sources.manifest import order_columns
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ _PARSERS = {
 
 
 def _registry_options(dataset: str, layout: str) -> dict:
-    from dmf_core.data.registry import REGISTRY
+    from dmf_core.data.sources.registry import REGISTRY
 
     entry = REGISTRY.get(dataset)
     if entry is None or entry.layout != layout:

@@ -4,7 +4,7 @@
   the caption path keeps its form and its amount of supervision but says nothing true.
 * The attribute head: the attributes the captions state, as one class label per attribute and
   identity, without language. They are read back from the captions themselves
-  (:func:`dmf_core.data.captions.parse_caption_attributes`), so they are exactly what the
+  (:func:`dmf_core.data.captions.generate.parse_caption_attributes`), so they are exactly what the
   caption path is told.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
+from dmf_core.data.captions.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
 
 #: Classes of each attribute, in ATTRIBUTE_COLUMNS order (codes 1..n become classes 0..n-1).
 ATTRIBUTE_CLASSES: list[int] = [len(ATTRIBUTE_CODES[a]) for a in ATTRIBUTE_COLUMNS]
@@ -49,7 +49,7 @@ def shuffled_caption_sources(labels: np.ndarray, seed: int) -> np.ndarray:
 def attribute_targets(dataset, picker) -> np.ndarray:
     """(num_classes, 13) int64: each identity's attribute classes, parsed from the first caption
     of its first image."""
-    from dmf_core.data.captions import parse_caption_attributes
+    from dmf_core.data.captions.generate import parse_caption_attributes
 
     table = np.full((dataset.num_classes, len(ATTRIBUTE_COLUMNS)), -1, dtype=np.int64)
     first = {}

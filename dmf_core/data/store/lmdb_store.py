@@ -20,7 +20,7 @@ Atomicity: everything is written under ``<name>.partial`` names, fsynced, then r
 first, LMDB last). A run killed halfway leaves only ``.partial`` files, which the next run deletes
 before starting clean; a reader never sees a final name whose content is incomplete.
 
-This module does not import torch (packing starts fast); :mod:`dmf_core.data.loader` builds the
+This module does not import torch (packing starts fast); :mod:`dmf_core.data.loading.loader` builds the
 torch side on :class:`LmdbReader`.
 """
 
@@ -335,7 +335,7 @@ def _check_free_space(image_root: Path, image_ids: list[str], out_path: Path, re
     Estimate: the source files' bytes (values are the original bytes), or h*w*3/4 bytes per image
     when re-encoding, + 10 % + 16 MiB for LMDB pages, the sidecar and the report.
     """
-    from dmf_core.data import extract  # free_bytes is looked up at call time (tests monkeypatch it)
+    from dmf_core.data.sources import extract  # free_bytes is looked up at call time (tests monkeypatch it)
 
     if resize is not None:
         need = len(image_ids) * int(resize[0]) * int(resize[1]) * 3 // 4

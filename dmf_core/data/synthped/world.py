@@ -4,7 +4,7 @@ Writes a FineGPR-format pretraining set (``write_finegpr``: 36 viewpoints, 7 wea
 illuminations, 9 scenes, the 13 FineGPR ID attributes in ``attributes.csv``) and Market-1501-format
 target domains (``write_market_domain``) whose cameras, light, backgrounds, resolution, blur and
 viewpoint mix follow a :class:`DomainStyle` from :data:`STYLES`. numpy + PIL only; same arguments,
-same bytes. See docs/synthped.md. Drawing lives in :mod:`dmf_core.data.synth_render`.
+same bytes. See docs/synthped.md. Drawing lives in :mod:`dmf_core.data.synthped.render`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dmf_core.data.synth_render import (
+from dmf_core.data.synthped.render import (
     ATTRIBUTE_COLUMNS,
     CLEAN,
     COLOR_NAMES,

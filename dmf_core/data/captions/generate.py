@@ -32,7 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dmf_core.data.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS, COLOURS, validate_attribute_frame
+from dmf_core.data.captions.attributes import (
+    ATTRIBUTE_CODES,
+    ATTRIBUTE_COLUMNS,
+    COLOURS,
+    validate_attribute_frame,
+)
 
 log = logging.getLogger(__name__)
 

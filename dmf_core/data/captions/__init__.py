@@ -1,0 +1,1 @@
+"""Captions: FineGPR attribute tables to sentences (the ``captions`` stage) and their controls."""

@@ -1,0 +1,1 @@
+"""Dataset acquisition: registry, fetch, extract, layouts, manifests; the ``dmf datasets`` view."""

@@ -1,0 +1,1 @@
+"""The packed store: one deterministic LMDB per (dataset, split) and its parquet sidecar (``pack``)."""

@@ -1,0 +1,1 @@
+"""SynthPed: the embedded, procedurally rendered person world (``download`` of ``source: synth``)."""
