@@ -67,8 +67,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _doctor_requirements(params: Path) -> tuple[tuple[str, str], list]:
     """A row about the params file, and what those params need (none when it cannot be read)."""
+    from dmf_core.checks import requirements
     from dmf_core.config import ConfigError, load_config
-    from dmf_core.data.sources.status import requirements
 
     if not params.is_file():
         return ("params", f"{params} not found: what the params need is not checked"), []

@@ -18,7 +18,7 @@ from dmf_core.data.captions.attributes import (
     read_attributes,
     write_attributes,
 )
-from dmf_core.data.captions.generate import generate as cap
+from dmf_core.data.captions import generate as cap
 
 
 def make_attributes(n_ids: int = 40, seed: int = 0) -> pd.DataFrame:

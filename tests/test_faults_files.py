@@ -19,9 +19,10 @@ import torch
 from _faults import evil_torch_file, good_jpeg, hostile_images
 from PIL import Image
 
-from dmf_core.data.sources import extract, lmdb_store
+from dmf_core.data.sources import extract
 from dmf_core.data.sources.extract import InsufficientSpaceError, UnsafeArchiveError, safe_extract
 from dmf_core.data.sources.manifest import verify_images
+from dmf_core.data.store import lmdb_store
 from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
 # --------------------------------------------------------------------------------------------- archives

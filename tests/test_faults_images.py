@@ -21,8 +21,10 @@ import pytest
 from _faults import env_with_venv, good_jpeg, png_with_header
 from PIL import Image, ImageFile
 
-from dmf_core.data import images, lmdb_store, loader
+from dmf_core.data import images
+from dmf_core.data.loading import loader
 from dmf_core.data.sources.manifest import verify_images
+from dmf_core.data.store import lmdb_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +164,8 @@ _MEMORY_PROBE = """
 import json, resource, sys
 from pathlib import Path
 from PIL import Image
-from dmf_core.data.loading import loader, lmdb_store
+from dmf_core.data.loading import loader
+from dmf_core.data.store import lmdb_store
 from dmf_core.data.sources.manifest import verify_images
 import pandas as pd
 

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 from _faults import good_jpeg
 
-from dmf_core.data.captions.generate import generate as cap
-from dmf_core.data.sources import extract, lmdb_store, manifest
+from dmf_core.data.captions import generate as cap
+from dmf_core.data.sources import extract, manifest
+from dmf_core.data.store import lmdb_store
 from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
 

@@ -95,7 +95,7 @@ def test_attribute_path_is_the_same_everywhere(project):
         assert stale not in text
     assert ATTRIBUTES_PATH in REGISTRY["finegpr"].note and ATTRIBUTES_PATH in (ROOT / "docs/datasets.md").read_text()
     # an attribute file kept inside a real dataset's data/raw/<name>/ is refused before any work
-    from dmf_core.data.sources.status import attributes_requirement
+    from dmf_core.checks import attributes_requirement
 
     params = project["params"]
     params["datasets"]["finegpr"] = {"layout": "finegpr", "source": "archive", "location": "data/archives/F.zip"}
@@ -275,7 +275,7 @@ def test_doctor_checks_the_params(project, monkeypatch, capsys):
 
 
 def test_local_text_encoder_folder(tmp_path):
-    from dmf_core.data.sources.status import text_encoder_requirement
+    from dmf_core.checks import text_encoder_requirement
 
     folder = tmp_path / "bert-base-uncased"
     assert not text_encoder_requirement(str(folder)).ok
