@@ -12,8 +12,8 @@ from dmf_core.runtime import StageError, run_stage
 
 def main(cfg: Config) -> None:
     from dmf_core.checks import certain_failures
-    from dmf_core.data.captions.attributes import read_attributes
     from dmf_core.data.captions import generate as cap
+    from dmf_core.data.captions.attributes import read_attributes
     from dmf_core.data.sources.manifest import read_manifest
 
     problem = certain_failures(cfg)  # before pack: a missing text encoder or weights fails pretraining

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmf_core.data.captions import generate as cap
 from dmf_core.data.captions.attributes import (
     ATTRIBUTE_CODES,
     ATTRIBUTE_COLUMNS,
     read_attributes,
     write_attributes,
 )
-from dmf_core.data.captions import generate as cap
 
 
 def make_attributes(n_ids: int = 40, seed: int = 0) -> pd.DataFrame:

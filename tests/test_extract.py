@@ -11,6 +11,7 @@ import zipfile
 import pytest
 from _archives import build_market, make_tar, make_zip, tar_with_members
 
+from dmf_core.data import disk
 from dmf_core.data.sources import extract
 from dmf_core.data.sources.extract import (
     ArchiveError,
@@ -149,7 +150,7 @@ def test_too_little_disk_space(tmp_path, monkeypatch):
     src = tmp_path / "src"
     build_market(src)
     archive = make_zip(src, tmp_path / "m.zip")
-    monkeypatch.setattr(extract, "free_bytes", lambda path: 1024)  # simulate a nearly full disk
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 1024)  # simulate a nearly full disk
     with pytest.raises(InsufficientSpaceError, match="only 1.0 KiB are free"):
         safe_extract(archive, tmp_path / "raw" / "m", progress=False)
     assert not (tmp_path / "raw" / "m").exists()

@@ -19,6 +19,7 @@ import torch
 from _faults import evil_torch_file, good_jpeg, hostile_images
 from PIL import Image
 
+from dmf_core.data import disk
 from dmf_core.data.sources import extract
 from dmf_core.data.sources.extract import InsufficientSpaceError, UnsafeArchiveError, safe_extract
 from dmf_core.data.sources.manifest import verify_images
@@ -112,7 +113,7 @@ def test_decompression_bomb_refused_before_writing(tmp_path, fmt, monkeypatch):
         _tar(archive, [(_info("zeros.bin"), zeros)])
     assert archive.stat().st_size < 200_000
     writes = []
-    monkeypatch.setattr(extract, "free_bytes", lambda path: 8 << 20)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 8 << 20)
     monkeypatch.setattr(extract, "_extract_into", lambda *a, **k: writes.append(a))
     target = tmp_path / "raw" / "bomb"
     with pytest.raises(InsufficientSpaceError, match=r"needs 64\.0 MiB"):

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 from _faults import good_jpeg
 
+from dmf_core.data import disk
 from dmf_core.data.captions import generate as cap
-from dmf_core.data.sources import extract, manifest
+from dmf_core.data.sources import manifest
 from dmf_core.data.store import lmdb_store
 from dmf_core.data.store.lmdb_store import LmdbReader, pack_split
 
@@ -61,9 +62,9 @@ def test_rerank_refuses_before_computing_when_evaluating(monkeypatch):
 
 def test_pack_refuses_up_front_when_the_disk_is_too_small(images, tmp_path, monkeypatch):
     root, df = images
-    monkeypatch.setattr(extract, "free_bytes", lambda path: 1 << 20)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 1 << 20)
     out = tmp_path / "lmdb" / "d-train.lmdb"
-    with pytest.raises(extract.InsufficientSpaceError, match=r"d-train\.lmdb: packing needs about .* MiB"):
+    with pytest.raises(disk.InsufficientSpaceError, match=r"d-train\.lmdb: packing needs about .* MiB"):
         pack_split(df, root, out)
     assert _files(tmp_path / "lmdb") == []
 

@@ -18,7 +18,7 @@ from _archives import (
 from _http import FileServer
 
 from dmf_core.config import DatasetSpec
-from dmf_core.data.sources import extract
+from dmf_core.data import disk
 from dmf_core.data.sources.acquire import acquire, acquire_file, extracted_record, record_verified
 from dmf_core.data.sources.extract import InsufficientSpaceError
 from dmf_core.data.sources.fetch import ChecksumError, DownloadError, FetchError, read_lock
@@ -236,7 +236,7 @@ def test_acquire_too_little_disk_space(tmp_path, monkeypatch):
     build_finegpr(src)
     archive = make_zip(src, tmp_path / "FineGPR.zip")
     spec = DatasetSpec(layout="finegpr", source="archive", location=str(archive))
-    monkeypatch.setattr(extract, "free_bytes", lambda path: 10)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 10)
     with pytest.raises(InsufficientSpaceError, match="free"):
         acquire("finegpr", spec, raw_dir=tmp_path / "raw/finegpr", lock_file=tmp_path / "l.json",
                 cache_dir=tmp_path / "a")

@@ -27,7 +27,7 @@ symlinks under the same rules; zipfile itself would write them as regular files 
 text, which would silently corrupt a dataset that uses them.
 
 The uncompressed size (hard links count as the copies they become) is compared with the free
-space first (``free_bytes`` is a module-level function so tests can monkeypatch it). The archive
+space first (:mod:`dmf_core.data.disk`). The archive
 is extracted into a temporary folder next to the target and renamed into place, so an interrupted
 or refused extraction never leaves a half dataset under the final name.
 """
@@ -51,6 +51,9 @@ from typing import IO, Any, NoReturn
 
 from tqdm import tqdm
 
+from dmf_core.data import disk
+from dmf_core.data.disk import InsufficientSpaceError
+
 log = logging.getLogger(__name__)
 
 MARKER = ".dmf_source.json"  # written into an extracted dataset: which archive it came from
@@ -70,10 +73,6 @@ class UnsafeArchiveError(ArchiveError):
     """A member that would write outside the target (zip-slip, escaping link, special file)."""
 
 
-class InsufficientSpaceError(ArchiveError):
-    """Not enough free disk space for the uncompressed archive."""
-
-
 @dataclass
 class Member:
     """One archive member after the text checks, in archive order."""
@@ -83,14 +82,6 @@ class Member:
     size: int  # bytes it will take on disk (a hard link is extracted as a copy)
     link: str | None  # symlink: target as stored; hard link: clean name of the earlier member
     src: Any  # ZipInfo or TarInfo
-
-
-def free_bytes(path: str | Path) -> int:
-    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def _human(n: float) -> str:
@@ -420,7 +411,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, marker: dict | None
     """Extract ``archive`` into the directory ``target`` (replacing it), safely and atomically.
 
     ``marker`` (if given) is written as ``target/.dmf_source.json``. ``free_space`` overrides
-    :func:`free_bytes` (the module function is looked up at call time, so monkeypatching works).
+    :func:`dmf_core.data.disk.free_bytes`.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
@@ -429,7 +420,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, marker: dict | None
     need = sum(m.size for m in members)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    avail = (free_space or free_bytes)(parent)
+    avail = (free_space or disk.free_bytes)(parent)
     required = int(need * SPACE_MARGIN) + SPACE_SLACK
     if required > avail:
         raise InsufficientSpaceError(

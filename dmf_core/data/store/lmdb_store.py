@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from dmf_core.data import disk
 from dmf_core.data.images import decode_rgb
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,6 @@ def _check_free_space(image_root: Path, image_ids: list[str], out_path: Path, re
     Estimate: the source files' bytes (values are the original bytes), or h*w*3/4 bytes per image
     when re-encoding, + 10 % + 16 MiB for LMDB pages, the sidecar and the report.
     """
-    from dmf_core.data.sources import extract  # free_bytes is looked up at call time (tests monkeypatch it)
-
     if resize is not None:
         need = len(image_ids) * int(resize[0]) * int(resize[1]) * 3 // 4
     else:
@@ -347,9 +346,9 @@ def _check_free_space(image_root: Path, image_ids: list[str], out_path: Path, re
             except OSError:
                 pass  # reported as unreadable while packing
     required = int(need * 1.1) + (16 << 20)
-    avail = extract.free_bytes(out_path.parent)
+    avail = disk.free_bytes(out_path.parent)
     if required > avail:
-        raise extract.InsufficientSpaceError(
+        raise disk.InsufficientSpaceError(
             f"{out_path}: packing needs about {required / 2**20:.1f} MiB but only {avail / 2**20:.1f} MiB "
             f"are free on {out_path.parent}; free some space or move data/lmdb to a larger disk")
 
