@@ -156,7 +156,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace) -> int:
     """Every registered or configured dataset: its state here, its size, and what to do next."""
-    from dmf_core.data.sources.status import collect, format_table
+    from dmf_core.datasets_view import collect, format_table
 
     if args.forget:
         return _forget(args.forget)

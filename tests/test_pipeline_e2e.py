@@ -138,6 +138,34 @@ def _check_metrics_layout(project: Path, params: dict) -> int:
     return n_metrics
 
 
+def _changed_deps(project: Path) -> dict[str, set[str]]:
+    """`dvc status`: stage -> the deps it reports changed."""
+    out = {}
+    for stage, changes in json.loads(_run(["dvc", "status", "--json"], project)).items():
+        deps = {path for c in changes if isinstance(c, dict) for path in c.get("changed deps", {})}
+        if deps:
+            out[stage] = deps
+    return out
+
+
+def _check_one_byte_reaches_its_stages(project: Path) -> None:
+    """One byte more in a file that pretraining imports only inside a function (the feature-health
+    check imports eval/ranking.py lazily): `dvc status` says pretrain changed, and every stage
+    that runs that file, and no stage that does not; the byte removed, nothing is changed."""
+    path = project / "dmf_core/eval/ranking.py"
+    original = path.read_bytes()
+    assert _changed_deps(project) == {}
+    path.write_bytes(original + b"\n")
+    try:
+        changed = _changed_deps(project)
+    finally:
+        path.write_bytes(original)
+    assert changed.get("pretrain") == {"dmf_core/eval/ranking.py"}, changed
+    assert {"finetune@sp_market", "evaluate@pretrain-sp_cuhk"} <= set(changed), changed
+    assert not any(s.startswith(("download", "captions", "pack", "report")) for s in changed), changed
+    assert _changed_deps(project) == {}
+
+
 def test_repro_then_noop_then_experiment(project):
     params = _tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -181,6 +209,7 @@ def test_repro_then_noop_then_experiment(project):
     second = _run(["dvc", "repro"], project)
     assert _ran_stages(second) == set(), second
     assert json.loads(_run(["dvc", "metrics", "diff", "--json"], project)) == {}
+    _check_one_byte_reaches_its_stages(project)
 
     # The same inputs again: new run facts, byte-identical results, so `report` stays up to date
     # and the metrics do not move when it is forced too.

@@ -1,7 +1,7 @@
 """Data, one sub-package per stage's job.
 
 - ``sources``: dataset acquisition for ``download`` (registry, fetch, extract, layouts, manifests)
-  and the ``dmf datasets`` view;
+  (the ``dmf datasets`` view of them is :mod:`dmf_core.datasets_view`);
 - ``synthped``: the embedded SynthPed world ``download`` generates;
 - ``captions``: attribute tables to captions, for ``captions``;
 - ``store``: the packed LMDB store ``pack`` writes and every later stage reads;

@@ -1,1 +1,1 @@
-"""Dataset acquisition: registry, fetch, extract, layouts, manifests; the ``dmf datasets`` view."""
+"""Dataset acquisition for ``download``: registry, fetch, extract, layouts, manifests."""
