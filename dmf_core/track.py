@@ -34,13 +34,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_metrics(path: str | Path, metrics: dict) -> None:
-    """Write ``metrics`` as indented JSON (atomic replace; non-finite numbers become null)."""
+def _write_text(path: str | Path, text: str) -> None:
+    """Create the folder, write a temporary file beside ``path``, then replace ``path`` with it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Write ``metrics`` as indented JSON in their own order (atomic; non-finite numbers become null)."""
+    _write_text(path, json.dumps(_json_safe(metrics), indent=2, sort_keys=False) + "\n")
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    """Write a record (statistics, an evaluation cell) as indented JSON with sorted keys (atomic)."""
+    _write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def write_tsv(path: str | Path, rows: list[dict], columns: list[str]) -> None:

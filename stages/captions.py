@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dmf_core import paths
 from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
+from dmf_core.track import write_record
 
 
 def main(cfg: Config) -> None:
@@ -36,9 +36,7 @@ def main(cfg: Config) -> None:
                                        content=c.content)
         cap.write_captions(result, out_parquet, out_json)
         metrics = result.metrics
-    out = paths.captions_stats_json()  # statistics, not a DVC metric (docs/contracts.md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_record(paths.captions_stats_json(), metrics)  # statistics, not a DVC metric (docs/contracts.md)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 
@@ -11,6 +10,7 @@ from dmf_core import paths
 from dmf_core.checks import certain_failures
 from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
+from dmf_core.track import write_record
 
 
 def generate_synthetic(cfg: Config, name: str) -> None:
@@ -80,9 +80,7 @@ def main(cfg: Config, name: str) -> None:
                         recorded_by=f"download@{name} on {socket.gethostname()}")
     counts = manifest.groupby("split").agg(images=("image_id", "size"), ids=("pid", "nunique"))
     report["splits"] = {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()}
-    out = paths.dataset_stats_json(name)  # statistics, not a DVC metric (docs/contracts.md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_record(paths.dataset_stats_json(name), report)  # statistics, not a DVC metric (docs/contracts.md)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 
 from dmf_core import paths
 from dmf_core.config import Config, expected_lmdb_meta
 from dmf_core.runtime import run_stage
+from dmf_core.track import write_record
 
 
 def main(cfg: Config, name: str) -> None:
@@ -26,9 +26,7 @@ def main(cfg: Config, name: str) -> None:
                             resize=cfg.pack.resize, on_corrupt=cfg.pack.on_corrupt,
                             relabel=split == "train", params_fingerprint=expected_lmdb_meta(cfg))
         summary[split] = {"images": report.count, "skipped": len(report.skipped), "bytes": report.bytes}
-    out = paths.pack_stats_json(name)  # statistics, not a DVC metric (docs/contracts.md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_record(paths.pack_stats_json(name), summary)  # statistics, not a DVC metric (docs/contracts.md)
 
 
 if __name__ == "__main__":

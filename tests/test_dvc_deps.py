@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _imports import ROOT, as_deps, import_closure, imported_modules, module_file, runs_code
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -1,4 +1,4 @@
-"""train.precision: native-bf16 detection from /proc/cpuinfo and the auto decision."""
+"""train.precision: native-bf16 detection from /proc/cpuinfo (run facts) and the auto decision."""
 
 from __future__ import annotations
 
@@ -28,29 +28,27 @@ def cpuinfo(monkeypatch, tmp_path):
     return use
 
 
-@pytest.mark.parametrize("extra,native,found", [
-    ("avx512_bf16 avx512_vnni", True, ["avx512_bf16"]),
-    ("amx_bf16 amx_tile", True, ["amx_bf16"]),
-    ("avx512_bf16 amx_bf16", True, ["avx512_bf16", "amx_bf16"]),
-    ("avx512_vnni avx512_fp16", False, []),   # neighbours of the flags do not count
+@pytest.mark.parametrize("extra,found", [
+    ("avx512_bf16 avx512_vnni", ["avx512_bf16"]),
+    ("amx_bf16 amx_tile", ["amx_bf16"]),
+    ("avx512_bf16 amx_bf16", ["avx512_bf16", "amx_bf16"]),
+    ("avx512_vnni avx512_fp16", []),   # neighbours of the flags do not count
 ])
-def test_native_bf16_from_the_cpu_flags(cpuinfo, extra, native, found):
+def test_native_bf16_from_the_cpu_flags(cpuinfo, extra, found):
     cpuinfo(extra)
-    assert precision.cpu_has_native_bf16() is native
     assert precision.cpu_bf16_flags() == found
-    assert precision.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    # auto stays fp32 on every CPU, native bf16 or not: bf16 there is opt-in
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_unknown_cpu_is_not_native(cpuinfo, monkeypatch, tmp_path):
     cpuinfo(None)  # no /proc/cpuinfo (macOS, Windows, a sandbox)
     assert precision.read_cpu_flags() is None
-    assert precision.cpu_has_native_bf16() is False
-    assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert precision.precision_facts()["cpu_bf16_flags"] is None
+    assert precision.cpu_bf16_flags() == []
     (tmp_path / "no_flags").write_text("processor\t: 0\nvendor_id\t: ARM\n")
     monkeypatch.setattr(precision, "CPUINFO", tmp_path / "no_flags")
     assert precision.read_cpu_flags() is None  # a file without a flags line
-    assert precision.cpu_has_native_bf16() is False
+    assert precision.cpu_bf16_flags() == []
 
 
 def test_explicit_settings_win_and_cuda_auto_is_bf16(cpuinfo):
@@ -62,12 +60,3 @@ def test_explicit_settings_win_and_cuda_auto_is_bf16(cpuinfo):
     assert precision.resolve_precision("auto", torch.device("meta")) == "fp32"
     with pytest.raises(ValueError, match="train.precision: expected one of .* got 'fp16'"):
         precision.resolve_precision("fp16", torch.device("cpu"))
-
-
-def test_precision_facts(cpuinfo):
-    cpuinfo("amx_bf16 avx512_bf16")
-    assert precision.precision_facts("auto", "cpu") == {
-        "setting": "auto", "device": "cpu", "cpu_bf16_flags": ["avx512_bf16", "amx_bf16"], "precision": "bf16"}
-    cpuinfo("sse2")
-    assert precision.precision_facts("auto", torch.device("cpu"))["precision"] == "fp32"
-    assert precision.precision_facts("bf16", "cpu")["precision"] == "bf16"

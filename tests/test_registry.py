@@ -24,7 +24,7 @@ from dmf_core.data.sources.extract import InsufficientSpaceError
 from dmf_core.data.sources.fetch import ChecksumError, DownloadError, FetchError, read_lock
 from dmf_core.data.sources.layouts import LAYOUTS, parse_layout
 from dmf_core.data.sources.manifest import check_statistics, read_manifest, verify_images, write_manifest
-from dmf_core.data.sources.registry import REGISTRY, get_entry
+from dmf_core.data.sources.registry import REGISTRY
 
 FAST = {"backoff": 0.01, "timeout": 5.0, "progress": False}
 # The loopback server is plain http, which fetch.download refuses without a pinned sha256: the
@@ -63,8 +63,6 @@ def test_registry_official_numbers():
     w = REGISTRY["vit_base_jx"]
     assert w.kind == "weights" and w.urls[0].endswith("jx_vit_base_p16_224-80ecf9dd.pth")
     assert w.sha256_prefix == "80ecf9dd"
-    with pytest.raises(KeyError, match="known"):
-        get_entry("nope")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,14 +60,6 @@ def _pair(q, g) -> tuple[torch.Tensor, torch.Tensor]:
     return qt, gt
 
 
-def l2_normalize(x, eps: float = 1e-12):
-    """Rows scaled to unit L2 norm (zero rows stay zero); same type as the input (numpy or torch)."""
-    is_np = not isinstance(x, torch.Tensor)
-    t = as_tensor(x, "features")
-    t = torch.nn.functional.normalize(t, p=2.0, dim=1, eps=eps)
-    return t.numpy() if is_np else t
-
-
 def cosine_chunk(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``1 - q g^T`` for already-normalised tensors (no checks): one chunk."""
     return torch.sub(1.0, q @ g.T)

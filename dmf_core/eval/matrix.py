@@ -14,7 +14,6 @@ from dmf_core.paths import PRETRAIN_ROW
 log = logging.getLogger(__name__)
 
 KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
-TABLE_KEYS = ("rank1", "mAP", "mINP")
 
 
 def load_eval_results(eval_dir: Path) -> dict[tuple[str, str], dict]:

@@ -3,7 +3,6 @@ evaluated on one target's query/gallery split under the Market-1501 protocol."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from dmf_core import paths
 from dmf_core.config import Config, expected_lmdb_meta
+from dmf_core.track import write_record
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,13 @@ def evaluate_cell(cfg: Config, row: str, target: str) -> dict:
     record.update(num_query=int(len(q_pids)), num_gallery=int(len(g_pids)),
                   num_valid_query=int(result.num_valid))
 
-    _write_json(paths.eval_json(row, target), record)
+    write_record(paths.eval_json(row, target), record)
     cmc_path = paths.cmc_tsv(row, target)
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     write_cmc_tsv(result.cmc, cmc_path)
     if cfg.evaluate.ranked_list_queries:
         _ranked_list(cfg, feats, splits, paths.ranked_list_png(row, target))
-    _write_json(paths.eval_facts_json(row, target), {
+    write_record(paths.eval_facts_json(row, target), {
         "source": row, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
         "flip": cfg.evaluate.flip, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(time.perf_counter() - started, 1)})
@@ -118,11 +118,6 @@ def _untrained_reference(cfg: Config, splits: TargetSplits) -> dict:
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg, num_classes=1, with_text=False)
     return _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)[0].summary()
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _ranked_list(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits, out_png: Path) -> None:

@@ -49,7 +49,7 @@ from dmf_core.train.distributed import (
     seed_everything,
 )
 from dmf_core.train.losses import STATS, TERMS
-from dmf_core.train.precision import cpu_bf16_flags
+from dmf_core.train.precision import cpu_bf16_flags, resolve_precision
 from dmf_core.train.schedule import build_optimizer, build_scheduler
 from dmf_core.train.step import CAPTION_PAD_MULTIPLE, compiles, loss_step
 
@@ -104,16 +104,6 @@ def uses_captions(cfg: Config, stage: Stage) -> bool:
 
 def uses_attributes(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "attributes"
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """``train.precision``; ``auto`` is bf16 on CUDA and fp32 on a CPU for now, even one with
-    native bf16 (:mod:`dmf_core.train.precision` detects it and the run facts record it): bf16
-    on such a CPU becomes the default once its accuracy is measured over seeds."""
-    p = cfg.train.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
 
 
 def cpu_threads(cfg: Config, dist: DistInfo) -> int:
@@ -298,7 +288,7 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     optimizer = build_optimizer(model, st)
     run = Run(cfg=cfg, stage=stage, st=st, data=data, dist=dist, work_dir=Path(work_dir), model=model,
               optimizer=optimizer, scheduler=build_scheduler(optimizer, st, steps_per_epoch),
-              steps_per_epoch=steps_per_epoch, precision=resolve_precision(cfg, dist.device),
+              steps_per_epoch=steps_per_epoch, precision=resolve_precision(cfg.train.precision, dist.device),
               with_text=with_text)
     if dist.is_main:
         inputs = {**data.inputs, **model_input_digests(cfg, init_from=init_from, with_text=with_text)}

@@ -180,14 +180,6 @@ _ENTRIES = [
 REGISTRY: dict[str, DatasetEntry] = {e.key: e for e in _ENTRIES}
 
 
-def get_entry(key: str) -> DatasetEntry:
-    """The registry entry ``key`` or a KeyError listing the known keys."""
-    try:
-        return REGISTRY[key]
-    except KeyError:
-        raise KeyError(f"registry key {key!r} unknown (known: {', '.join(sorted(REGISTRY))})") from None
-
-
 def _entry_of(name: str, spec) -> DatasetEntry | None:
     """The registry entry a configured dataset uses (its ``registry`` key, else its own name)."""
     return REGISTRY.get(getattr(spec, "registry", None) or name)
