@@ -63,23 +63,28 @@ def test_device_batch_equals_worker_batch(tmp_path, aug):
                       kinds=("rgb", "gray", "rgb", "cmyk", "png", "progressive", "rgb"))
     plain, encoded = loaders(lmdb, aug)
     batch_augment = BatchAugment(48, 24, aug, "cpu")
+    compared = 0
     for epoch in (0, 1):
         set_epoch(plain, epoch)
         set_epoch(encoded, epoch)
         for a, b in zip(plain, encoded, strict=True):
+            compared += 1
             assert "image" not in b and len(b["encoded_lengths"]) == 12 and b["augment"].shape == (12, 7)
             assert b["encoded"].dtype == torch.uint8 and len(b["encoded"]) == int(b["encoded_lengths"].sum())
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
             images = batch_augment(b)
             assert images.shape == (12, 3, 48, 24) and images.dtype == torch.float32
             assert torch.equal(images, a["image"])
+    assert compared == 2 * len(plain) > 0  # every batch of both epochs, and there were some
 
 
 def test_encoded_batches_with_workers_match(tmp_path):
     lmdb = make_split(tmp_path)
     _, in_process = loaders(lmdb, Aug())
     _, with_workers = loaders(lmdb, Aug(), workers=2)
-    for a, b in zip(in_process, with_workers, strict=True):
+    pairs = list(zip(in_process, with_workers, strict=True))
+    assert pairs, "no batches to compare"
+    for a, b in pairs:
         for key in ("augment", "encoded", "encoded_lengths"):
             assert torch.equal(a[key], b[key])
 
@@ -119,7 +124,9 @@ def test_cuda_batch_is_close_to_the_cpu_batch(tmp_path):
     lmdb = make_split(tmp_path, sizes=((40, 20), (60, 30)), kinds=("rgb", "gray", "cmyk", "progressive"))
     _, encoded = loaders(lmdb, Aug())
     std = torch.tensor(Aug().std).view(1, 3, 1, 1)
-    for batch in encoded:
+    batches = list(encoded)
+    assert batches, "no batches to compare"
+    for batch in batches:
         on_cpu = BatchAugment(48, 24, Aug(), "cpu")(batch)
         on_gpu = BatchAugment(48, 24, Aug(), "cuda")(batch).cpu()
         levels = ((on_gpu - on_cpu) * std * 255).abs().mean((1, 2, 3))  # per image, in 8-bit grey levels

@@ -2,8 +2,9 @@
 and get the same bytes as an uninterrupted run; Ctrl-C a torchrun stage and leave no stale lock.
 
 A throw-away copy of the pipeline (dvc.yaml, stages/, dmf_core/, .dvc/config) with a tiny
-params.yaml runs in a temporary git repo, as in test_pipeline_e2e.py. The kill point is random;
-the seed is printed on failure (DMF_FAULT_SEED=<n> replays it). Training resume after SIGKILL is
+params.yaml runs in a temporary git repo, as in test_pipeline_e2e.py; each test has its own, so
+none depends on another or on their order. The kill points are drawn from a fixed seed, printed
+with each kill; DMF_FAULT_SEED=<n> draws others. Training resume after SIGKILL is
 covered by test_train.py::test_resume_after_sigkill_matches_uninterrupted_run (bit-identical).
 """
 
@@ -40,10 +41,18 @@ def _tiny(params: dict) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+FAULT_SEED = 20261205  # the kill points' default seed: a run is reproducible
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A fresh tiny project per test: no test leans on what another one built."""
     params = _tiny(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    return make_project(tmp_path_factory.mktemp("faults") / "proj", params)
+    return make_project(tmp_path / "proj", params)
+
+
+def _fault_seed() -> int:
+    return int(os.environ.get("DMF_FAULT_SEED", FAULT_SEED))
 
 
 def _digest(project: Path) -> dict[str, str]:
@@ -128,7 +137,7 @@ def _repro_after_kill(project: Path, target: str, lock_before: bytes, where: str
 
 
 def test_sigkill_each_data_stage_then_repro_is_byte_identical(project):
-    seed = int(os.environ.get("DMF_FAULT_SEED", time.time_ns() % 100_000))
+    seed = _fault_seed()
     rng = random.Random(seed)
     run(["dvc", "repro", *STAGES], project)
     script_s = {stage: _repro(stage, project)[0] for stage in STAGES}  # reference, timed (-f: re-run)
@@ -153,7 +162,7 @@ def test_sigkill_each_data_stage_then_repro_is_byte_identical(project):
 
 def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
     """Ctrl-C while pretrain trains under torchrun, 2 processes: the stage replaced itself by the
-    torchrun agent (runs after the data-stage test; shares the project)."""
+    torchrun agent."""
     run(["dvc", "repro", "pack@synthped"], project)
     params_file = project / "params.yaml"
     tiny = params_file.read_text()
@@ -183,8 +192,8 @@ def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
     assert proc.returncode != 0
     rwlock = project / ".dvc" / "tmp" / "rwlock"
     if rwlock.exists():
-        # SIGKILLed dvc processes (previous test) leave entries behind; dvc skips entries of dead pids,
-        # so they do not block. The Ctrl-C'd dvc must have removed its own, and no holder may be alive.
+        # SIGKILLed dvc processes leave entries behind; dvc skips entries of dead pids, so they do
+        # not block. The Ctrl-C'd dvc must have removed its own, and no holder may be alive.
         holders = [e["pid"] for kind in json.loads(rwlock.read_text() or "{}").values()
                    for entries in kind.values() for e in entries]
         assert proc.pid not in holders
@@ -215,10 +224,8 @@ def _results(project: Path) -> dict:
 
 def test_sigkill_training_evaluate_report_then_repro_gives_the_same_results(project):
     """pretrain, finetune (killed mid-run: resume from runs/ or restart), evaluate, report: after
-    `dvc repro`, bit-identical weights and the same metrics as an uninterrupted run.
-
-    Depends on the previous test for data and the pretrained model (module-scoped project)."""
-    seed = int(os.environ.get("DMF_FAULT_SEED", time.time_ns() % 100_000)) + 1
+    `dvc repro`, bit-identical weights and the same metrics as an uninterrupted run."""
+    seed = _fault_seed() + 1
     rng = random.Random(seed)
     stages = ["pretrain", "finetune@sp_market", "evaluate@sp_market-sp_market", "report"]
     run(["dvc", "repro", "pretrain", "pack@sp_market", "evaluate@pretrain-sp_market"], project, timeout=400)
