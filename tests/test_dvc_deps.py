@@ -81,7 +81,8 @@ def _unit_graph() -> dict[str, set[str]]:
         module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         here = _unit(module)
         graph.setdefault(here, set()).update(u for m in imported_modules(path) if module_file(m)
-                                             and (u := _unit(m)) != here and u != "dmf_core")
+                                             and (u := _unit(m)) != here
+                                             and u not in ("dmf_core", "dmf_core.data"))
     return graph
 
 
