@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Schema
+#
+# No pipeline setting has a default here: params.yaml and configs/paper.yaml spell out every key,
+# and a key missing from a params file is a ConfigError naming it, not a value that silently
+# differs from the profile. Defaults remain only for what a profile may legitimately leave out:
+# a dataset entry's optional keys (DatasetSpec) and SynthPed domains a profile does not generate
+# (SynthConfig); tests/test_config.py holds the list.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -74,19 +80,19 @@ class CaptionsConfig:
     dataset: str
     per_image: int
     seed: int
-    on_bad_rows: Literal["fail", "skip"] = "fail"
-    viewpoint_words: dict[str, list[float]] = field(default_factory=dict)
-    attributes: str | None = None  # attribute file; default: the one next to the dataset
-    finegpr_c: str | None = None  # released FineGPR-C COCO-style JSON to use instead
+    on_bad_rows: Literal["fail", "skip"]
+    viewpoint_words: dict[str, list[float]]
+    attributes: str | None  # attribute file; null: the one next to the dataset
+    finegpr_c: str | None  # released FineGPR-C COCO-style JSON to use instead (null: generate)
     # What a generated caption states: the attributes, viewpoint and the conditions (weather,
     # time of day, scene) ("full"), or the attributes and viewpoint only ("person").
-    content: Literal["full", "person"] = "full"
+    content: Literal["full", "person"]
 
 
 @dataclass(frozen=True)
 class PackConfig:
-    resize: list[int] | None = None
-    on_corrupt: Literal["fail", "skip"] = "fail"
+    resize: list[int] | None
+    on_corrupt: Literal["fail", "skip"]
 
 
 @dataclass(frozen=True)
@@ -99,15 +105,15 @@ class ImageEncoderConfig:
     stride: int
     height: int
     width: int
-    drop_path: float = 0.0
-    pretrained: str | None = None
+    drop_path: float
+    pretrained: str | None
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
     name: str
-    freeze: bool = True
-    max_length: int = 48
+    freeze: bool
+    max_length: int
 
 
 @dataclass(frozen=True)
@@ -121,58 +127,58 @@ class FusionConfig:
     dim: int
     layers: int
     heads: int
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    drop_path: float = 0.0
+    mlp_ratio: float
+    dropout: float
+    drop_path: float
     # shared: images + captions through one encoder (the method); image_only: the baseline;
     # attributes: the attribute-head control (the captions' attributes as labels, no language).
-    mode: Literal["shared", "image_only", "attributes"] = "shared"
+    mode: Literal["shared", "image_only", "attributes"]
     # Weight of the identity-aware image<->caption contrastive term (every caption of the same
     # identity is a positive of an image): what pulls an image toward its identity's captions.
-    align_weight: float = 1.0
-    align_temperature: float = 0.1
+    align_weight: float
+    align_temperature: float
     # Whose captions an identity reads: its own, or another identity's (the shuffled-captions control).
-    captions: Literal["own", "shuffled"] = "own"
+    captions: Literal["own", "shuffled"]
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    id_weight: float = 1.0
-    triplet_weight: float = 1.0
+    id_weight: float
+    triplet_weight: float
     # Batch-hard triplet on L2-normalised f: hinge max(0, d_ap - d_an + margin), or the soft
     # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "What collapsed, and the fix").
-    triplet_margin: float | None = 0.3
-    label_smoothing: float = 0.1
+    triplet_margin: float | None
+    label_smoothing: float
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
     # a caption names its identity, so an unbounded share lets the classifier read captions.
-    caption_id_share: float = 0.0
+    caption_id_share: float
     # The attribute-head control: weight of its mean per-attribute cross-entropy.
-    attribute_weight: float = 1.0
+    attribute_weight: float
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    flip: float = 0.5
-    pad: int = 10
-    erasing: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    flip: float
+    pad: int
+    erasing: float
+    mean: list[float]
+    std: list[float]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    nproc: int = 1
-    num_workers: int = 0
-    threads: int = 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    checkpoint_every: int = 1
+    nproc: int
+    num_workers: int
+    threads: int
+    precision: Literal["auto", "fp32", "bf16"]
+    checkpoint_every: int
     # torch.compile mode for the training forward/backward (null: eager). On CUDA,
     # reduce-overhead adds CUDA graphs: the paper's batch of 64 is launch-bound without them.
-    compile: Literal["default", "reduce-overhead"] | None = None
+    compile: Literal["default", "reduce-overhead"] | None
     # Where training images are decoded and augmented: in the loader's workers, one at a time, or
     # on the training device, a batch at a time (dmf_core/data/loading/device_augment.py; for GPUs whose
     # CPU workers cannot keep up). Same images from the same seed on the CPU.
-    decode: Literal["worker", "device"] = "worker"
+    decode: Literal["worker", "device"]
 
 
 @dataclass(frozen=True)
@@ -183,25 +189,26 @@ class StageTrainConfig:
     optimizer: Literal["sgd", "adamw"]
     lr: float
     weight_decay: float
-    bias_lr_factor: float = 1.0
-    warmup_epochs: int = 0
-    grad_clip: float | None = None
-    accumulate: int = 1
-    momentum: float = 0.9
-    min_lr_ratio: float = 0.002
+    bias_lr_factor: float
+    warmup_epochs: int
+    grad_clip: float | None
+    accumulate: int
+    momentum: float  # SGD only
+    # End of the cosine schedule, a share of the base lr (timm's lr_min = min_lr_ratio x lr).
+    min_lr_ratio: float
 
 
 @dataclass(frozen=True)
 class PretrainConfig(StageTrainConfig):
-    dataset: str = "synthped"
+    dataset: str
     # Identities kept out of pretraining (the last ones by label): the images not trained on that
     # feature health and caption->image retrieval are measured on.
-    holdout_ids: int = 0
+    holdout_ids: int
 
 
 @dataclass(frozen=True)
 class FinetuneConfig(StageTrainConfig):
-    sources: list[str] = field(default_factory=list)
+    sources: list[str]
 
 
 @dataclass(frozen=True)
@@ -210,17 +217,17 @@ class EvaluateConfig:
     # The matrix's rows: 'pretrain' (the pretrained model) then finetune.sources, in that order.
     # Redundant, because a DVC matrix cannot join 'pretrain' to a list; validated below.
     rows: list[str]
-    batch_size: int = 128
-    flip: bool = False
-    rerank: bool = False
-    max_rank: int = 50
-    ranked_list_queries: int = 4
+    batch_size: int
+    flip: bool
+    rerank: bool
+    max_rank: int
+    ranked_list_queries: int
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    clearml: Literal["none", "offline", "server"] = "none"
-    project: str = "dmf"
+    clearml: Literal["none", "offline", "server"]
+    project: str
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,7 @@ class Config:
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
-    synth: SynthConfig | None = None
+    synth: SynthConfig | None
 
     def dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:
@@ -276,14 +283,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(value, arg, key)  # a section given: its own error names the key inside
             try:
                 return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -338,7 +346,8 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
                 f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             )
             if not has_default:
-                raise ConfigError(f"{key}: missing (expected {_type_name(hints[name])})")
+                raise ConfigError(f"{key}: missing (expected {_type_name(hints[name])}; every key "
+                                  "must be set, none has a default)")
             continue
         kwargs[name] = _convert(data[name], hints[name], key)
     return cls(**kwargs)

@@ -10,13 +10,20 @@ from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
 
 
-def main(cfg: Config, row: str, target: str) -> None:
-    from dmf_core.eval.run import evaluate_cell
-
+def check_listed(cfg: Config, row: str, target: str) -> None:
+    """Refuse a cell that is not in the matrix (a stage run by hand). A pre-run check: it reads
+    evaluate.rows and evaluate.targets without their being this stage's params, since a source or
+    target added to those lists must not re-run every cell (tests/test_stage_params.py)."""
     for name, listed, where in ((row, cfg.evaluate.rows, "evaluate.rows"),
                                 (target, cfg.evaluate.targets, "evaluate.targets")):
         if name not in listed:
             raise StageError(f"{name!r} is not listed in {where} {listed}")
+
+
+def main(cfg: Config, row: str, target: str) -> None:
+    from dmf_core.eval.run import evaluate_cell
+
+    check_listed(cfg, row, target)
     evaluate_cell(cfg, row, target)
 
 
