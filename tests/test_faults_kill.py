@@ -163,7 +163,8 @@ def test_sigkill_each_data_stage_then_repro_is_byte_identical(project):
 def test_ctrl_c_during_torchrun_stage_leaves_no_process_and_no_lock(project):
     """Ctrl-C while pretrain trains under torchrun, 2 processes: the stage replaced itself by the
     torchrun agent."""
-    run(["dvc", "repro", "pack@synthped"], project)
+    run(["dvc", "repro", "pretrain"], project)  # everything pretraining reads, and a short first run
+    _clear(project / "runs")  # the wait below looks for the long run's first saved state
     params_file = project / "params.yaml"
     tiny = params_file.read_text()
     long_run = yaml.safe_load(tiny)
