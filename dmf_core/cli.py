@@ -216,16 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", dest="log_info", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_doctor, _add_matrix, _add_search, _add_extract, _add_export, _add_datasets,
+                        _add_showcase):
+        add_command(sub)
+    return parser
 
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
     doctor = sub.add_parser("doctor", help=_doctor.__doc__, description=_doctor.__doc__)
     doctor.add_argument("--params", default="params.yaml", help="params file whose needs are checked "
                         "(default params.yaml)")
     doctor.set_defaults(func=_doctor)
 
+
+def _add_matrix(sub: argparse._SubParsersAction) -> None:
     matrix = sub.add_parser("matrix", help=_matrix.__doc__, description=_matrix.__doc__)
     matrix.add_argument("--json", action="store_true", help="also print reports/eval_matrix.json")
     matrix.set_defaults(func=_matrix)
 
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
     search = sub.add_parser(
         "search", help=_search.__doc__, description=_search.__doc__,
         epilog="example: dmf search my_queries/ --model models/sp_market --gallery sp_cuhk -k 10")
@@ -244,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(search)
     search.set_defaults(func=_search)
 
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
     extract = sub.add_parser(
         "extract", help=_extract.__doc__, description=_extract.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -258,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(extract)
     extract.set_defaults(func=_extract)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help=_export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_export.__doc__ + "\n\nThe graph normalises with the model's mean/std itself and returns "
@@ -277,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip running the written file against the torch model")
     export.set_defaults(func=_export)
 
+
+def _add_datasets(sub: argparse._SubParsersAction) -> None:
     datasets = sub.add_parser("datasets", help=_datasets.__doc__, description=_datasets.__doc__)
     datasets.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     datasets.add_argument("--json", action="store_true", help="machine-readable output")
@@ -285,13 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "data/checksums.json (after replacing its archive on purpose)")
     datasets.set_defaults(func=_datasets)
 
+
+def _add_showcase(sub: argparse._SubParsersAction) -> None:
     showcase = sub.add_parser("showcase", help=_showcase.__doc__, description=_showcase.__doc__)
     showcase.add_argument("--out", default="docs/img/captions_sample.png", help="PNG to write")
     showcase.add_argument("--dataset", default="synthped", help="a FineGPR-format dataset with captions")
     showcase.add_argument("--num", type=_positive_int, default=6, help="images (one per identity)")
     showcase.add_argument("--seed", type=int, default=0, help="which identities and images")
     showcase.set_defaults(func=_showcase)
-    return parser
 
 
 def _error_line(exc: BaseException) -> str:

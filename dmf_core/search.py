@@ -238,7 +238,7 @@ def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.n
     rank, distance, id and camera; the evaluation's ranked-list drawing."""
     from PIL import Image
 
-    from dmf_core.data.store.lmdb_store import decode_image
+    from dmf_core.data.images import decode_rgb
     from dmf_core.eval.visualise import plot_ranked_list
 
     sidecar = reader.sidecar
@@ -247,7 +247,7 @@ def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.n
         if role == "query":
             with Image.open(query_files[index]) as im:
                 return im.convert("RGB")
-        return decode_image(reader.get_bytes(int(index)))
+        return decode_rgb(reader.get_bytes(int(index)), "stored image")
 
     queries = [{"index": i, "pid": None, "camid": None, "label": Path(f).name[:14]} for i, f in enumerate(query_files)]
     gallery = [{"index": int(j), "pid": int(sidecar["pid"].iloc[j]), "camid": int(sidecar["camid"].iloc[j])}

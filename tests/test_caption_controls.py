@@ -15,7 +15,7 @@ from dmf_core.data.captions.controls import (
     derangement,
     shuffled_caption_sources,
 )
-from dmf_core.data.captions.generate import render_caption
+from dmf_core.data.captions.generate import generate_captions
 from dmf_core.data.loading.loader import CaptionPicker
 from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.train.health import cosine_statistics, retrieval_map
@@ -52,9 +52,10 @@ class _Toy:
 def test_attribute_targets_are_what_the_captions_state():
     rng = np.random.default_rng(0)
     attrs = [{c: int(rng.choice(list(ATTRIBUTE_CODES[c]))) for c in ATTRIBUTE_COLUMNS} for _ in range(3)]
-    texts = [render_caption({**a, "pid": pid}, viewpoint_word="front", weather=1, illumination=3, scene=1,
-                            template=pid % 6) for pid, a in enumerate(attrs)]
-    frame = pd.DataFrame({"image_id": [f"{i}.jpg" for i in range(3)], "caption_idx": 0, "caption": texts})
+    manifest = pd.DataFrame({"image_id": [f"{i}.jpg" for i in range(3)], "pid": [0, 1, 2], "viewpoint": 28,
+                             "weather": 1, "illumination": 3, "scene": 1})
+    frame = generate_captions(manifest, pd.DataFrame([{"pid": pid, **a} for pid, a in enumerate(attrs)]),
+                              per_image=1, seed=0).captions
     picker = CaptionPicker(frame, seed=0)
     table = attribute_targets(_Toy([0, 1, 2], [range(0, 1), range(1, 2), range(2, 3)]), picker)
     want = np.array([[a[c] - 1 for c in ATTRIBUTE_COLUMNS] for a in attrs])

@@ -20,6 +20,7 @@ from _faults import evil_torch_file, good_jpeg, hostile_images
 from PIL import Image
 
 from dmf_core.data import disk
+from dmf_core.data.images import decode_rgb
 from dmf_core.data.sources import extract
 from dmf_core.data.sources.extract import InsufficientSpaceError, UnsafeArchiveError, safe_extract
 from dmf_core.data.sources.manifest import verify_images
@@ -185,7 +186,7 @@ def test_enormous_image_is_refused_without_allocating(tmp_path):
     path = tmp_path / "huge.png"
     path.write_bytes(hostile_images()["png_enormous"])
     with pytest.raises(Image.DecompressionBombError):
-        lmdb_store.decode_image(path.read_bytes())
+        decode_rgb(path.read_bytes())
 
 
 def test_pack_fails_naming_the_first_hostile_image(hostile_dataset, tmp_path):
@@ -207,7 +208,7 @@ def test_pack_skip_lists_every_hostile_image_and_reads_back(hostile_dataset, tmp
     reader = LmdbReader(out)
     assert sorted(reader.sidecar["image_id"]) == sorted(set(df["image_id"]) - set(bad))
     for i in range(len(reader)):  # the later stages only ever see decodable images
-        assert lmdb_store.decode_image(reader.get_bytes(i)).size == (16, 32)
+        assert decode_rgb(reader.get_bytes(i)).size == (16, 32)
 
 
 # --------------------------------------------------------------------------------------------- pickles

@@ -65,7 +65,7 @@ def _lmdb_of_bombs(tmp_path: Path, bomb: bytes, monkeypatch) -> tuple[Path, pd.D
     they are 2x2 images): what a corrupted or hand-made LMDB would hand the loaders."""
     df = _raw_tree(tmp_path / "raw", bomb)
     with monkeypatch.context() as m:
-        m.setattr(lmdb_store, "decode_image", lambda data, name="": Image.new("RGB", (2, 2)))
+        m.setattr(lmdb_store, "decode_rgb", lambda data, name="": Image.new("RGB", (2, 2)))
         lmdb_store.pack_split(df, tmp_path / "raw", tmp_path / "bombs-train.lmdb", relabel=True, threads=1)
     return tmp_path / "bombs-train.lmdb", df
 
@@ -102,7 +102,7 @@ def test_images_within_the_limit_decode_as_before():
     jpeg = good_jpeg(size=(64, 128))
     assert images.decode_rgb(jpeg).size == (64, 128)
     assert tuple(loader.decode_to_tensor(jpeg).shape) == (3, 128, 64)
-    assert lmdb_store.decode_image(png_with_header(2, 2)).size == (2, 2)
+    assert images.decode_rgb(png_with_header(2, 2)).size == (2, 2)
 
 
 # --------------------------------------------------------------------------------------------- decode paths
@@ -165,7 +165,7 @@ import json, resource, sys
 from pathlib import Path
 from PIL import Image
 from dmf_core.data.loading import loader
-from dmf_core.data.store import lmdb_store
+from dmf_core.data.images import decode_rgb
 from dmf_core.data.sources.manifest import verify_images
 import pandas as pd
 
@@ -180,7 +180,7 @@ def attempt(name, fn):
 df = pd.read_json(tmp / "rows.json")
 verify_images(df, raw, tmp / "report.txt", workers=2)
 refused["verify"] = len((tmp / "report.txt").read_text().splitlines()) == len(df)
-attempt("pack", lambda: lmdb_store.decode_image((raw / df["image_id"][0]).read_bytes(), "x"))
+attempt("pack", lambda: decode_rgb((raw / df["image_id"][0]).read_bytes(), "x"))
 class Aug:
     flip, pad, erasing, mean, std = 0.5, 2, 0.5, [0.5] * 3, [0.5] * 3
 lmdb = tmp / "bombs-train.lmdb"

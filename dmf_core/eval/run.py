@@ -37,9 +37,9 @@ class TargetSplits:
         return side["pid"].to_numpy(), side["camid"].to_numpy()
 
     def image(self, split: str, index: int):
-        from dmf_core.data.store.lmdb_store import decode_image
+        from dmf_core.data.images import decode_rgb
 
-        return decode_image(self.loaders[split].dataset.reader.get_bytes(index))
+        return decode_rgb(self.loaders[split].dataset.reader.get_bytes(index), "stored image")
 
 
 def _features(model, splits: TargetSplits, flip: bool) -> dict[str, np.ndarray]:

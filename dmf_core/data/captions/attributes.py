@@ -143,15 +143,35 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
     if on_bad_rows not in ("fail", "skip"):
         raise ValueError(f"on_bad_rows: expected 'fail' or 'skip', got {on_bad_rows!r}")
     path = Path(path)
+    frame, header_line = _read_table(path)
+    mapping = _column_mapping(frame, path)
+    frame = frame[list(mapping)].rename(columns=mapping)
+    line_no = np.arange(len(frame)) + header_line + 2  # 1-based file line of each data row
+    problems: list[str] = []
+    result, bad = _parse_cells(frame, line_no, problems)
+    n_exact = _mark_duplicate_pids(result, bad, frame, line_no, problems)
+    n_bad = int(bad.sum()) - n_exact
+    if problems:
+        message = f"{path}: {n_bad} bad row(s) of {len(frame)}: " + "; ".join(problems)
+        if on_bad_rows == "fail":
+            raise AttributeFileError(message + " (set captions.on_bad_rows: skip to drop them)")
+        log.warning("%s; skipping them", message)
+    result = result[~bad].astype({"pid": "int64", **{c: "int8" for c in ATTRIBUTE_COLUMNS}})
+    result = result.sort_values("pid", kind="stable").reset_index(drop=True)
+    result.attrs["skipped"] = {"attribute_rows_bad": n_bad}
+    result.attrs["source"] = str(path)
+    return result
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
+    """Every cell as text, and the index of the header line (blank lines before it are skipped)."""
     if not path.is_file():
         raise FileNotFoundError(missing_file_message(path))
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise AttributeFileError(f"{path}: not UTF-8 text ({exc})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         raise AttributeFileError(f"{path}: empty file; expected a header row pid,{','.join(ATTRIBUTE_COLUMNS)}")
@@ -162,7 +182,12 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
     except pd.errors.ParserError as exc:  # reliability (issue 9): a ragged row names the file, not just pandas
         raise AttributeFileError(f"{path}: rows do not all have the header's {lines[first].count(sep) + 1} "
                                  f"cells ({exc}; line numbers count from the header)") from None
-    # Map headers.
+    return frame, first
+
+
+def _column_mapping(frame: pd.DataFrame, path: Path) -> dict[str, str]:
+    """File header -> canonical column, for every header :data:`HEADER_ALIASES` knows (others are
+    logged and ignored); every canonical column must be there, once."""
     mapping: dict[str, str] = {}
     unknown: list[str] = []
     for col in frame.columns:
@@ -181,11 +206,14 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
             f"(unrecognised: {unknown}); see HEADER_ALIASES / docs/captions.md for accepted spellings")
     if unknown:
         log.warning("%s: ignoring unrecognised column(s) %s", path, unknown)
-    frame = frame[list(mapping)].rename(columns=mapping)
-    line_no = np.arange(len(frame)) + first + 2  # 1-based file line of each data row
-    bad = np.zeros(len(frame), dtype=bool)
-    problems: list[str] = []
+    return mapping
 
+
+def _parse_cells(frame: pd.DataFrame, line_no: np.ndarray,
+                 problems: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """pid and codes as numbers (NaN where unreadable) and the mask of rows with an unreadable cell,
+    each bad column described in ``problems``."""
+    bad = np.zeros(len(frame), dtype=bool)
     pid_text = frame["pid"].str.strip()
     pid = pd.to_numeric(pid_text.where(pid_text.str.fullmatch(r"\d+")), errors="coerce")
     bad_pid = pid.isna().to_numpy()
@@ -206,35 +234,28 @@ def read_attributes(path: Path | str, *, on_bad_rows: str = "fail") -> pd.DataFr
             problems.append(f"column {col!r}: {len(rows)} row(s) with unknown code (expected {expected}): {listed}")
             bad |= bad_col
         out[col] = codes
-    result = pd.DataFrame(out)
-    # Duplicate pids: identical rows collapse; conflicting ones are bad.
+    return pd.DataFrame(out), bad
+
+
+def _mark_duplicate_pids(result: pd.DataFrame, bad: np.ndarray, frame: pd.DataFrame, line_no: np.ndarray,
+                         problems: list[str]) -> int:
+    """Mark in ``bad`` every row of a pid listed with different attributes (a problem) and every
+    repeat of an identical row (collapsed quietly); returns how many identical repeats there were."""
     good = result[~bad]
     dup_any = good.duplicated("pid", keep=False)
-    if dup_any.any():
-        exact = good.duplicated(keep="first")
-        conflicting = good[dup_any & ~good.duplicated(keep=False)]
-        if len(conflicting):
-            cpids = sorted(set(conflicting["pid"].astype("int64")))
-            idx = good.index[good["pid"].isin(cpids)].to_numpy()
-            listed = ", ".join(f"line {line_no[r]} pid={frame['pid'].iat[r]!r}" for r in idx[:_MAX_LISTED])
-            problems.append(f"column 'pid': {len(cpids)} id(s) listed more than once with different attributes "
-                            f"({listed})")
-            bad[idx] = True
-        bad[good.index[exact.to_numpy()].to_numpy()] = True  # drop exact copies quietly (not counted as bad)
-        n_exact = int(exact.sum())
-    else:
-        n_exact = 0
-    n_bad = int(bad.sum()) - n_exact
-    if problems:
-        message = f"{path}: {n_bad} bad row(s) of {len(frame)}: " + "; ".join(problems)
-        if on_bad_rows == "fail":
-            raise AttributeFileError(message + " (set captions.on_bad_rows: skip to drop them)")
-        log.warning("%s; skipping them", message)
-    result = result[~bad].astype({"pid": "int64", **{c: "int8" for c in ATTRIBUTE_COLUMNS}})
-    result = result.sort_values("pid", kind="stable").reset_index(drop=True)
-    result.attrs["skipped"] = {"attribute_rows_bad": n_bad}
-    result.attrs["source"] = str(path)
-    return result
+    if not dup_any.any():
+        return 0
+    exact = good.duplicated(keep="first")
+    conflicting = good[dup_any & ~good.duplicated(keep=False)]
+    if len(conflicting):
+        cpids = sorted(set(conflicting["pid"].astype("int64")))
+        idx = good.index[good["pid"].isin(cpids)].to_numpy()
+        listed = ", ".join(f"line {line_no[r]} pid={frame['pid'].iat[r]!r}" for r in idx[:_MAX_LISTED])
+        problems.append(f"column 'pid': {len(cpids)} id(s) listed more than once with different attributes "
+                        f"({listed})")
+        bad[idx] = True
+    bad[good.index[exact.to_numpy()].to_numpy()] = True
+    return int(exact.sum())
 
 
 def validate_attribute_frame(attributes: pd.DataFrame) -> pd.Series:

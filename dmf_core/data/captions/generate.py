@@ -18,6 +18,7 @@ No torch import here: the captions stage must start fast.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -307,22 +308,6 @@ def compile_template(template: str) -> list[_Run]:
     return [_Run(kind, tuple(parts)) for kind, parts in runs]
 
 
-def render_caption(attrs: dict[str, int], *, viewpoint_word: str, weather: int, illumination: int, scene: int,
-                   template: int, seed: int = 0, person_variant: int = 0, condition_variant: int = 0) -> str:
-    """One caption, rendered directly (the slow, per-caption path; for checks and examples).
-
-    Uses the same phrase draws as :func:`generate_captions` for the same seed, template and
-    variants (``attrs`` holds the 13 codes; ``scene`` is the p-code 1..9).
-    """
-    runs = compile_template(TEMPLATES[template])
-    stype = SCENE[scene]
-    person = _person_slots(attrs, random.Random(f"{seed}|P|{int(attrs.get('pid', 0))}|{template}|{person_variant}"))
-    cond = _condition_slots(viewpoint_word, weather, illumination, stype,
-                            random.Random(f"{seed}|C|{viewpoint_word}|{weather}|{illumination}|{stype}|{template}|"
-                                          f"{condition_variant}"))
-    return "".join(run.render(person if run.kind == "P" else cond, j == 0) for j, run in enumerate(runs))
-
-
 # ---------------------------------------------------------------------------------------------
 # Parsing captions back into attributes (faithfulness checks)
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +450,33 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
     but no images) raise :class:`CaptionInputError` unless ``on_bad_rows == "skip"``, in which
     case they are dropped and counted in ``result.skipped`` and ``result.metrics["skipped"]``.
     """
+    _check_generation_params(manifest, per_image, on_bad_rows, content)
+    view_table = viewpoint_word_table(viewpoint_words)
+    skipped: dict[str, int] = dict(getattr(attributes, "attrs", {}).get("skipped", {}) or {})
+    problems: list[str] = []
+    attrs = _valid_attributes(attributes, problems, skipped)
+    attr_pids = attrs["pid"].to_numpy(np.int64)
+    keep, cond, pid = _rows_to_caption(manifest, attr_pids, problems, skipped)
+    if problems:
+        message = "captions: bad input: " + " | ".join(problems)
+        if on_bad_rows == "fail":
+            raise CaptionInputError(message + " (set captions.on_bad_rows: skip to drop and count them)")
+        log.warning("%s; skipping", message)
+    images = _Images.of(manifest, keep, cond, pid, attr_pids, view_table)
+    compiled = [compile_template(t) for t in TEMPLATE_SETS[content]]
+    pieces, offsets = _phrase_table(compiled, attrs, sorted(set(view_table)), seed)
+    plan = _plan_captions(images, compiled, offsets, per_image, seed)
+    captions = pa.table({
+        "image_id": images.image_id.take(pa.array(plan.image)) if per_image > 1 else images.image_id,
+        "caption_idx": pa.array(plan.k.astype(np.int16)),
+        "caption": _join_pieces(pieces, plan.pieces),
+    }).to_pandas()
+    metrics = _generation_metrics(captions, plan, images, attrs, pieces, view_table, skipped,
+                                  sample=metrics_sample, seed=seed)
+    return CaptionResult(captions=captions, skipped={k: int(v) for k, v in skipped.items()}, metrics=metrics)
+
+
+def _check_generation_params(manifest: pd.DataFrame, per_image: int, on_bad_rows: str, content: str) -> None:
     if on_bad_rows not in ("fail", "skip"):
         raise ValueError(f"captions.on_bad_rows: expected 'fail' or 'skip', got {on_bad_rows!r}")
     if per_image < 1:
@@ -474,23 +486,23 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
     for col in ("image_id", "pid"):
         if col not in manifest.columns:
             raise CaptionInputError(f"manifest: missing column {col!r} (have {list(manifest.columns)})")
-    view_table = viewpoint_word_table(viewpoint_words)
-    view_vocab = sorted(set(view_table))
-    view_code_to_word = np.array([view_vocab.index(w) for w in view_table], dtype=np.int64)
 
-    skipped: dict[str, int] = dict(getattr(attributes, "attrs", {}).get("skipped", {}) or {})
-    problems: list[str] = []
 
-    # --- attributes -----------------------------------------------------------------------
+def _valid_attributes(attributes: pd.DataFrame, problems: list[str], skipped: dict[str, int]) -> pd.DataFrame:
+    """One row per pid with known codes, sorted by pid; rows with unknown codes go to ``problems``."""
     ok_attr = validate_attribute_frame(attributes).to_numpy()
     if not ok_attr.all():
         listing = _rows_listing(attributes, ~ok_attr, ["pid", *ATTRIBUTE_COLUMNS])
         problems.append(f"attributes: {int((~ok_attr).sum())} row(s) with unknown codes: {listing}")
         skipped["attribute_rows_bad"] = skipped.get("attribute_rows_bad", 0) + int((~ok_attr).sum())
-    attrs = attributes[ok_attr].drop_duplicates("pid").sort_values("pid")
-    attr_pids = attrs["pid"].to_numpy(np.int64)
+    return attributes[ok_attr].drop_duplicates("pid").sort_values("pid")
 
-    # --- manifest rows ----------------------------------------------------------------------
+
+def _rows_to_caption(manifest: pd.DataFrame, attr_pids: np.ndarray, problems: list[str],
+                     skipped: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Which manifest rows can be captioned (readable conditions, an identity with attributes),
+    with every row's condition codes and pid. Bad rows, and identities with attributes but no
+    images, are described in ``problems`` and counted in ``skipped``."""
     cond, bad_cond, cond_source = _conditions(manifest)
     if bad_cond.any():
         listing = _rows_listing(manifest, bad_cond, ["image_id", "pid", *CONDITION_COLUMNS])
@@ -510,20 +522,16 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
                         f"{_rows_listing(manifest, no_attr, ['image_id', 'pid'])}")
     skipped["images_missing_attributes"] = int(no_attr.sum())
     skipped["ids_missing_attributes"] = int(len(np.unique(pid[no_attr])))
-    keep = has_attr & ~bad_cond
-    used_pids = np.unique(pid[has_attr])
-    orphan = np.setdiff1d(attr_pids, used_pids)
+    orphan = np.setdiff1d(attr_pids, np.unique(pid[has_attr]))
     if len(orphan):
         problems.append(f"{len(orphan)} id(s) have attributes but no images in the manifest, e.g. pid "
                         f"{orphan[:_MAX_LISTED].tolist()}")
     skipped["ids_without_images"] = int(len(orphan))
-    if problems:
-        message = "captions: bad input: " + " | ".join(problems)
-        if on_bad_rows == "fail":
-            raise CaptionInputError(message + " (set captions.on_bad_rows: skip to drop and count them)")
-        log.warning("%s; skipping", message)
+    return has_attr & ~bad_cond, cond, pid
 
-    # --- order rows by image_id ----------------------------------------------------------------
+
+def _rows_by_image_id(manifest: pd.DataFrame, keep: np.ndarray) -> tuple[np.ndarray, pa.Array]:
+    """The kept rows in image_id order, and their image_ids; a repeated image_id is an error."""
     rows = np.flatnonzero(keep)
     image_col = pc.cast(_string_array(manifest["image_id"]), pa.large_string())
     if len(rows) < len(manifest):
@@ -539,122 +547,179 @@ def generate_captions(manifest: pd.DataFrame, attributes: pd.DataFrame, *, per_i
         if same.any():
             dups = image_col.take(pa.array(np.flatnonzero(same)[:_MAX_LISTED])).to_pylist()
             raise CaptionInputError(f"manifest: image_id not unique ({int(same.sum())} repeats), e.g. {dups}")
-    n = len(rows)
-    kept_pids = pid[rows]
-    pid_idx = np.searchsorted(attr_pids, kept_pids)
-    vp = cond["viewpoint"][rows]
-    we = cond["weather"][rows]
-    il = cond["illumination"][rows]
-    sc = cond["scene"][rows]
-    scene_type = np.array([0] + [SCENE_TYPES.index(SCENE[k]) for k in range(1, 10)], dtype=np.int64)[sc]
-    view_word = view_code_to_word[vp - 1] if n else vp
-    n_w = len(view_vocab)
-    combo = ((view_word * 7 + (we - 1)) * 7 + (il - 1)) * 2 + scene_type  # index into condition table
+    return rows, image_col
 
-    # --- phrase tables -------------------------------------------------------------------------
-    compiled = [compile_template(t) for t in TEMPLATE_SETS[content]]
-    n_t = len(compiled)
-    attr_records = attrs[list(ATTRIBUTE_COLUMNS)].astype(int).to_dict("records")
+
+@dataclass(frozen=True)
+class _Images:
+    """The images to caption, in image_id order, with their codes and rows in the phrase table."""
+
+    image_id: pa.Array
+    pid: np.ndarray
+    viewpoint: np.ndarray  # FineGPR codes, 1-based
+    weather: np.ndarray
+    illumination: np.ndarray
+    scene: np.ndarray
+    scene_type: np.ndarray  # index into SCENE_TYPES
+    person: np.ndarray  # the identity's entry among the person phrases (its index in the sorted pids)
+    condition: np.ndarray  # (view word, weather, illumination, scene type) entry among the condition phrases
+
+    @classmethod
+    def of(cls, manifest: pd.DataFrame, keep: np.ndarray, cond: dict[str, np.ndarray], pid: np.ndarray,
+           attr_pids: np.ndarray, view_table: list[str]) -> _Images:
+        rows, image_col = _rows_by_image_id(manifest, keep)
+        view_vocab = sorted(set(view_table))
+        view_code_to_word = np.array([view_vocab.index(w) for w in view_table], dtype=np.int64)
+        vp, we, il, sc = (cond[c][rows] for c in CONDITION_COLUMNS)
+        scene_type = np.array([0] + [SCENE_TYPES.index(SCENE[k]) for k in range(1, 10)], dtype=np.int64)[sc]
+        view_word = view_code_to_word[vp - 1] if len(rows) else vp
+        return cls(image_id=image_col, pid=pid[rows], viewpoint=vp, weather=we, illumination=il, scene=sc,
+                   scene_type=scene_type, person=np.searchsorted(attr_pids, pid[rows]),
+                   condition=((view_word * 7 + (we - 1)) * 7 + (il - 1)) * 2 + scene_type)
+
+
+def _phrase_table(compiled: list[list[_Run]], attrs: pd.DataFrame, view_vocab: list[str],
+                  seed: int) -> tuple[list[str], list[list[int]]]:
+    """Every run of every template, pre-rendered: ``pieces`` and ``offsets[t][j]``, where the block
+    of run j of template t starts. A person run's block holds every identity x PERSON_VARIANTS,
+    a condition run's every (view word, weather, illumination, scene type) x CONDITION_VARIANTS."""
+    records = attrs[list(ATTRIBUTE_COLUMNS)].astype(int).to_dict("records")
+    pids = attrs["pid"].to_numpy(np.int64)
     pieces: list[str] = [""]
-    offsets: list[list[int]] = []  # offsets[t][j] -> first index of that run's block
+    offsets: list[list[int]] = []
     for t, runs in enumerate(compiled):
         offs = []
         person: dict[tuple[int, int], dict[str, str]] = {}  # (id index, variant) -> slots, shared by runs
         condition: dict[tuple[int, int, int, int, int], dict[str, str]] = {}
         for j, run in enumerate(runs):
             offs.append(len(pieces))
-            if run.kind == "P":  # block layout: id index * PERSON_VARIANTS + variant
-                for i, rec in enumerate(attr_records):
-                    for v in range(PERSON_VARIANTS):
-                        if (i, v) not in person:
-                            rnd = random.Random(f"{seed}|P|{int(attr_pids[i])}|{t}|{v}")
-                            person[i, v] = _person_slots(rec, rnd)
-                        pieces.append(run.render(person[i, v], j == 0))
-            else:  # block layout: combo (view word, weather, illumination, scene type) * VARIANTS + variant
-                for w in range(n_w):
-                    for wi in range(1, 8):
-                        for li in range(1, 8):
-                            for si, stype in enumerate(SCENE_TYPES):
-                                for v in range(CONDITION_VARIANTS):
-                                    ck = (w, wi, li, si, v)
-                                    if ck not in condition:
-                                        rnd = random.Random(f"{seed}|C|{view_vocab[w]}|{wi}|{li}|{stype}|{t}|{v}")
-                                        condition[ck] = _condition_slots(view_vocab[w], wi, li, stype, rnd)
-                                    pieces.append(run.render(condition[ck], j == 0))
+            if run.kind == "P":
+                pieces += _person_pieces(run, j == 0, records, pids, person, seed, t)
+            else:
+                pieces += _condition_pieces(run, j == 0, view_vocab, condition, seed, t)
         offsets.append(offs)
-    n_runs = max(len(r) for r in compiled)
-    table = pa.array(pieces, type=pa.large_string())  # large_string: pandas takes it without a copy
+    return pieces, offsets
 
-    # --- per caption choices -------------------------------------------------------------------------
-    key = (((((kept_pids.astype(np.uint64) * np.uint64(64) + vp.astype(np.uint64)) * np.uint64(8)
-              + we.astype(np.uint64)) * np.uint64(8) + il.astype(np.uint64)) * np.uint64(16)
-            + sc.astype(np.uint64)) ^ _mix64(np.array([seed], dtype=np.uint64))[0])
-    h = _mix64(key)
-    base_t = (h % np.uint64(n_t)).astype(np.int64)
-    base_vp = ((h >> np.uint64(20)) % np.uint64(PERSON_VARIANTS)).astype(np.int64)
-    base_vc = ((h >> np.uint64(40)) % np.uint64(CONDITION_VARIANTS)).astype(np.int64)
-    del h, key
 
-    total = n * per_image
-    img_of = np.repeat(np.arange(n, dtype=np.int64), per_image)
-    k_of = np.tile(np.arange(per_image, dtype=np.int64), n)
+def _person_pieces(run: _Run, first: bool, records: list[dict[str, int]], pids: np.ndarray,
+                   slots: dict[tuple[int, int], dict[str, str]], seed: int, t: int) -> list[str]:
+    """``run`` for every identity and person variant (entry: id index * PERSON_VARIANTS + variant)."""
+    out = []
+    for i, rec in enumerate(records):
+        for v in range(PERSON_VARIANTS):
+            if (i, v) not in slots:
+                slots[i, v] = _person_slots(rec, random.Random(f"{seed}|P|{int(pids[i])}|{t}|{v}"))
+            out.append(run.render(slots[i, v], first))
+    return out
+
+
+def _condition_pieces(run: _Run, first: bool, view_vocab: list[str],
+                      slots: dict[tuple[int, int, int, int, int], dict[str, str]], seed: int,
+                      t: int) -> list[str]:
+    """``run`` for every condition and variant (entry: ``_Images.condition`` * CONDITION_VARIANTS
+    + variant)."""
+    out = []
+    for w, wi, li, (si, stype), v in itertools.product(range(len(view_vocab)), range(1, 8), range(1, 8),
+                                                       enumerate(SCENE_TYPES), range(CONDITION_VARIANTS)):
+        key = (w, wi, li, si, v)
+        if key not in slots:
+            rnd = random.Random(f"{seed}|C|{view_vocab[w]}|{wi}|{li}|{stype}|{t}|{v}")
+            slots[key] = _condition_slots(view_vocab[w], wi, li, stype, rnd)
+        out.append(run.render(slots[key], first))
+    return out
+
+
+@dataclass(frozen=True)
+class _CaptionPlan:
+    """Caption c is caption ``k[c]`` of image ``image[c]``, written with template ``template[c]``
+    as the concatenation of the phrase-table pieces ``pieces[:, c]`` (runs x captions)."""
+
+    image: np.ndarray
+    k: np.ndarray
+    template: np.ndarray
+    pieces: np.ndarray
+    n_templates: int
+    per_image: int
+
+
+def _plan_captions(images: _Images, compiled: list[list[_Run]], offsets: list[list[int]], per_image: int,
+                   seed: int) -> _CaptionPlan:
+    """Caption k of an image takes the template and variants its hash picks, plus k (mod their
+    counts): the captions of one image differ in template first, then in variants."""
+    n_t = len(compiled)
+    base_t, base_vp, base_vc = _image_draws(images, seed, n_t)
+    img_of = np.repeat(np.arange(len(images.pid), dtype=np.int64), per_image)
+    k_of = np.tile(np.arange(per_image, dtype=np.int64), len(images.pid))
     tmpl = (base_t[img_of] + k_of) % n_t
     shift = k_of // n_t
-    v_p = (base_vp[img_of] + shift) % PERSON_VARIANTS
-    v_c = (base_vc[img_of] + shift) % CONDITION_VARIANTS
-    ent_p = pid_idx[img_of] * PERSON_VARIANTS + v_p
-    ent_c = combo[img_of] * CONDITION_VARIANTS + v_c
-    del v_p, v_c, shift
-    idx = np.zeros((n_runs, total), dtype=np.int32)
+    ent_p = images.person[img_of] * PERSON_VARIANTS + (base_vp[img_of] + shift) % PERSON_VARIANTS
+    ent_c = images.condition[img_of] * CONDITION_VARIANTS + (base_vc[img_of] + shift) % CONDITION_VARIANTS
+    idx = np.zeros((max(len(r) for r in compiled), len(img_of)), dtype=np.int32)
     for t, runs in enumerate(compiled):
         m = tmpl == t
         for j, run in enumerate(runs):
             idx[j, m] = offsets[t][j] + (ent_p[m] if run.kind == "P" else ent_c[m])
-    del ent_p, ent_c
+    return _CaptionPlan(image=img_of, k=k_of, template=tmpl, pieces=idx, n_templates=n_t, per_image=per_image)
 
+
+def _image_draws(images: _Images, seed: int, n_t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: template, person variant and condition variant, from a hash of (seed, pid and the
+    condition codes), so they do not depend on the manifest's order."""
+    key = (((((images.pid.astype(np.uint64) * np.uint64(64) + images.viewpoint.astype(np.uint64)) * np.uint64(8)
+              + images.weather.astype(np.uint64)) * np.uint64(8) + images.illumination.astype(np.uint64))
+            * np.uint64(16) + images.scene.astype(np.uint64)) ^ _mix64(np.array([seed], dtype=np.uint64))[0])
+    h = _mix64(key)
+    base_t = (h % np.uint64(n_t)).astype(np.int64)
+    base_vp = ((h >> np.uint64(20)) % np.uint64(PERSON_VARIANTS)).astype(np.int64)
+    base_vc = ((h >> np.uint64(40)) % np.uint64(CONDITION_VARIANTS)).astype(np.int64)
+    return base_t, base_vp, base_vc
+
+
+def _join_pieces(pieces: list[str], idx: np.ndarray) -> pa.ChunkedArray:
+    """The captions: row j of ``idx`` picks each caption's j-th piece; joined in C, in chunks."""
+    table = pa.array(pieces, type=pa.large_string())  # large_string: pandas takes it without a copy
     chunk = 1 << 19
     out_chunks = []
-    for start in range(0, total, chunk):
-        cols = [table.take(pa.array(idx[j, start:start + chunk])) for j in range(n_runs)]
+    for start in range(0, idx.shape[1], chunk):
+        cols = [table.take(pa.array(idx[j, start:start + chunk])) for j in range(idx.shape[0])]
         out_chunks.append(pc.binary_join_element_wise(*cols, pa.scalar("", pa.large_string())))
-    caption_arr = pa.chunked_array(out_chunks, type=pa.large_string())
+    return pa.chunked_array(out_chunks, type=pa.large_string())
 
-    captions = pa.table({
-        "image_id": image_col.take(pa.array(img_of)) if per_image > 1 else image_col,
-        "caption_idx": pa.array(k_of.astype(np.int16)),
-        "caption": caption_arr,
-    }).to_pandas()
 
-    # --- metrics (fast path: word counts from pieces) -------------------------------------------
+def _generation_metrics(captions: pd.DataFrame, plan: _CaptionPlan, images: _Images, attrs: pd.DataFrame,
+                        pieces: list[str], view_table: list[str], skipped: dict[str, int], *, sample: int,
+                        seed: int) -> dict[str, Any]:
+    """:func:`caption_metrics`' figures, counted from the pieces (fast: no pass over the caption text),
+    plus coverage and correctness against the attributes and conditions on a seeded sample."""
+    idx, total = plan.pieces, len(plan.image)
     words_per_piece = np.array([len(p.split()) for p in pieces], dtype=np.int32)
     n_words = np.zeros(total, dtype=np.int32)
     used = np.zeros(len(pieces), dtype=bool)
-    for j in range(n_runs):
+    for j in range(idx.shape[0]):
         n_words += words_per_piece[idx[j]]
         used[idx[j]] = True
-    used_pieces = np.flatnonzero(used)
-    vocab = _vocabulary(pa.array([pieces[i] for i in used_pieces], type=pa.string()))
+    vocab = _vocabulary(pa.array([pieces[i] for i in np.flatnonzero(used)], type=pa.string()))
     metrics: dict[str, Any] = {
         "source": "generated",
-        "images_captioned": int(n),
-        "ids_captioned": int(len(np.unique(kept_pids))),
+        "images_captioned": int(len(images.pid)),
+        "ids_captioned": int(len(np.unique(images.pid))),
         "captions": int(total),
-        "per_image": int(per_image),
+        "per_image": int(plan.per_image),
         "unique_captions": _count_unique_combinations(idx, pieces),
         "vocabulary_size": len(vocab),
         "words_per_caption": _length_stats(n_words),
-        "templates_used": {str(t): int(c) for t, c in enumerate(np.bincount(tmpl, minlength=n_t))},
+        "templates_used": {str(t): int(c) for t, c in enumerate(np.bincount(plan.template,
+                                                                            minlength=plan.n_templates))},
         "viewpoint_words": {f"c{c + 1:02d}": w for c, w in enumerate(view_table)},
         "skipped": {k: int(v) for k, v in sorted(skipped.items())},
     }
-    truth = attrs.set_index("pid")
-    sample_rows = _sample_positions(total, metrics_sample, seed)
-    conds = {"weather": we, "illumination": il}
-    metrics.update(_coverage(captions, sample_rows, truth, kept_pids[img_of[sample_rows]],
-                             {k: v[img_of[sample_rows]] for k, v in conds.items()},
-                             scene_type[img_of[sample_rows]], np.array(view_table)[vp[img_of[sample_rows]] - 1]))
-    metrics["attribute_values"] = _attribute_value_counts(attrs[attrs["pid"].isin(kept_pids)])
-    return CaptionResult(captions=captions, skipped={k: int(v) for k, v in skipped.items()}, metrics=metrics)
+    sample_rows = _sample_positions(total, sample, seed)
+    sampled = plan.image[sample_rows]  # the image of each sampled caption
+    metrics.update(_coverage(captions, sample_rows, attrs.set_index("pid"), images.pid[sampled],
+                             {"weather": images.weather[sampled], "illumination": images.illumination[sampled]},
+                             images.scene_type[sampled], np.array(view_table)[images.viewpoint[sampled] - 1]))
+    metrics["attribute_values"] = _attribute_value_counts(attrs[attrs["pid"].isin(images.pid)])
+    return metrics
 
 
 def _count_unique_combinations(idx: np.ndarray, pieces: list[str]) -> int:

@@ -59,7 +59,6 @@ SIDECAR_SIZE_KEY = b"dmf.lmdb_bytes"
 PARTIAL = ".partial"
 
 SIDECAR_COLUMNS = ["key", "image_id", "pid", "label", "camid", "sha1", "height", "width"]
-CAPTION_COLUMNS = ["caption_start", "caption_count"]
 
 
 def key_of(index: int) -> bytes:
@@ -88,12 +87,6 @@ def frame_digest(frame: pd.DataFrame) -> str:
         h.update(f"\x1e{name}\x1d".encode())
         h.update("\x1f".join(map(str, frame[name].tolist())).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
-
-
-def decode_image(data: bytes, name: str = "stored image") -> Image.Image:
-    """Decode stored bytes to an RGB PIL image (fully loaded); raises on corrupt data, and
-    DecompressionBombError naming ``name`` before decoding an image over PIL's pixel limit."""
-    return decode_rgb(data, name)
 
 
 @dataclass
@@ -127,7 +120,7 @@ def _load_one(image_root: Path, image_id: str, resize: list[int] | None):
     if not data:
         return None, 0, 0, "empty file"
     try:
-        im = decode_image(data, image_id)
+        im = decode_rgb(data, image_id)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad data
         return None, 0, 0, f"does not decode: {exc.__class__.__name__}: {exc}"
     if resize is not None:
@@ -204,6 +197,42 @@ def pack_split(
     """
     started = time.perf_counter()
     image_root, out_path = Path(image_root), Path(out_path)
+    rows = _rows_to_pack(rows, out_path, resize, on_corrupt)
+    cap_sorted = _sorted_captions(captions) if captions is not None else None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(image_root, rows["image_id"].astype(str).tolist(), out_path, resize)
+    _remove_outputs(out_path)  # start clean: leftovers of an interrupted run and the previous outputs
+    report = PackReport(path=out_path)
+    tmp_lmdb = partial_path(out_path)
+    env = lmdb.open(str(tmp_lmdb), map_size=MAP_SIZE, subdir=False, lock=False, meminit=True,
+                    sync=False, metasync=False, readahead=False, max_dbs=0)
+    try:
+        writer = _BatchedWriter(env)
+        kept = _put_images(writer, rows["image_id"].astype(str).tolist(), image_root, out_path, resize=resize,
+                           on_corrupt=on_corrupt, threads=threads or min(4, os.cpu_count() or 1), report=report)
+        frame = _index_frame(rows, kept, relabel)
+        meta = _pack_meta(rows, frame, resize=resize, params_fingerprint=params_fingerprint, relabel=relabel,
+                          skipped=len(report.skipped))
+        if cap_sorted is not None:
+            _add_caption_refs(frame, meta, cap_sorted, out_path)
+        writer.finish(META_KEY, json.dumps(meta, sort_keys=True).encode())
+        env.sync(True)
+    except BaseException:
+        env.close()
+        _remove(tmp_lmdb)  # a clean failure leaves nothing; a kill leaves only the .partial file
+        raise
+    env.close()
+    _publish(out_path, frame, report.skipped)
+    report.count = len(frame)
+    report.seconds = time.perf_counter() - started
+    log.info("%s: %d images, %.1f MB, %.1f s (%.0f images/s)", out_path, report.count, report.bytes / 1e6,
+             report.seconds, report.images_per_s)
+    return report
+
+
+def _rows_to_pack(rows: pd.DataFrame, out_path: Path, resize: list[int] | None,
+                  on_corrupt: str) -> pd.DataFrame:
+    """The rows in image_id order, after checking them and the options."""
     if on_corrupt not in ("fail", "skip"):
         raise ValueError(f"on_corrupt: expected 'fail' or 'skip', got {on_corrupt!r}")
     if resize is not None and (len(resize) != 2 or min(int(v) for v in resize) <= 0):
@@ -217,105 +246,130 @@ def pack_split(
         raise ValueError(f"rows for {out_path}: image_id {dup!r} appears more than once")
     if len(rows) >= 10**KEY_WIDTH:
         raise ValueError(f"rows for {out_path}: {len(rows)} images exceed the {KEY_WIDTH}-digit key space")
+    return rows
 
-    cap_sorted = _sorted_captions(captions) if captions is not None else None
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _check_free_space(image_root, rows["image_id"].astype(str).tolist(), out_path, resize)
-    tmp_lmdb, side, tmp_side = partial_path(out_path), sidecar_path(out_path), partial_path(sidecar_path(out_path))
-    report_file = corrupt_report_path(out_path)
-    # Start clean: drop leftovers of an interrupted run and the previous outputs.
-    for stale in (tmp_lmdb, Path(str(tmp_lmdb) + "-lock"), tmp_side, out_path, Path(str(out_path) + "-lock"),
-                  side, report_file):
+def _remove_outputs(out_path: Path) -> None:
+    """Every file a pack of ``out_path`` writes, finished or ``.partial``, and LMDB lock files."""
+    tmp_lmdb, side = partial_path(out_path), sidecar_path(out_path)
+    for stale in (tmp_lmdb, Path(str(tmp_lmdb) + "-lock"), partial_path(side), out_path,
+                  Path(str(out_path) + "-lock"), side, corrupt_report_path(out_path)):
         _remove(stale)
 
-    report = PackReport(path=out_path)
-    kept_ids, kept_pos, sha1s, heights, widths = [], [], [], [], []
-    image_ids = rows["image_id"].astype(str).tolist()
-    threads = threads or min(4, os.cpu_count() or 1)
-    env = lmdb.open(str(tmp_lmdb), map_size=MAP_SIZE, subdir=False, lock=False, meminit=True,
-                    sync=False, metasync=False, readahead=False, max_dbs=0)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = _bounded_map(pool, image_root, image_ids, resize, threads)
-            txn = env.begin(write=True)
-            pending = 0
-            for pos, (image_id, res) in enumerate(
-                zip(image_ids, tqdm(results, total=len(image_ids), desc=f"pack {out_path.name}",
-                                    unit="img", disable=None))
-            ):
-                data, height, width, reason = res
-                if reason is not None:
-                    if on_corrupt == "fail":
-                        raise ValueError(
-                            f"{image_root / image_id}: {reason} (pack.on_corrupt=fail; set it to skip "
-                            f"to leave such images out)"
-                        )
-                    report.skipped.append((image_id, reason))
-                    continue
-                index = len(kept_pos)
-                txn.put(key_of(index), data, append=True)
-                kept_ids.append(image_id)
-                kept_pos.append(pos)
-                sha1s.append(hashlib.sha1(data).hexdigest())
-                heights.append(height)
-                widths.append(width)
-                report.bytes += len(data)
-                pending += 1
-                if pending == COMMIT_EVERY:
-                    txn.commit()
-                    txn = env.begin(write=True)
-                    pending = 0
 
-            kept = rows.iloc[kept_pos].reset_index(drop=True)
-            frame = pd.DataFrame({
-                "key": pd.Series([key_of(i).decode() for i in range(len(kept))], dtype=object).astype(str),
-                "image_id": pd.Series(kept_ids, dtype=object).astype(str),
-                "pid": kept["pid"].astype(np.int64).to_numpy(),
-                "label": _labels(kept["pid"].to_numpy(), relabel),
-                "camid": kept["camid"].astype(np.int64).to_numpy(),
-                "sha1": pd.Series(sha1s, dtype=object).astype(str),
-                "height": np.asarray(heights, dtype=np.int64),
-                "width": np.asarray(widths, dtype=np.int64),
-            })
-            meta = {
-                "format": FORMAT_VERSION,
-                "count": len(frame),
-                "params": {**(params_fingerprint or {}), "resize": list(resize) if resize is not None else None},
-                "rows_sha1": frame_digest(rows[["image_id", "pid", "camid"]].astype({"image_id": str})),
-                "index_sha1": frame_digest(frame[["key", "image_id", "sha1"]]),
-                "relabel": bool(relabel),
-                "num_ids": int(frame["pid"].nunique()),
-                "skipped": len(report.skipped),
-            }
-            if cap_sorted is not None:
-                start, count = caption_refs(frame["image_id"], cap_sorted["image_id"])
-                frame["caption_start"] = start
-                frame["caption_count"] = count
-                meta["captions_sha1"] = frame_digest(cap_sorted[["image_id", "caption_idx", "caption"]])
-                meta["captions_rows"] = len(cap_sorted)
-                without = int((count == 0).sum())
-                if without:
-                    log.warning("%s: %d of %d images have no caption", out_path, without, len(frame))
-            txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode(), append=True)
-            txn.commit()
-        env.sync(True)
-    except BaseException:
-        env.close()
-        _remove(tmp_lmdb)  # a clean failure leaves nothing; a kill leaves only the .partial file
-        raise
-    env.close()
+class _BatchedWriter:
+    """Appends to an LMDB in write transactions of COMMIT_EVERY entries (part of the byte-identical
+    contract: the transaction boundaries shape the file)."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._env, self._txn, self._pending = env, env.begin(write=True), 0
+
+    def append(self, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, append=True)
+        self._pending += 1
+        if self._pending == COMMIT_EVERY:
+            self._txn.commit()
+            self._txn, self._pending = self._env.begin(write=True), 0
+
+    def finish(self, key: bytes, value: bytes) -> None:
+        """The last entry, in the same transaction as the last batch, and commit."""
+        self._txn.put(key, value, append=True)
+        self._txn.commit()
+
+
+@dataclass
+class _Kept:
+    """The images stored so far: the i-th went under ``key_of(i)``."""
+
+    image_ids: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # row in the sorted rows
+    sha1s: list[str] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+
+
+def _put_images(writer: _BatchedWriter, image_ids: list[str], image_root: Path, out_path: Path, *,
+                resize: list[int] | None, on_corrupt: str, threads: int, report: PackReport) -> _Kept:
+    """Read, check and store every image in order (read on ``threads`` threads); a bad one stops
+    the pack or, with ``on_corrupt="skip"``, goes to ``report.skipped``."""
+    kept = _Kept()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = _bounded_map(pool, image_root, image_ids, resize, threads)
+        progress = tqdm(results, total=len(image_ids), desc=f"pack {out_path.name}", unit="img", disable=None)
+        for pos, (image_id, (data, height, width, reason)) in enumerate(zip(image_ids, progress)):
+            if reason is not None:
+                if on_corrupt == "fail":
+                    raise ValueError(f"{image_root / image_id}: {reason} (pack.on_corrupt=fail; set it to skip "
+                                     f"to leave such images out)")
+                report.skipped.append((image_id, reason))
+                continue
+            writer.append(key_of(len(kept.positions)), data)
+            kept.image_ids.append(image_id)
+            kept.positions.append(pos)
+            kept.sha1s.append(hashlib.sha1(data).hexdigest())
+            kept.heights.append(height)
+            kept.widths.append(width)
+            report.bytes += len(data)
+    return kept
+
+
+def _index_frame(rows: pd.DataFrame, kept: _Kept, relabel: bool) -> pd.DataFrame:
+    """The sidecar: one row per stored image, in key order."""
+    picked = rows.iloc[kept.positions].reset_index(drop=True)
+    return pd.DataFrame({
+        "key": pd.Series([key_of(i).decode() for i in range(len(picked))], dtype=object).astype(str),
+        "image_id": pd.Series(kept.image_ids, dtype=object).astype(str),
+        "pid": picked["pid"].astype(np.int64).to_numpy(),
+        "label": _labels(picked["pid"].to_numpy(), relabel),
+        "camid": picked["camid"].astype(np.int64).to_numpy(),
+        "sha1": pd.Series(kept.sha1s, dtype=object).astype(str),
+        "height": np.asarray(kept.heights, dtype=np.int64),
+        "width": np.asarray(kept.widths, dtype=np.int64),
+    })
+
+
+def _pack_meta(rows: pd.DataFrame, frame: pd.DataFrame, *, resize: list[int] | None,
+               params_fingerprint: dict | None, relabel: bool, skipped: int) -> dict:
+    """The :data:`META_KEY` record: what a reader checks the LMDB and its sidecar against."""
+    return {
+        "format": FORMAT_VERSION,
+        "count": len(frame),
+        "params": {**(params_fingerprint or {}), "resize": list(resize) if resize is not None else None},
+        "rows_sha1": frame_digest(rows[["image_id", "pid", "camid"]].astype({"image_id": str})),
+        "index_sha1": frame_digest(frame[["key", "image_id", "sha1"]]),
+        "relabel": bool(relabel),
+        "num_ids": int(frame["pid"].nunique()),
+        "skipped": skipped,
+    }
+
+
+def _add_caption_refs(frame: pd.DataFrame, meta: dict, cap_sorted: pd.DataFrame, out_path: Path) -> None:
+    """Each image's rows in the sorted captions (sidecar columns) and the captions' digest (meta)."""
+    start, count = caption_refs(frame["image_id"], cap_sorted["image_id"])
+    frame["caption_start"] = start
+    frame["caption_count"] = count
+    meta["captions_sha1"] = frame_digest(cap_sorted[["image_id", "caption_idx", "caption"]])
+    meta["captions_rows"] = len(cap_sorted)
+    without = int((count == 0).sum())
+    if without:
+        log.warning("%s: %d of %d images have no caption", out_path, without, len(frame))
+
+
+def _publish(out_path: Path, frame: pd.DataFrame, skipped: list[tuple[str, str]]) -> None:
+    """Write the sidecar (and the corrupt-image list) next to the finished ``.partial`` LMDB, then
+    give both their final names, sidecar first and LMDB last."""
+    tmp_lmdb, side = partial_path(out_path), sidecar_path(out_path)
+    tmp_side, report_file = partial_path(side), corrupt_report_path(out_path)
     try:  # reliability (issue 9): a full disk while writing the sidecar/report leaves no partial files
         _fsync_path(tmp_lmdb)
-        lmdb_bytes = tmp_lmdb.stat().st_size
-        _write_sidecar(frame, tmp_side, lmdb_bytes)
+        _write_sidecar(frame, tmp_side, tmp_lmdb.stat().st_size)
         _fsync_path(tmp_side)
-        if report.skipped:
+        if skipped:
             report_file.write_text(json.dumps(
-                {"lmdb": str(out_path), "skipped": [{"image_id": i, "reason": r} for i, r in report.skipped]},
+                {"lmdb": str(out_path), "skipped": [{"image_id": i, "reason": r} for i, r in skipped]},
                 indent=2) + "\n")
-            log.warning("%s: skipped %d corrupt or unreadable images (listed in %s)", out_path,
-                        len(report.skipped), report_file)
+            log.warning("%s: skipped %d corrupt or unreadable images (listed in %s)", out_path, len(skipped),
+                        report_file)
         os.replace(tmp_side, side)
     except BaseException:
         for stale in (tmp_lmdb, tmp_side, side, report_file):
@@ -323,11 +377,6 @@ def pack_split(
         raise
     os.replace(tmp_lmdb, out_path)
     _fsync_path(out_path.parent)
-    report.count = len(frame)
-    report.seconds = time.perf_counter() - started
-    log.info("%s: %d images, %.1f MB, %.1f s (%.0f images/s)", out_path, report.count, report.bytes / 1e6,
-             report.seconds, report.images_per_s)
-    return report
 
 
 def _check_free_space(image_root: Path, image_ids: list[str], out_path: Path, resize) -> None:

@@ -19,6 +19,7 @@ import colorsys
 import functools
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -517,283 +518,340 @@ def _quad(d: ImageDraw.ImageDraw, p0: tuple[float, float], p1: tuple[float, floa
     d.polygon([(x0 - w0, y0), (x0 + w0, y0), (x1 + w1, y1), (x1 - w1, y1)], fill=fill)
 
 
+# Heights down the body, as fractions of the body height from the top of the head.
+_Y_WAIST, _Y_CROTCH, _Y_KNEE, _Y_ANKLE = 0.47, 0.56, 0.75, 0.955
+
+
+def _shade(col: RGB, k: float) -> RGB:
+    """``col`` darkened by the factor ``k`` (parts turned away from the light, trims)."""
+    return tuple(int(v * k) for v in col)  # type: ignore[return-value]
+
+
+class _Body:
+    """One identity placed in the image: its pose and proportions in pixels.
+
+    ``x(lat, fwd)`` and ``y(f)`` map the 2.5-D body frame (module docstring) to image coordinates;
+    lengths in body heights are turned into pixels by ``unit``. Every part painter reads this.
+    """
+
+    def __init__(self, ident: Identity, angle_deg: float, cx: float, y_sole: float, unit: float,
+                 stride: float) -> None:
+        a = ident.attributes
+        rad = math.radians(angle_deg)
+        self.ident, self.cx, self.y_sole, self.unit, self.stride = ident, cx, y_sole, unit, stride
+        self.cos, self.sin = math.cos(rad), math.sin(rad)
+        self.abs_cos, self.abs_sin = abs(self.cos), abs(self.sin)
+        female = a["gender"] == 2
+        teen, old = a["age"] == 1, a["age"] == 3
+        ws = ident.width_scale * (0.9 if teen else 1.0)
+        self.head_h = (0.145 if teen else 0.13) * ident.head_scale
+        head_w = (0.088 if female else 0.096) * ident.head_scale * (1.05 if teen else 1.0)
+        self.stoop = 0.025 if old else 0.0
+        self.y_shoulder = self.head_h + 0.03
+        # half-widths in body heights
+        self.shoulder_hw = (0.118 if female else 0.138) * ws
+        self.waist_hw = (0.088 if female else 0.105) * ws
+        self.hip_hw = (0.112 if female else 0.104) * ws
+        self.y_top_end = 0.66 if a["top_length"] == 1 else 0.51
+        self.leg_lat = 0.052 * ws
+        self.leg_hw = 0.042 * ws
+        self.arm_hw = 0.03 * ws
+        # the torso leans forward from the hips when stooped; its half-widths in pixels
+        self.torso_x = cx + self.sin * self.stoop * unit
+        self.torso_top_hw = self.half_width(self.shoulder_hw)
+        self.torso_bottom_hw = self.half_width(max(self.waist_hw, self.hip_hw)
+                                               * (1.08 if a["top_length"] == 1 else 1.0))
+        # the head's box in pixels
+        self.head_x = self.torso_x + self.sin * 0.01 * unit
+        self.head_top, self.head_bottom = self.y(0.0), self.y(self.head_h)
+        self.head_rx = head_w * unit / 2 * (0.92 + 0.08 * self.abs_sin) * 1.05
+
+    def x(self, lat: float, fwd: float) -> float:
+        return self.cx - self.cos * lat * self.unit + self.sin * fwd * self.unit
+
+    def y(self, f: float) -> float:
+        return self.y_sole - (1.0 - f) * self.unit
+
+    def half_width(self, half_w: float, depth_ratio: float = 0.6) -> float:
+        """Seen half-width in pixels of a part ``half_w`` wide and ``depth_ratio`` as deep."""
+        return (self.abs_cos * half_w + self.abs_sin * half_w * depth_ratio) * self.unit
+
+
+def _paint_leg(d: ImageDraw.ImageDraw, b: _Body, side: int, fwd: float, k: float) -> None:
+    """One leg from the hip to the foot ``fwd`` ahead: skin, trousers or shorts, boot shaft, shoe."""
+    ident, a, u = b.ident, b.ident.attributes, b.unit
+    hx, ax = b.x(side * b.leg_lat, 0.0), b.x(side * b.leg_lat * 1.05, fwd)
+    lw = b.half_width(b.leg_hw, 1.1)
+    trouser_end = _Y_KNEE + 0.02 if ident.trousers == 1 else _Y_ANKLE
+    if a["dress"] == 1:
+        trouser_end = _Y_CROTCH
+    _quad(d, (hx, b.y(_Y_CROTCH - 0.03)), (ax, b.y(_Y_ANKLE)), lw, lw * 0.75, _shade(ident.skin, k))
+    if trouser_end > _Y_CROTCH:
+        t = (trouser_end - (_Y_CROTCH - 0.03)) / (_Y_ANKLE - (_Y_CROTCH - 0.03))
+        ex = hx + (ax - hx) * t
+        _quad(d, (hx, b.y(_Y_CROTCH - 0.03)), (ex, b.y(trouser_end)), lw * 1.05,
+              lw * (1.0 - 0.2 * t) * 1.05, _shade(ident.lower_rgb, k))
+    if a["boots"] == 1:
+        bx = hx + (ax - hx) * 0.7
+        _quad(d, (bx, b.y(0.83)), (ax, b.y(_Y_ANKLE)), lw * 0.95, lw * 0.95, _shade(ident.shoe_rgb, k))
+    foot_len = (0.03 + 0.045 * b.abs_sin) * u
+    fx = ax + b.sin * 0.025 * u
+    d.ellipse([fx - max(lw, foot_len), b.y(_Y_ANKLE) - 0.01 * u, fx + max(lw, foot_len), b.y(1.0)],
+              fill=_shade(ident.shoe_rgb, k))
+
+
+def _paint_pelvis(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """Hips in the lower colour (a skirt down to the knee for a dress), and the belt."""
+    cx, waist, hw = b.cx, b.half_width(b.waist_hw), b.half_width(b.hip_hw)
+    lower = b.ident.lower_rgb
+    if b.ident.attributes["dress"] == 1:
+        d.polygon([(cx - waist, b.y(_Y_WAIST)), (cx + waist, b.y(_Y_WAIST)),
+                   (cx + hw * 1.45, b.y(_Y_KNEE)), (cx - hw * 1.45, b.y(_Y_KNEE))], fill=lower)
+        return
+    d.polygon([(cx - waist, b.y(_Y_WAIST)), (cx + waist, b.y(_Y_WAIST)),
+               (cx + hw, b.y(_Y_CROTCH)), (cx - hw, b.y(_Y_CROTCH))], fill=lower)
+    if b.ident.belt:
+        d.rectangle([cx - waist, b.y(_Y_WAIST + 0.01), cx + waist, b.y(_Y_WAIST + 0.025)], fill=(30, 26, 22))
+
+
+def _paint_torso(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """The top from the shoulders to where it ends, the neck above it, and the top's pattern."""
+    tx, u = b.torso_x, b.unit
+    y0, y1 = b.y(b.y_shoulder), b.y(b.y_top_end)
+    d.polygon([(tx - b.torso_top_hw, y0), (tx + b.torso_top_hw, y0), (b.cx + b.torso_bottom_hw, y1),
+               (b.cx - b.torso_bottom_hw, y1)], fill=b.ident.upper_rgb)
+    nw = 0.025 * u
+    d.rectangle([tx - nw + b.sin * 0.01 * u, b.y(b.head_h - 0.01), tx + nw + b.sin * 0.01 * u, y0 + 1],
+                fill=b.ident.skin)
+    _paint_top_pattern(d, b)
+
+
+def _paint_top_pattern(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """Stripes, checks, a chest (or back) logo or a contrasting yoke over the torso."""
+    ident, tx, u, c, ac = b.ident, b.torso_x, b.unit, b.cos, b.abs_cos
+    top_hw, bot_hw = b.torso_top_hw, b.torso_bottom_hw
+    y0, y1 = b.y(b.y_shoulder), b.y(b.y_top_end)
+    pc, per = ident.pattern_rgb, ident.pattern_period / 100.0
+
+    def span(yy: float) -> tuple[float, float]:  # the torso's left and right edge at image row yy
+        t = (yy - y0) / max(1e-6, (y1 - y0))
+        hw = top_hw + (bot_hw - top_hw) * t
+        xc = tx + (b.cx - tx) * t
+        return xc - hw, xc + hw
+
+    if ident.pattern in ("hstripes", "checks"):
+        f = b.y_shoulder + per * 0.6
+        while f < b.y_top_end - 0.01:
+            xa, xb = span(b.y(f))
+            d.rectangle([xa, b.y(f), xb, b.y(f + per * 0.45)], fill=pc)
+            f += per * (1.0 if ident.pattern == "hstripes" else 1.4)
+        if ident.pattern == "checks":
+            for k in (-1, 1):
+                xx = tx + k * top_hw * 0.45 * ac
+                if ac > 0.3:
+                    d.rectangle([xx - 0.012 * u, y0, xx + 0.012 * u, y1], fill=pc)
+    elif ident.pattern == "vstripe" and ac > 0.25:
+        bw = 0.03 * u * ac
+        d.rectangle([tx - bw, y0, tx + bw, y1], fill=pc)
+    elif ident.pattern == "logo":
+        visible = c > 0.2 or (ident.logo_back and c < -0.2)
+        if visible:
+            ly = b.y(b.y_shoulder + (b.y_top_end - b.y_shoulder) * ident.logo_y * 0.7)
+            lw_, lh = 0.06 * u * ac, 0.06 * u
+            lx = tx + b.sin * (b.shoulder_hw * 0.6) * u * (1 if c > 0 else -1)
+            d.rectangle([lx - lw_, ly - lh / 2, lx + lw_, ly + lh / 2], fill=pc)
+    elif ident.pattern == "twotone":  # contrasting yoke across the shoulders
+        xa, xb = span(b.y(b.y_shoulder + 0.06))
+        d.polygon([(tx - top_hw, y0), (tx + top_hw, y0), (xb, b.y(b.y_shoulder + 0.06)),
+                   (xa, b.y(b.y_shoulder + 0.06))], fill=pc)
+
+
+def _paint_arm(d: ImageDraw.ImageDraw, b: _Body, side: int, swing: float, k: float) -> None:
+    """One arm swung ``swing`` forward: sleeve (short or long), skin, hand and a handbag in it."""
+    ident, a, u = b.ident, b.ident.attributes, b.unit
+    lat = b.shoulder_hw - 0.015
+    p_sh = (b.x(side * lat, 0.0) + b.sin * b.stoop * u, b.y(b.y_shoulder + 0.02))
+    p_el = (b.x(side * (lat + 0.012), swing * 0.5), b.y(0.34))
+    p_wr = (b.x(side * (lat + 0.018), swing), b.y(0.50))
+    aw = max(1.0, b.half_width(b.arm_hw, 1.0))
+    sleeve = _shade(ident.sleeve_rgb, k)
+    if a["short_sleeve"] == 1:
+        mid = ((p_sh[0] + p_el[0]) / 2, (p_sh[1] + p_el[1]) / 2)
+        _quad(d, p_sh, p_el, aw * 0.85, aw * 0.8, _shade(ident.skin, k))
+        _quad(d, p_el, p_wr, aw * 0.8, aw * 0.7, _shade(ident.skin, k))
+        _quad(d, p_sh, mid, aw * 1.1, aw * 1.05, sleeve)
+    else:
+        _quad(d, p_sh, p_el, aw, aw * 0.95, sleeve)
+        _quad(d, p_el, p_wr, aw * 0.95, aw * 0.85, sleeve)
+    hr = 0.022 * u
+    d.ellipse([p_wr[0] - hr, p_wr[1] - hr * 0.4, p_wr[0] + hr, p_wr[1] + hr * 1.4], fill=_shade(ident.skin, k))
+    if a["bag"] == 1 and ident.bag_kind == 2 and side == ident.bag_side:  # handbag
+        bw, bh = (0.035 + 0.025 * b.abs_sin) * u, 0.08 * u
+        d.rectangle([p_wr[0] - bw, p_wr[1] + hr, p_wr[0] + bw, p_wr[1] + hr + bh],
+                    fill=_shade(ident.bag_rgb, k))
+
+
+def _paint_backpack(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    u = b.unit
+    bx = b.torso_x - b.sin * (b.shoulder_hw * 0.6 + 0.03) * u
+    bw = (b.abs_cos * 0.085 + b.abs_sin * 0.05) * u
+    d.rectangle([bx - bw, b.y(b.y_shoulder + 0.01), bx + bw, b.y(0.40)], fill=b.ident.bag_rgb)
+    d.rectangle([bx - bw, b.y(0.32), bx + bw, b.y(0.34)], fill=_shade(b.ident.bag_rgb, 0.6))
+
+
+def _paint_backpack_straps(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    for k in (-1, 1):
+        xx = b.torso_x + k * b.torso_top_hw * 0.5
+        d.line([xx, b.y(b.y_shoulder), xx, b.y(0.36)], fill=_shade(b.ident.bag_rgb, 0.7),
+               width=max(2, int(0.02 * b.unit)))
+
+
+def _shoulder_bag_lat(b: _Body) -> float:
+    """How far out (body heights) the shoulder bag hangs beside the hip."""
+    return b.hip_hw + 0.035
+
+
+def _paint_shoulder_bag(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    bx = b.x(b.ident.bag_side * _shoulder_bag_lat(b), 0.0)
+    bw = (b.abs_cos * 0.05 + b.abs_sin * 0.065) * b.unit
+    d.rectangle([bx - bw, b.y(0.44), bx + bw, b.y(0.56)], fill=b.ident.bag_rgb)
+
+
+def _paint_shoulder_strap(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """The shoulder bag's strap, across the chest from the other shoulder."""
+    side = b.ident.bag_side
+    x0 = b.x(-side * b.shoulder_hw * 0.75, 0.0) + b.sin * b.stoop * b.unit
+    x1 = b.x(side * _shoulder_bag_lat(b), 0.0)
+    d.line([x0, b.y(b.y_shoulder), x1, b.y(0.45)], fill=_shade(b.ident.bag_rgb, 0.65),
+           width=max(2, int(0.018 * b.unit)))
+
+
+def _paint_long_hair(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """Long hair falling to the shoulders (or a ponytail ending in a tip), behind the head."""
+    ident, rx = b.ident, b.head_rx
+    lx = b.head_x - b.sin * rx * 0.55
+    lw_ = rx * (1.2 if b.abs_cos > 0.5 else 1.0)
+    end = b.y_shoulder + (0.17 if ident.hair_style == 0 else 0.10)
+    d.polygon([(lx - lw_, b.y(b.head_h * 0.35)), (lx + lw_, b.y(b.head_h * 0.35)),
+               (lx + lw_ * 1.1, b.y(end)), (lx - lw_ * 1.1, b.y(end))], fill=ident.hair_rgb)
+    if ident.hair_style == 1:  # ponytail tip
+        d.ellipse([lx - rx * 0.5, b.y(end) - rx * 0.5, lx + rx * 0.5, b.y(end + 0.05)], fill=ident.hair_rgb)
+
+
+def _paint_head(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """The head with its hair on top and at the back, a bun, then the face and the hat."""
+    ident, a, c, s = b.ident, b.ident.attributes, b.cos, b.sin
+    hcx, hy0, hy1, rx = b.head_x, b.head_top, b.head_bottom, b.head_rx
+    d.ellipse([hcx - rx, hy0, hcx + rx, hy1], fill=ident.skin)
+    hair = ident.hair_rgb
+    cap = 0.34 if a["hair"] == 1 or ident.hair_style != 2 else 0.28  # a side parting shows more forehead
+    d.chord([hcx - rx, hy0, hcx + rx, hy0 + 2 * cap * (hy1 - hy0)], 180, 360, fill=hair)
+    bwf = (1 - c) / 2  # how much of the back of the head shows
+    if bwf > 0.02:
+        bx = hcx - s * rx * (1 - bwf)
+        d.ellipse([bx - rx * bwf, hy0, bx + rx * bwf, hy1 - (hy1 - hy0) * 0.12], fill=hair)
+    if a["hair"] == 2 and ident.hair_style == 1 and c < 0.6:  # bun
+        bx = hcx - s * rx * 0.9
+        d.ellipse([bx - rx * 0.4, hy0 + rx * 0.1, bx + rx * 0.4, hy0 + rx * 0.9], fill=hair)
+    _paint_face(d, b)
+    if a["hat"] == 1:
+        _paint_hat(d, b)
+
+
+def _paint_face(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """Eyes or glasses and the mouth from the front; an eye or the glasses' temple in profile."""
+    ident, u, c, s = b.ident, b.unit, b.cos, b.sin
+    hcx, hy0, hy1, rx = b.head_x, b.head_top, b.head_bottom, b.head_rx
+    glasses = ident.attributes["glasses"] == 1
+    ey = hy0 + (hy1 - hy0) * 0.5
+    if c > 0.25:
+        fx = hcx + s * rx * 0.45
+        ed = rx * 0.45 * c
+        er = 0.006 * u
+        if glasses:  # two dark lenses joined by a bridge, wider than the eyes
+            gr = 0.016 * u
+            d.rectangle([fx - ed - gr * 1.3, ey - gr, fx + ed + gr * 1.3, ey + gr], fill=ident.glasses_rgb)
+            d.rectangle([fx - gr * 0.5, ey + gr * 0.1, fx + gr * 0.5, ey + gr], fill=ident.skin)
+        else:
+            for k in (-1, 1):
+                ex = fx + k * ed
+                d.rectangle([ex - er, ey - er, ex + er, ey + er], fill=(70, 45, 40))
+        d.rectangle([fx - ed * 0.6, ey + (hy1 - hy0) * 0.24, fx + ed * 0.6, ey + (hy1 - hy0) * 0.27],
+                    fill=(150, 70, 60))  # mouth
+    elif c > -0.25 and glasses:  # profile: temple arm + lens edge
+        fx = hcx + s * rx * 0.75
+        d.line([hcx - s * rx * 0.1, ey, fx, ey], fill=ident.glasses_rgb, width=max(1, int(0.015 * u)))
+        d.rectangle([fx - 1, ey - 1.5, fx + 1, ey + 1.5], fill=ident.glasses_rgb)
+    elif c > -0.25:  # profile eye
+        fx = hcx + s * rx * 0.7
+        d.rectangle([fx - 0.6, ey - 0.6, fx + 0.6, ey + 0.6], fill=(40, 30, 30))
+
+
+def _paint_hat(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """A cap with its brim towards the face, a beanie or a brimmed hat."""
+    hc, kind = b.ident.hat_rgb, b.ident.hat_kind
+    hcx, hy0, rx = b.head_x, b.head_top, b.head_rx
+    hh = b.head_bottom - hy0
+    if kind == 0:  # cap
+        d.chord([hcx - rx * 1.05, hy0 - hh * 0.08, hcx + rx * 1.05, hy0 + hh * 0.9], 180, 360, fill=hc)
+        bx = hcx + b.sin * rx * 0.9
+        bl = rx * (0.55 + 0.6 * b.abs_sin)
+        d.rectangle([bx - bl, hy0 + hh * 0.36, bx + bl, hy0 + hh * 0.46], fill=_shade(hc, 0.75))
+    elif kind == 1:  # beanie
+        d.chord([hcx - rx * 1.08, hy0 - hh * 0.15, hcx + rx * 1.08, hy0 + hh * 1.0], 180, 360, fill=hc)
+        d.rectangle([hcx - rx * 1.08, hy0 + hh * 0.38, hcx + rx * 1.08, hy0 + hh * 0.5], fill=_shade(hc, 0.8))
+    else:  # brimmed hat
+        d.rectangle([hcx - rx * 0.85, hy0 - hh * 0.25, hcx + rx * 0.85, hy0 + hh * 0.3], fill=hc)
+        d.rectangle([hcx - rx * 1.6, hy0 + hh * 0.24, hcx + rx * 1.6, hy0 + hh * 0.36], fill=_shade(hc, 0.8))
+
+
+_Layer = tuple[float, Callable[[], None]]
+
+
+def _layers(d: ImageDraw.ImageDraw, b: _Body) -> list[_Layer]:
+    """Every visible part as (depth, painter); a larger depth is nearer the camera.
+
+    Legs sit behind everything, arms in front of or behind the torso by side, a backpack in
+    front only when the person faces away, long hair behind the head from the front.
+    """
+    ident, a, c, s = b.ident, b.ident.attributes, b.cos, b.sin
+    layers: list[_Layer] = []
+
+    def add(depth: float, paint: Callable[..., None], *args: float) -> None:
+        layers.append((depth, functools.partial(paint, d, b, *args)))
+
+    for side in (1, -1):
+        fwd = b.stride * side
+        depth = c * fwd + s * side * b.leg_lat
+        far = depth < -0.01 and b.abs_sin > 0.5  # seen side-on, the far leg is in shadow
+        add(-100 + depth, _paint_leg, side, fwd, 0.8 if far else 1.0)
+    add(-50, _paint_pelvis)
+    add(0, _paint_torso)
+    for side in (1, -1):
+        swing = -b.stride * side * 0.9
+        depth = s * side
+        behind = depth < -0.5  # the far arm in profile, behind the torso and in shadow
+        add(-10 + depth if behind else 10 + depth, _paint_arm, side, swing, 0.8 if behind else 1.0)
+    if a["bag"] == 1 and ident.bag_kind == 0:  # backpack: its straps show on the chest from the front
+        add(20 if -c > 0.3 else -30, _paint_backpack)
+        if c > 0.3:
+            add(5, _paint_backpack_straps)
+    elif a["bag"] == 1 and ident.bag_kind == 1:  # shoulder bag (a handbag is painted with its arm)
+        depth = s * ident.bag_side
+        add(15 + depth if depth > -0.5 else -20, _paint_shoulder_bag)
+        add(6, _paint_shoulder_strap)
+    if a["hair"] == 1:
+        add(-40 if c > 0 else 30, _paint_long_hair)
+    add(25, _paint_head)
+    return layers
+
+
 def _draw_person(d: ImageDraw.ImageDraw, ident: Identity, angle_deg: float, cx: float, y_sole: float,
                  unit: float, stride: float) -> None:
-    a = ident.attributes
-    rad = math.radians(angle_deg)
-    c, s = math.cos(rad), math.sin(rad)
-    ac, as_ = abs(c), abs(s)
-    u = unit
-    female = a["gender"] == 2
-    teen, old = a["age"] == 1, a["age"] == 3
-    ws = ident.width_scale * (0.9 if teen else 1.0)
-
-    def X(lat: float, fwd: float) -> float:
-        return cx - c * lat * u + s * fwd * u
-
-    def Y(f: float) -> float:
-        return y_sole - (1.0 - f) * u
-
-    def proj(half_w: float, depth_ratio: float = 0.6) -> float:
-        return (ac * half_w + as_ * half_w * depth_ratio) * u
-
-    head_h = (0.145 if teen else 0.13) * ident.head_scale
-    head_w = (0.088 if female else 0.096) * ident.head_scale * (1.05 if teen else 1.0)
-    stoop = 0.025 if old else 0.0
-    y_sh = head_h + 0.03
-    sh = (0.118 if female else 0.138) * ws
-    waist = (0.088 if female else 0.105) * ws
-    hip = (0.112 if female else 0.104) * ws
-    y_waist, y_crotch, y_knee, y_ankle = 0.47, 0.56, 0.75, 0.955
-    top_end = 0.66 if a["top_length"] == 1 else 0.51
-    leg_lat = 0.052 * ws
-    leg_w = 0.042 * ws
-    arm_w = 0.03 * ws
-
-    skin, upper, lower, shoe = ident.skin, ident.upper_rgb, ident.lower_rgb, ident.shoe_rgb
-    shade = lambda col, k: tuple(int(v * k) for v in col)  # noqa: E731
-
-    ops: list[tuple[float, int, object]] = []
-
-    def add(depth: float, fn) -> None:
-        ops.append((depth, len(ops), fn))
-
-    # --- legs (always behind the torso) -----------------------------------------------------
-    for side in (1, -1):
-        fwd = stride * side
-        depth = c * fwd + s * side * leg_lat
-        far = depth < -0.01 and as_ > 0.5
-        k = 0.8 if far else 1.0
-
-        def leg(side=side, fwd=fwd, k=k) -> None:
-            hx, ax = X(side * leg_lat, 0.0), X(side * leg_lat * 1.05, fwd)
-            lw = proj(leg_w, 1.1)
-            trouser_end = y_knee + 0.02 if ident.trousers == 1 else y_ankle
-            if a["dress"] == 1:
-                trouser_end = y_crotch
-            _quad(d, (hx, Y(y_crotch - 0.03)), (ax, Y(y_ankle)), lw, lw * 0.75, shade(skin, k))
-            if trouser_end > y_crotch:
-                t = (trouser_end - (y_crotch - 0.03)) / (y_ankle - (y_crotch - 0.03))
-                ex = hx + (ax - hx) * t
-                _quad(d, (hx, Y(y_crotch - 0.03)), (ex, Y(trouser_end)), lw * 1.05,
-                      lw * (1.0 - 0.2 * t) * 1.05, shade(lower, k))
-            if a["boots"] == 1:
-                bx = hx + (ax - hx) * 0.7
-                _quad(d, (bx, Y(0.83)), (ax, Y(y_ankle)), lw * 0.95, lw * 0.95, shade(shoe, k))
-            foot_len = (0.03 + 0.045 * as_) * u
-            fx = ax + s * 0.025 * u
-            d.ellipse([fx - max(lw, foot_len), Y(y_ankle) - 0.01 * u, fx + max(lw, foot_len), Y(1.0)],
-                      fill=shade(shoe, k))
-
-        add(-100 + depth, leg)
-
-    # --- pelvis / skirt ------------------------------------------------------------------------
-    def pelvis() -> None:
-        hw = proj(hip)
-        if a["dress"] == 1:
-            d.polygon([(cx - proj(waist), Y(y_waist)), (cx + proj(waist), Y(y_waist)),
-                       (cx + hw * 1.45, Y(y_knee)), (cx - hw * 1.45, Y(y_knee))], fill=lower)
-        else:
-            d.polygon([(cx - proj(waist), Y(y_waist)), (cx + proj(waist), Y(y_waist)),
-                       (cx + hw, Y(y_crotch)), (cx - hw, Y(y_crotch))], fill=lower)
-            if ident.belt:
-                d.rectangle([cx - proj(waist), Y(y_waist + 0.01), cx + proj(waist), Y(y_waist + 0.025)],
-                            fill=(30, 26, 22))
-
-    add(-50, pelvis)
-
-    # --- torso -----------------------------------------------------------------------------------
-    tx = cx + s * stoop * u
-    top_hw = proj(sh)
-    bot_hw = proj(max(waist, hip) * (1.08 if a["top_length"] == 1 else 1.0))
-
-    def torso() -> None:
-        y0, y1 = Y(y_sh), Y(top_end)
-        d.polygon([(tx - top_hw, y0), (tx + top_hw, y0), (cx + bot_hw, y1), (cx - bot_hw, y1)], fill=upper)
-        # neck
-        nw = 0.025 * u
-        d.rectangle([tx - nw + s * 0.01 * u, Y(head_h - 0.01), tx + nw + s * 0.01 * u, y0 + 1], fill=skin)
-        pc, per = ident.pattern_rgb, ident.pattern_period / 100.0
-
-        def span(yy: float) -> tuple[float, float]:
-            t = (yy - y0) / max(1e-6, (y1 - y0))
-            hw = top_hw + (bot_hw - top_hw) * t
-            xc = tx + (cx - tx) * t
-            return xc - hw, xc + hw
-
-        if ident.pattern in ("hstripes", "checks"):
-            f = y_sh + per * 0.6
-            while f < top_end - 0.01:
-                xa, xb = span(Y(f))
-                d.rectangle([xa, Y(f), xb, Y(f + per * 0.45)], fill=pc)
-                f += per * (1.0 if ident.pattern == "hstripes" else 1.4)
-            if ident.pattern == "checks":
-                for k in (-1, 1):
-                    xx = tx + k * top_hw * 0.45 * ac
-                    if ac > 0.3:
-                        d.rectangle([xx - 0.012 * u, y0, xx + 0.012 * u, y1], fill=pc)
-        elif ident.pattern == "vstripe" and ac > 0.25:
-            bw = 0.03 * u * ac
-            d.rectangle([tx - bw, y0, tx + bw, y1], fill=pc)
-        elif ident.pattern == "logo":
-            visible = c > 0.2 or (ident.logo_back and c < -0.2)
-            if visible:
-                ly = Y(y_sh + (top_end - y_sh) * ident.logo_y * 0.7)
-                lw_, lh = 0.06 * u * ac, 0.06 * u
-                lx = tx + s * (sh * 0.6) * u * (1 if c > 0 else -1)
-                d.rectangle([lx - lw_, ly - lh / 2, lx + lw_, ly + lh / 2], fill=pc)
-        elif ident.pattern == "twotone":  # contrasting yoke across the shoulders
-            xa, xb = span(Y(y_sh + 0.06))
-            d.polygon([(tx - top_hw, y0), (tx + top_hw, y0), (xb, Y(y_sh + 0.06)), (xa, Y(y_sh + 0.06))],
-                      fill=pc)
-
-    add(0, torso)
-
-    # --- arms ------------------------------------------------------------------------------------
-    for side in (1, -1):
-        swing = -stride * side * 0.9
-        depth = s * side
-        behind = depth < -0.5
-
-        def arm(side=side, swing=swing, behind=behind) -> None:
-            k = 0.8 if behind else 1.0
-            lat = sh - 0.015
-            p_sh = (X(side * lat, 0.0) + s * stoop * u, Y(y_sh + 0.02))
-            p_el = (X(side * (lat + 0.012), swing * 0.5), Y(0.34))
-            p_wr = (X(side * (lat + 0.018), swing), Y(0.50))
-            aw = max(1.0, proj(arm_w, 1.0))
-            sleeve = shade(ident.sleeve_rgb, k)
-            if a["short_sleeve"] == 1:
-                mid = ((p_sh[0] + p_el[0]) / 2, (p_sh[1] + p_el[1]) / 2)
-                _quad(d, p_sh, p_el, aw * 0.85, aw * 0.8, shade(skin, k))
-                _quad(d, p_el, p_wr, aw * 0.8, aw * 0.7, shade(skin, k))
-                _quad(d, p_sh, mid, aw * 1.1, aw * 1.05, sleeve)
-            else:
-                _quad(d, p_sh, p_el, aw, aw * 0.95, sleeve)
-                _quad(d, p_el, p_wr, aw * 0.95, aw * 0.85, sleeve)
-            hr = 0.022 * u
-            d.ellipse([p_wr[0] - hr, p_wr[1] - hr * 0.4, p_wr[0] + hr, p_wr[1] + hr * 1.4], fill=shade(skin, k))
-            if a["bag"] == 1 and ident.bag_kind == 2 and side == ident.bag_side:
-                bw, bh = (0.035 + 0.025 * as_) * u, 0.08 * u
-                d.rectangle([p_wr[0] - bw, p_wr[1] + hr, p_wr[0] + bw, p_wr[1] + hr + bh],
-                            fill=shade(ident.bag_rgb, k))
-
-        add(-10 + depth if behind else 10 + depth, arm)
-
-    # --- bags ------------------------------------------------------------------------------------
-    if a["bag"] == 1 and ident.bag_kind == 0:  # backpack
-        td = sh * 0.6
-        bdepth = -c
-
-        def backpack() -> None:
-            bx = tx - s * (td + 0.03) * u
-            bw = (ac * 0.085 + as_ * 0.05) * u
-            d.rectangle([bx - bw, Y(y_sh + 0.01), bx + bw, Y(0.40)], fill=ident.bag_rgb)
-            d.rectangle([bx - bw, Y(0.32), bx + bw, Y(0.34)], fill=shade(ident.bag_rgb, 0.6))
-
-        def straps() -> None:
-            for k in (-1, 1):
-                xx = tx + k * top_hw * 0.5
-                d.line([xx, Y(y_sh), xx, Y(0.36)], fill=shade(ident.bag_rgb, 0.7), width=max(2, int(0.02 * u)))
-
-        add(20 if bdepth > 0.3 else -30, backpack)
-        if c > 0.3:
-            add(5, straps)
-    elif a["bag"] == 1 and ident.bag_kind == 1:  # shoulder bag, strap across the chest
-        side = ident.bag_side
-        lat = hip + 0.035
-        depth = s * side
-
-        def sbag() -> None:
-            bx = X(side * lat, 0.0)
-            bw = (ac * 0.05 + as_ * 0.065) * u
-            d.rectangle([bx - bw, Y(0.44), bx + bw, Y(0.56)], fill=ident.bag_rgb)
-
-        def strap() -> None:
-            x0 = X(-side * sh * 0.75, 0.0) + s * stoop * u
-            x1 = X(side * lat, 0.0)
-            d.line([x0, Y(y_sh), x1, Y(0.45)], fill=shade(ident.bag_rgb, 0.65), width=max(2, int(0.018 * u)))
-
-        add(15 + depth if depth > -0.5 else -20, sbag)
-        add(6, strap)
-
-    # --- long hair behind (front) or over the back ------------------------------------------------
-    hcx = tx + s * 0.01 * u
-    hy0, hy1 = Y(0.0), Y(head_h)
-    rx = head_w * u / 2 * (0.92 + 0.08 * as_) * 1.05
-    if a["hair"] == 1:
-        def long_hair() -> None:
-            lx = hcx - s * rx * 0.55
-            lw_ = rx * (1.2 if ac > 0.5 else 1.0)
-            end = y_sh + (0.17 if ident.hair_style == 0 else 0.10)
-            d.polygon([(lx - lw_, Y(head_h * 0.35)), (lx + lw_, Y(head_h * 0.35)),
-                       (lx + lw_ * 1.1, Y(end)), (lx - lw_ * 1.1, Y(end))], fill=ident.hair_rgb)
-            if ident.hair_style == 1:  # ponytail tip
-                d.ellipse([lx - rx * 0.5, Y(end) - rx * 0.5, lx + rx * 0.5, Y(end + 0.05)], fill=ident.hair_rgb)
-
-        add(-40 if c > 0 else 30, long_hair)
-
-    # --- head ------------------------------------------------------------------------------------
-    def head() -> None:
-        d.ellipse([hcx - rx, hy0, hcx + rx, hy1], fill=skin)
-        hair = ident.hair_rgb
-        # cap of hair on top
-        cap = 0.34 if a["hair"] == 1 or ident.hair_style != 2 else 0.28
-        d.chord([hcx - rx, hy0, hcx + rx, hy0 + 2 * cap * (hy1 - hy0)], 180, 360, fill=hair)
-        # back of the head
-        bwf = (1 - c) / 2
-        if bwf > 0.02:
-            bx = hcx - s * rx * (1 - bwf)
-            d.ellipse([bx - rx * bwf, hy0, bx + rx * bwf, hy1 - (hy1 - hy0) * 0.12], fill=hair)
-        if a["hair"] == 2 and ident.hair_style == 1 and c < 0.6:  # bun
-            bx = hcx - s * rx * 0.9
-            d.ellipse([bx - rx * 0.4, hy0 + rx * 0.1, bx + rx * 0.4, hy0 + rx * 0.9], fill=hair)
-        # face
-        if c > 0.25:
-            fx = hcx + s * rx * 0.45
-            ey = hy0 + (hy1 - hy0) * 0.5
-            ed = rx * 0.45 * c
-            er = 0.006 * u
-            if a["glasses"] == 1:  # two dark lenses joined by a bridge, wider than the eyes
-                gr = 0.016 * u
-                d.rectangle([fx - ed - gr * 1.3, ey - gr, fx + ed + gr * 1.3, ey + gr], fill=ident.glasses_rgb)
-                d.rectangle([fx - gr * 0.5, ey + gr * 0.1, fx + gr * 0.5, ey + gr], fill=skin)
-            else:
-                for k in (-1, 1):
-                    ex = fx + k * ed
-                    d.rectangle([ex - er, ey - er, ex + er, ey + er], fill=(70, 45, 40))
-            d.rectangle([fx - ed * 0.6, ey + (hy1 - hy0) * 0.24, fx + ed * 0.6, ey + (hy1 - hy0) * 0.27],
-                        fill=(150, 70, 60))  # mouth
-        elif c > -0.25 and a["glasses"] == 1:  # profile: temple arm + lens edge
-            fx = hcx + s * rx * 0.75
-            ey = hy0 + (hy1 - hy0) * 0.5
-            d.line([hcx - s * rx * 0.1, ey, fx, ey], fill=ident.glasses_rgb, width=max(1, int(0.015 * u)))
-            d.rectangle([fx - 1, ey - 1.5, fx + 1, ey + 1.5], fill=ident.glasses_rgb)
-        elif c > -0.25:  # profile eye
-            fx = hcx + s * rx * 0.7
-            ey = hy0 + (hy1 - hy0) * 0.5
-            d.rectangle([fx - 0.6, ey - 0.6, fx + 0.6, ey + 0.6], fill=(40, 30, 30))
-        # hat
-        if a["hat"] == 1:
-            hc = ident.hat_rgb
-            hh = hy1 - hy0
-            if ident.hat_kind == 0:  # cap with a brim towards the face
-                d.chord([hcx - rx * 1.05, hy0 - hh * 0.08, hcx + rx * 1.05, hy0 + hh * 0.9], 180, 360, fill=hc)
-                bx = hcx + s * rx * 0.9
-                bl = rx * (0.55 + 0.6 * as_)
-                d.rectangle([bx - bl, hy0 + hh * 0.36, bx + bl, hy0 + hh * 0.46], fill=shade(hc, 0.75))
-            elif ident.hat_kind == 1:  # beanie
-                d.chord([hcx - rx * 1.08, hy0 - hh * 0.15, hcx + rx * 1.08, hy0 + hh * 1.0], 180, 360, fill=hc)
-                d.rectangle([hcx - rx * 1.08, hy0 + hh * 0.38, hcx + rx * 1.08, hy0 + hh * 0.5], fill=shade(hc, 0.8))
-            else:  # brimmed hat
-                d.rectangle([hcx - rx * 0.85, hy0 - hh * 0.25, hcx + rx * 0.85, hy0 + hh * 0.3], fill=hc)
-                d.rectangle([hcx - rx * 1.6, hy0 + hh * 0.24, hcx + rx * 1.6, hy0 + hh * 0.36], fill=shade(hc, 0.8))
-
-    add(25, head)
-
-    ops.sort(key=lambda t: (t[0], t[1]))
-    for _, _, fn in ops:
-        fn()  # type: ignore[operator]
+    body = _Body(ident, angle_deg, cx, y_sole, unit, stride)
+    # painter's algorithm, back to front; sorted() is stable, so equal depths keep _layers' order
+    for _, paint in sorted(_layers(d, body), key=lambda layer: layer[0]):
+        paint()
 
 
 def render_person(identity: Identity | None, *, viewpoint: int, weather: int, illumination: int, scene: int,

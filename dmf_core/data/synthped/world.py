@@ -3,21 +3,25 @@
 Writes a FineGPR-format pretraining set (``write_finegpr``: 36 viewpoints, 7 weathers, 7
 illuminations, 9 scenes, the 13 FineGPR ID attributes in ``attributes.csv``) and Market-1501-format
 target domains (``write_market_domain``) whose cameras, light, backgrounds, resolution, blur and
-viewpoint mix follow a :class:`DomainStyle` from :data:`STYLES`. numpy + PIL only; same arguments,
-same bytes. See docs/synthped.md. Drawing lives in :mod:`dmf_core.data.synthped.render`.
+viewpoint mix follow a :class:`DomainStyle` from :data:`STYLES`. numpy + PIL draw the images and
+``attributes.csv`` is written by :func:`~dmf_core.data.captions.attributes.write_attributes`, next to
+the reader the captions stage uses; same arguments, same bytes. See docs/synthped.md. Drawing lives in
+:mod:`dmf_core.data.synthped.render`.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
+from dmf_core.data.captions.attributes import write_attributes
 from dmf_core.data.synthped.render import (
     ATTRIBUTE_COLUMNS,
     CLEAN,
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 FINEGPR_NAME_RE = r"^(\d{4})_c(\d{2})_w(\d{2})_l(\d{2})_p(\d{2})\.jpg$"
 MARKET_NAME_RE = r"^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$"
 
+_Jobs = dict[str, Callable[[], bytes]]  # relative path -> its bytes, rendered when written
+
 
 def _encode(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
@@ -63,7 +69,7 @@ def _progress(items: list, desc: str) -> Iterable:
     return tqdm(items, desc=desc, disable=None, leave=False)
 
 
-def _write_jobs(root: Path, jobs: dict[str, Callable[[], bytes]], desc: str) -> None:
+def _write_jobs(root: Path, jobs: _Jobs, desc: str) -> None:
     """Render and write ``relative path -> bytes`` jobs in sorted order."""
     for rel in _progress(sorted(jobs), desc):
         path = root / rel
@@ -117,11 +123,11 @@ def write_finegpr(out_dir: Path, *, ids: int, images_per_id: int, height: int, w
     _check_positive(ids=ids, images_per_id=images_per_id, height=height, width=width)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs: dict[str, Callable[[], bytes]] = {}
+    jobs: _Jobs = {}
     rows = []
     for pid in finegpr_pids(ids):
         ident = sample_identity(seed, namespace, pid)
-        rows.append([f"{pid:04d}"] + [f"{ident.attributes[c]:02d}" for c in ATTRIBUTE_COLUMNS])
+        rows.append({"pid": pid, **ident.attributes})
         rng = rng_for("synthped-finegpr-combos", seed, namespace, pid)
         for v, w, il in _finegpr_combos(rng, images_per_id):
             p = int(rng.integers(1, 10))
@@ -135,10 +141,7 @@ def write_finegpr(out_dir: Path, *, ids: int, images_per_id: int, height: int, w
 
             jobs[rel] = job
     _write_jobs(out_dir, jobs, f"SynthPed {namespace}")
-    with open(out_dir / "attributes.csv", "w", newline="", encoding="utf-8") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(["pid", *ATTRIBUTE_COLUMNS])
-        wr.writerows(rows)
+    write_attributes(pd.DataFrame(rows, columns=["pid", *ATTRIBUTE_COLUMNS]), out_dir / "attributes.csv")
     log.info("SynthPed %s: %d ids, %d images -> %s", namespace, ids, len(jobs), out_dir)
 
 
@@ -180,6 +183,119 @@ def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size:
     return img.crop((x0, y0, max(x1, x0 + 2), max(y1, y0 + 2))).resize(size, Image.Resampling.BILINEAR)
 
 
+_MARKET_SPLITS = ("bounding_box_train", "query", "bounding_box_test")
+_GalleryFrame = tuple[Identity, int, int, float]  # who, camera, sequence, walking angle
+
+
+def _market_style(name: str, style: str) -> DomainStyle:
+    """The :data:`STYLES` entry ``style``, if its cameras fit Market's one-digit camera field."""
+    if style not in STYLES:
+        raise ValueError(f"SynthPed domain {name!r}: style {style!r} unknown, expected one of {sorted(STYLES)}")
+    st = STYLES[style]
+    if st.cameras > 9:
+        raise ValueError(f"style {style!r}: {st.cameras} cameras do not fit Market's one-digit camera field")
+    return st
+
+
+class _MarketCameras:
+    """The camera network of one Market-format domain: each camera's plan, and its frames as JPEG bytes.
+
+    A frame is a pure function of its relative path ``rel`` (it seeds the frame's generator), so
+    jobs can be rendered in any order.
+    """
+
+    def __init__(self, seed: int, name: str, st: DomainStyle, height: int, width: int) -> None:
+        self.seed, self.name, self.style, self.height, self.width = seed, name, st, height, width
+        self.plans = {cam: _camera_plan(seed, name, st, cam) for cam in range(1, st.cameras + 1)}
+
+    def render(self, ident: Identity | None, cam: int, seq: int, angle: float, rel: str) -> Image.Image:
+        """Frame ``rel`` of ``ident`` (None: the empty scene) by camera ``cam`` in its sequence ``seq``."""
+        r = rng_for("synthped-market-image", self.seed, self.name, rel)
+        w, il = self.plans[cam]["seqs"][seq]
+        return render_person(ident, viewpoint=angle_to_viewpoint(angle), weather=w, illumination=il,
+                             scene=self.plans[cam]["scene"], height=self.height, width=self.width,
+                             style=self.style, rng=r, camera=cam, angle=angle)
+
+    def frame(self, ident: Identity, cam: int, seq: int, angle: float, rel: str) -> bytes:
+        return _encode(self.render(ident, cam, seq, angle, rel), self.style.jpeg_quality)
+
+    def junk(self, ident: Identity, cam: int, seq: int, angle: float, rel: str,
+             box: tuple[float, float, float, float]) -> bytes:
+        """A bad box of ``ident``: cut to ``box``, or shifted right when ``box`` ends past the frame."""
+        img = self.render(ident, cam, seq, angle, rel)
+        if box[2] > 1.0:  # shifted box: half the person, the rest background
+            canvas = self.render(None, cam, seq, angle, rel + "/bg")
+            shift = int(box[0] * self.width)
+            canvas.paste(img.crop((0, 0, self.width - shift, self.height)), (shift, 0))
+            img = canvas
+        else:
+            img = _crop_resize(img, box, (self.width, self.height))
+        return _encode(img, self.style.jpeg_quality)
+
+    def distractor(self, stranger: Identity | None, cam: int, seq: int, angle: float, rel: str,
+                   box: tuple[float, float, float, float]) -> bytes:
+        img = self.render(stranger, cam, seq, angle, rel)
+        return _encode(_crop_resize(img, box, (self.width, self.height)), self.style.jpeg_quality)
+
+
+def _person_jobs(cams: _MarketCameras, train_ids: int, test_ids: int) -> tuple[_Jobs, list[_GalleryFrame]]:
+    """Every image of the data set's own persons, and the gallery's frames (junk boxes reuse them)."""
+    st, seed, name = cams.style, cams.seed, cams.name
+    jobs: _Jobs = {}
+    gallery: list[_GalleryFrame] = []
+    for pid in range(1, train_ids + test_ids + 1):
+        test = pid > train_ids
+        ident = sample_identity(seed, name, pid)
+        rng = rng_for("synthped-market-tracks", seed, name, pid)
+        counts = _person_tracks(rng, st, test)
+        qcams = set(sorted(int(c) for c in rng.choice(sorted(counts), size=min(2, len(counts)), replace=False)))
+        for cam, n in counts.items():
+            seq = int(rng.integers(1, 7))
+            heading = cams.plans[cam]["dir"] + (180.0 if rng.random() < 0.5 else 0.0)
+            frame = int(rng.integers(1000, 150000))
+            bb = 1 if rng.random() < 0.8 else int(rng.integers(2, 5))
+            q_index = int(rng.integers(n)) if (test and cam in qcams) else -1
+            for i in range(n):
+                angle = (heading + rng.uniform(-st.view_jitter, st.view_jitter)) % 360.0
+                frame += int(rng.integers(5, 60))
+                sub = "bounding_box_train" if not test else ("query" if i == q_index else "bounding_box_test")
+                rel = f"{sub}/{pid:04d}_c{cam}s{seq}_{frame:06d}_{bb:02d}.jpg"
+                if sub == "bounding_box_test":
+                    gallery.append((ident, cam, seq, angle))
+                jobs[rel] = functools.partial(cams.frame, ident, cam, seq, angle, rel)
+    return jobs, gallery
+
+
+def _junk_jobs(cams: _MarketCameras, rng: np.random.Generator, gallery: list[_GalleryFrame]) -> _Jobs:
+    """Junk (pid -1): partial or badly aligned boxes of test persons, ~4% of the gallery."""
+    jobs: _Jobs = {}
+    for k in range(max(1, int(round(0.04 * len(gallery))))):
+        ident, cam, seq, angle = gallery[int(rng.integers(len(gallery)))]
+        frame = int(rng.integers(150000, 999999))
+        rel = f"bounding_box_test/-1_c{cam}s{seq}_{frame:06d}_{k % 90 + 10:02d}.jpg"
+        kind = int(rng.integers(3))
+        box = ((0.0, 0.0, 1.0, rng.uniform(0.35, 0.55)) if kind == 0 else
+               (0.0, rng.uniform(0.45, 0.6), 1.0, 1.0) if kind == 1 else
+               (rng.uniform(0.3, 0.5), 0.0, rng.uniform(1.3, 1.5), 1.0))
+        jobs[rel] = functools.partial(cams.junk, ident, cam, seq, angle, rel, box)
+    return jobs
+
+
+def _distractor_jobs(cams: _MarketCameras, rng: np.random.Generator, n_gallery: int) -> _Jobs:
+    """Distractors (pid 0000): background crops and partial people not in the data set, ~8%."""
+    jobs: _Jobs = {}
+    for k in range(max(2, int(round(0.08 * n_gallery)))):
+        cam = int(rng.integers(1, cams.style.cameras + 1))
+        seq = int(rng.integers(1, 7))
+        frame = int(rng.integers(150000, 999999))
+        rel = f"bounding_box_test/0000_c{cam}s{seq}_{frame:06d}_{k % 90 + 10:02d}.jpg"
+        stranger = sample_identity(cams.seed, f"{cams.name}/distractor", k + 1) if k % 2 else None
+        angle = float(rng.uniform(0, 360))
+        box = (rng.uniform(0, 0.3), rng.uniform(0, 0.5), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+        jobs[rel] = functools.partial(cams.distractor, stranger, cam, seq, angle, rel, box)
+    return jobs
+
+
 def write_market_domain(out_dir: Path, *, name: str, style: str, train_ids: int, test_ids: int, height: int,
                         width: int, seed: int) -> None:
     """Market-1501 layout: ``bounding_box_train``, ``query``, ``bounding_box_test``.
@@ -191,97 +307,16 @@ def write_market_domain(out_dir: Path, *, name: str, style: str, train_ids: int,
     persons) and distractors (pid 0000: background or partial crops of other people).
     """
     _check_positive(train_ids=train_ids, test_ids=test_ids, height=height, width=width)
-    if style not in STYLES:
-        raise ValueError(f"SynthPed domain {name!r}: style {style!r} unknown, expected one of {sorted(STYLES)}")
-    st = STYLES[style]
-    if st.cameras > 9:
-        raise ValueError(f"style {style!r}: {st.cameras} cameras do not fit Market's one-digit camera field")
+    st = _market_style(name, style)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("bounding_box_train", "query", "bounding_box_test"):
+    for sub in _MARKET_SPLITS:
         (out_dir / sub).mkdir(exist_ok=True)
-    plans = {cam: _camera_plan(seed, name, st, cam) for cam in range(1, st.cameras + 1)}
-    size = (width, height)
-    jobs: dict[str, Callable[[], bytes]] = {}
-
-    def frame_render(ident: Identity, cam: int, seq: int, angle: float, rel: str) -> Image.Image:
-        r = rng_for("synthped-market-image", seed, name, rel)
-        w, il = plans[cam]["seqs"][seq]
-        return render_person(ident, viewpoint=angle_to_viewpoint(angle), weather=w, illumination=il,
-                             scene=plans[cam]["scene"], height=height, width=width, style=st, rng=r,
-                             camera=cam, angle=angle)
-
-    gallery_frames: list[tuple[Identity, int, int, float]] = []
-    n_gallery = 0
-    for pid in range(1, train_ids + test_ids + 1):
-        test = pid > train_ids
-        ident = sample_identity(seed, name, pid)
-        rng = rng_for("synthped-market-tracks", seed, name, pid)
-        counts = _person_tracks(rng, st, test)
-        qcams = set(sorted(int(c) for c in rng.choice(sorted(counts), size=min(2, len(counts)), replace=False)))
-        for cam, n in counts.items():
-            seq = int(rng.integers(1, 7))
-            heading = plans[cam]["dir"] + (180.0 if rng.random() < 0.5 else 0.0)
-            frame = int(rng.integers(1000, 150000))
-            bb = 1 if rng.random() < 0.8 else int(rng.integers(2, 5))
-            q_index = int(rng.integers(n)) if (test and cam in qcams) else -1
-            for i in range(n):
-                angle = (heading + rng.uniform(-st.view_jitter, st.view_jitter)) % 360.0
-                frame += int(rng.integers(5, 60))
-                fname = f"{pid:04d}_c{cam}s{seq}_{frame:06d}_{bb:02d}.jpg"
-                sub = "bounding_box_train" if not test else ("query" if i == q_index else "bounding_box_test")
-                rel = f"{sub}/{fname}"
-                if sub == "bounding_box_test":
-                    gallery_frames.append((ident, cam, seq, angle))
-                    n_gallery += 1
-
-                def job(ident=ident, cam=cam, seq=seq, angle=angle, rel=rel) -> bytes:
-                    return _encode(frame_render(ident, cam, seq, angle, rel), st.jpeg_quality)
-
-                jobs[rel] = job
-
-    # junk (-1): partial / badly aligned boxes of test persons, ~4% of the gallery
-    rng = rng_for("synthped-market-extra", seed, name)
-    n_junk = max(1, int(round(0.04 * n_gallery)))
-    for k in range(n_junk):
-        ident, cam, seq, angle = gallery_frames[int(rng.integers(len(gallery_frames)))]
-        frame = int(rng.integers(150000, 999999))
-        rel = f"bounding_box_test/-1_c{cam}s{seq}_{frame:06d}_{k % 90 + 10:02d}.jpg"
-        kind = int(rng.integers(3))
-        box = ((0.0, 0.0, 1.0, rng.uniform(0.35, 0.55)) if kind == 0 else
-               (0.0, rng.uniform(0.45, 0.6), 1.0, 1.0) if kind == 1 else
-               (rng.uniform(0.3, 0.5), 0.0, rng.uniform(1.3, 1.5), 1.0))
-
-        def junk(ident=ident, cam=cam, seq=seq, angle=angle, rel=rel, box=box) -> bytes:
-            img = frame_render(ident, cam, seq, angle, rel)
-            if box[2] > 1.0:  # shifted box: half the person, the rest background
-                canvas = frame_render(None, cam, seq, angle, rel + "/bg")  # type: ignore[arg-type]
-                shift = int((box[0]) * width)
-                canvas.paste(img.crop((0, 0, width - shift, height)), (shift, 0))
-                img = canvas
-            else:
-                img = _crop_resize(img, box, size)
-            return _encode(img, st.jpeg_quality)
-
-        jobs[rel] = junk
-
-    # distractors (0000): background crops and partial people not in the data set, ~8%
-    n_dis = max(2, int(round(0.08 * n_gallery)))
-    for k in range(n_dis):
-        cam = int(rng.integers(1, st.cameras + 1))
-        seq = int(rng.integers(1, 7))
-        frame = int(rng.integers(150000, 999999))
-        rel = f"bounding_box_test/0000_c{cam}s{seq}_{frame:06d}_{k % 90 + 10:02d}.jpg"
-        stranger = sample_identity(seed, f"{name}/distractor", k + 1) if k % 2 else None
-        angle = float(rng.uniform(0, 360))
-        box = (rng.uniform(0, 0.3), rng.uniform(0, 0.5), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
-
-        def distractor(stranger=stranger, cam=cam, seq=seq, angle=angle, rel=rel, box=box) -> bytes:
-            img = frame_render(stranger, cam, seq, angle, rel)  # type: ignore[arg-type]
-            return _encode(_crop_resize(img, box, size), st.jpeg_quality)
-
-        jobs[rel] = distractor
-
+    cams = _MarketCameras(seed, name, st, height, width)
+    jobs, gallery = _person_jobs(cams, train_ids, test_ids)
+    extra = rng_for("synthped-market-extra", seed, name)  # junk first, then distractors: one stream
+    jobs.update(_junk_jobs(cams, extra, gallery))
+    jobs.update(_distractor_jobs(cams, extra, len(gallery)))
     _write_jobs(out_dir, jobs, f"SynthPed {name}")
     log.info("SynthPed %s (%s): %d train + %d test ids, %d images -> %s", name, style, train_ids, test_ids,
              len(jobs), out_dir)
