@@ -170,7 +170,7 @@ def test_variety(result):
     assert starts >= 5
 
 
-def test_metrics(result):
+def test_metrics(result, inputs):
     m = result.metrics
     assert m["vocabulary_size"] == len({w.strip(",.;:").lower() for c in result.captions["caption"]
                                         for w in c.split()} - {""})
@@ -184,6 +184,10 @@ def test_metrics(result):
     json.dumps(m)
     generic = cap.caption_metrics(result.captions)
     assert generic["unique_captions"] == m["unique_captions"]
+    man, attrs = inputs  # with the truth of the attributes (not of the conditions) at hand
+    checked = cap.caption_metrics(result.captions, attrs, man)
+    assert set(checked["attribute_correct"]) == set(ATTRIBUTE_COLUMNS)
+    assert all(v == 1.0 for v in checked["attribute_correct"].values())
     assert generic["vocabulary_size"] == m["vocabulary_size"]
     assert generic["words_per_caption"] == m["words_per_caption"]
 

@@ -810,6 +810,8 @@ def _coverage(captions: pd.DataFrame, sample_rows: np.ndarray, truth: pd.DataFra
             stated[k] += 1
             if truth is None or pids is None:
                 continue
+            if k not in ATTRIBUTE_COLUMNS and conds is None:
+                continue  # the conditions' truth is not given (caption_metrics): attributes only
             if k in ATTRIBUTE_COLUMNS:
                 expected = int(truth.at[int(pids[i]), k])
             elif k == "scene":
