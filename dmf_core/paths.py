@@ -8,6 +8,7 @@ DATA = Path("data")
 RAW = DATA / "raw"
 MANIFESTS = DATA / "manifests"
 CAPTIONS = DATA / "captions"
+CAPTION_STATES = DATA / "caption_states"  # the frozen text encoder's token states of the captions
 LMDB = DATA / "lmdb"
 ARCHIVES = DATA / "archives"
 CHECKSUMS = DATA / "checksums.json"
@@ -46,6 +47,11 @@ def captions_parquet(dataset: str) -> Path:
 PRETRAIN_ROW = "pretrain"
 
 
+def caption_states_dir() -> Path:
+    """What ``encode_captions`` writes and pretraining reads (``dmf_core/train/caption_states.py``)."""
+    return CAPTION_STATES
+
+
 def row_model_dir(row: str) -> Path:
     """The model of a matrix row, ``models/<row>``: the pretrained one for ``pretrain``, else the
     one fine-tuned on the source ``row`` (one pattern, so the DVC matrix can name its dependency)."""
@@ -78,6 +84,10 @@ def train_metrics_json(stage: str, source: str | None = None) -> Path:
 
 def train_facts_json(stage: str, source: str | None = None) -> Path:
     return FACTS / "pretrain.json" if stage == "pretrain" else FACTS / "finetune" / f"{source}.json"
+
+
+def encode_captions_facts_json() -> Path:
+    return FACTS / "encode_captions.json"
 
 
 def eval_json(source: str, target: str) -> Path:

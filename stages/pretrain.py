@@ -18,6 +18,7 @@ def main(cfg: Config) -> None:
     train_stage(cfg, "pretrain",
                 train_lmdb=paths.lmdb_path(dataset, "train"),
                 captions_parquet=paths.captions_parquet(dataset),
+                caption_states=paths.caption_states_dir(),
                 out_dir=paths.pretrain_model_dir(),
                 metrics_path=paths.train_metrics_json("pretrain"),
                 facts_path=paths.train_facts_json("pretrain"),

@@ -3,7 +3,7 @@
 configs/paper.yaml as shipped, with only sizes overridden (tiny ViT, one epoch, small P x K,
 64x32 packing) and each dataset's sha256 + ``allow_partial`` set for the miniature archives:
 every real layout (FineGPR + attribute file, Market-1501, MSMT17 V1 and its combine-all reading,
-RandPerson, CUHK03-NP) goes through download -> captions -> pack -> pretrain -> finetune for all
+RandPerson, CUHK03-NP) goes through download -> captions -> pack -> encode_captions -> pretrain -> finetune for all
 four paper sources -> evaluate on all three paper targets -> report. The stages run in this
 process (one import of torch instead of ~25); the DVC wiring itself is what
 test_pipeline_e2e checks on the demo profile.
@@ -96,7 +96,9 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
     captions.main(cfg)
     for name in params["datasets"]:
         pack.main(cfg, name)
+    _stage("encode_captions").main(cfg)
     _stage("pretrain").main(cfg)
+    assert json.loads(Path("reports/facts/pretrain.json").read_text())["run"]["captions_encoded"] == 0
     finetune, evaluate = _stage("finetune"), _stage("evaluate")
     for target in cfg.evaluate.targets:
         evaluate.main(cfg, "pretrain", target)

@@ -5,7 +5,8 @@ nothing, neither after it nor after a forced re-run of an evaluation with the sa
 machine-dependent value in a metrics file); `dvc exp show` has the columns the layout promises;
 `dvc exp run -S fusion.dim=...` re-runs pretraining and what follows (nothing upstream),
 `dvc metrics diff` shows new numbers, and `dvc exp run -S pretrain.lr=...` changes the fine-tuned
-model (no stale state is resumed).
+model (no stale state is resumed). The caption states are encode_captions' cached output: no
+experiment, in the workspace or `--temp`, encodes a caption again.
 """
 
 from __future__ import annotations
@@ -166,15 +167,42 @@ def _check_one_byte_reaches_its_stages(project: Path) -> None:
     assert _changed_deps(project) == {}
 
 
+def _captions_encoded(project: Path) -> int:
+    """How many captions pretraining encoded itself (its run facts)."""
+    return json.loads((project / "reports/facts/pretrain.json").read_text())["run"]["captions_encoded"]
+
+
+def _check_experiments_restore_caption_states(project: Path) -> None:
+    """Experiments in a temporary directory (as queued ones run: a fresh checkout, no runs/)
+    that change only the seed restore the caption states from the DVC cache: encode_captions
+    does not run and pretraining encodes no caption."""
+    for seed in (1, 2):
+        out = _run(["dvc", "exp", "run", "--temp", "pretrain", "-S", f"seed={seed}"], project)
+        assert "pretrain" in _ran_stages(out) and "encode_captions" not in _ran_stages(out), out
+        assert "Stage 'encode_captions' didn't change" in out, out
+    refs = _run(["git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"], project).splitlines()
+    facts = [json.loads(_run(["git", "show", f"{rev}:reports/facts/pretrain.json"], project))["run"]
+             for ref, rev in (line.split() for line in refs) if "/exec/" not in ref]
+    by_seed = {f["seed"]: f["captions_encoded"] for f in facts if f["seed"] in (1, 2)}
+    assert by_seed == {1: 0, 2: 0}, facts
+
+
 def test_repro_then_noop_then_experiment(project):
     params = _tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], project)
+    _run(["git", "config", "user.name", "dmf tests"], project)  # dvc exp commits (CI has no identity)
+    _run(["git", "config", "user.email", "tests@dmf.invalid"], project)
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "tiny project"], project)
 
     first = _run(["dvc", "repro"], project)
     assert "evaluate@sp_market-sp_cuhk" in _ran_stages(first)
+    # The caption states are encode_captions' (cached) output; pretraining encodes none itself.
+    assert "encode_captions" in _ran_stages(first)
+    encoded = json.loads((project / "reports/facts/encode_captions.json").read_text())["captions_encoded"]
+    assert encoded == json.loads((project / "data/caption_states/info.json").read_text())["captions"] > 0
+    assert _captions_encoded(project) == 0
     cell = json.loads((project / "reports/eval/sp_market__sp_cuhk.json").read_text())
     pre_cell = json.loads((project / "reports/eval/pretrain__sp_cuhk.json").read_text())
     assert "untrained" not in cell  # computed once per target, by the pretrain row's cell
@@ -224,7 +252,8 @@ def test_repro_then_noop_then_experiment(project):
     exp = _run(["dvc", "exp", "run", "-S", "fusion.dim=32"], project)
     ran = _ran_stages(exp)
     assert {"pretrain", "finetune@sp_market", "evaluate@sp_market-sp_cuhk", "report"} <= ran, exp
-    assert not any(s.startswith(("download", "pack", "captions")) for s in ran), ran
+    assert not any(s.startswith(("download", "pack", "captions", "encode_captions")) for s in ran), ran
+    assert _captions_encoded(project) == 0
 
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
     matrix_diff = diff["metrics/eval_matrix.json"]
@@ -245,3 +274,5 @@ def test_repro_then_noop_then_experiment(project):
     assert hashlib.sha256(finetuned.read_bytes()).hexdigest() != before
     run = json.loads((project / "reports/facts/finetune/sp_market.json").read_text())["run"]
     assert run["resumed_from_epoch"] == 0
+
+    _check_experiments_restore_caption_states(project)  # last: its experiments join `dvc exp show`

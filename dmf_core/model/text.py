@@ -175,21 +175,26 @@ class CaptionStateCache:
         bar.close()
         log.info("cached token states of %d captions (%.1f MB)", len(self.states), self.nbytes / 2**20)
 
-    def save(self, path: Path) -> None:
-        """Write every cached state to one file (atomically), loadable with ``weights_only``."""
-        captions = list(self.states)
+    def save(self, path: Path, meta: dict | None = None) -> None:
+        """Write every cached state to one file (atomically), loadable with ``weights_only``, in
+        caption order (the same states make the same bytes), with the entries of ``meta``."""
+        captions = sorted(self.states)
         if not captions:
             return
         lengths = torch.tensor([self.states[c].shape[0] for c in captions])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"captions": captions, "lengths": lengths,
+        torch.save({**(meta or {}), "captions": captions, "lengths": lengths,
                     "states": torch.cat([self.states[c] for c in captions])}, tmp)
         os.replace(tmp, path)
 
-    def load(self, path: Path) -> int:
-        """Add the states a :meth:`save` wrote; returns how many captions it held."""
+    def load(self, path: Path, expect: dict | None = None) -> int:
+        """Add the states a :meth:`save` wrote; returns how many captions it held. A ``meta``
+        entry that is not what ``expect`` says raises ValueError, and nothing is added."""
         data = torch.load(path, weights_only=True, map_location="cpu")
+        for name, want in (expect or {}).items():
+            if data.get(name) != want:
+                raise ValueError(f"its {name} is {data.get(name)!r}, not {want!r}")
         rows = data["states"].to(self.dtype).split(data["lengths"].tolist())
         self._store(dict(zip(data["captions"], rows)))
         return len(rows)

@@ -24,30 +24,13 @@ from pathlib import Path
 import torch
 
 from dmf_core.config import Config, to_dict
+from dmf_core.train.digest import file_sha256, text_encoder_digest, tree_sha256
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the dmf_core package
-_CHUNK = 1 << 20
 # Params that never change a trajectory: how often to checkpoint, how many processes (the world
 # size is fingerprinted on its own), where to mirror scalars, what to evaluate afterwards.
 _TRAIN_KEYS_IGNORED = ("checkpoint_every", "nproc")
 _SECTIONS_IGNORED = ("tracking", "evaluate", "datasets", "finetune", "pretrain")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_sha256(root: str | Path, pattern: str = "*") -> str:
-    """sha256 over (relative path, content sha256) of every file under ``root``, in sorted order."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob(pattern) if p.is_file()):
-        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
-    return h.hexdigest()
 
 
 def code_digest() -> str:
@@ -66,14 +49,6 @@ def lmdb_digest(lmdb_path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _text_encoder_digest(cfg: Config) -> str:
-    from dmf_core.model.text import resolve_text_model
-
-    location = resolve_text_model(cfg.model.text.name)
-    # A hub id is identified by its name (already in the params); a folder by what is in it.
-    return tree_sha256(location) if Path(location).is_dir() else location
-
-
 def model_input_digests(cfg: Config, *, init_from: Path | None, with_text: bool) -> dict[str, str]:
     """Content digests of what the model starts from (the data side digests its own inputs:
     :func:`lmdb_digest`, captions), plus the code and torch version that train it."""
@@ -81,7 +56,7 @@ def model_input_digests(cfg: Config, *, init_from: Path | None, with_text: bool)
 
     digests = {"code": code_digest(), "torch": torch.__version__}
     if with_text:
-        digests["text_encoder"] = _text_encoder_digest(cfg)
+        digests["text_encoder"] = text_encoder_digest(cfg.model.text.name)
     if init_from is not None:
         digests["init_weights"] = file_sha256(Path(init_from) / MODEL_FILE)
     elif cfg.model.image.pretrained:
@@ -107,13 +82,3 @@ def training_fingerprint(cfg: Config, stage: str, *, datasets: list[str], inputs
     blob = {"stage": stage, "params": relevant_params(cfg, stage, datasets), "inputs": inputs,
             "num_classes": num_classes, "num_images": num_images, "world_size": world_size}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def caption_states_key(cfg: Config, captions: list[str]) -> str:
-    """What decides the frozen encoder's token states: the distinct captions, the encoder's
-    files (or hub id) and its truncation length."""
-    h = hashlib.sha256(json.dumps({"encoder": _text_encoder_digest(cfg), "name": cfg.model.text.name,
-                                   "max_length": cfg.model.text.max_length}, sort_keys=True).encode())
-    for caption in sorted(set(captions)):
-        h.update(caption.encode("utf-8") + b"\0")
-    return h.hexdigest()[:32]

@@ -90,6 +90,7 @@ class StageData:
     health: Iterable[dict] | None = None
     health_captions: list[str] | None = None
     batch_augment: Any = None  # train.decode=device: batch of bytes + augment draws -> images on the device
+    caption_states: Path | None = None  # the encode_captions stage's output (None: encode the captions)
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -211,14 +212,16 @@ def train_stage(
     facts_path: Path | None = None,
     init_from: Path | None = None,
     captions_parquet: Path | None = None,
+    caption_states: Path | None = None,
     dataset_name: str | None = None,
 ) -> dict:
     """Train one stage from the packed LMDB and write its outputs (rank 0); returns the record
     :func:`train` returns. ``dataset_name`` is the fine-tuning source (its params enter the
-    resume fingerprint)."""
+    resume fingerprint); ``caption_states`` the folder the ``encode_captions`` stage wrote."""
     dist = init_distributed()
     try:
         data = build_stage_data(cfg, stage, Path(train_lmdb), captions_parquet, dist, dataset_name)
+        data.caption_states = Path(caption_states) if caption_states is not None else None
         return train(cfg, stage, data, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
                      curve_path=Path(curve_path), work_dir=Path(work_dir), facts_path=facts_path,
                      init_from=init_from, dist=dist)
@@ -327,31 +330,24 @@ def resume(run: Run) -> None:
     log.info("resuming %s from %s at epoch %d/%d", run.stage, path, run.start_epoch, run.st.epochs)
 
 
-KEEP_CAPTION_STATES = 3  # caption sets whose token states stay on disk (the most recent ones)
-
-
 def warm_caption_states(run: Run, captions: list[str]) -> None:
-    """The frozen encoder's token states of every caption: read from ``caption_states/`` next to
-    the work dir (``runs/caption_states/``, not a DVC output) when the same captions were encoded
-    by the same encoder before (a `dvc exp run` that changes no caption does not encode one
-    again), else computed and written there by rank 0."""
-    from dmf_core.train.fingerprint import caption_states_key
+    """The frozen encoder's token states of every caption: read from the ``encode_captions``
+    stage's output (``data.caption_states``, a DVC-cached output: experiments restore it instead
+    of encoding) when it holds the states of these captions by this encoder on this kind of
+    device, else encoded here, as that stage would have (:mod:`dmf_core.train.caption_states`).
+    A caption the file lacks (beyond the cache's size bound) is encoded per batch."""
+    from dmf_core.train.caption_states import caption_states_key, load_caption_states
 
     t0 = time.perf_counter()
-    folder = run.work_dir.parent / "caption_states"
-    path = folder / f"{caption_states_key(run.cfg, captions)}.pt"
-    if path.is_file():
-        try:
-            loaded = run.cache.load(path)
-            log.info("caption token states: %d captions read from %s in %.1f s", loaded, path,
-                     time.perf_counter() - t0)
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # a torn or foreign file: recompute
-            log.warning("%s: unreadable (%s); encoding the captions again", path, exc)
-    run.cache.warm(captions, progress=run.dist.is_main)
-    if run.dist.is_main and run.cache.computed:
-        run.cache.save(path)
-        for old in sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)[:-KEEP_CAPTION_STATES]:
-            old.unlink(missing_ok=True)
+    folder = run.data.caption_states
+    loaded = None
+    if folder is not None:
+        loaded = load_caption_states(run.cache, folder, key=caption_states_key(run.cfg, captions),
+                                     device=run.dist.device.type)
+    if loaded is None:
+        run.cache.warm(captions, progress=run.dist.is_main)
+    else:
+        log.info("caption token states: %d captions read from %s", loaded, folder)
     log.info("caption token states: %d distinct captions ready in %.1f s (%d encoded)", len(run.cache),
              time.perf_counter() - t0, run.cache.computed)
 
