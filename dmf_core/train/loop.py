@@ -99,6 +99,10 @@ def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
+# Feature-health images per forward pass: fixed, so that evaluate.batch_size never re-trains.
+HEALTH_BATCH = 128
+
+
 def uses_captions(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "shared"
 
@@ -197,7 +201,7 @@ def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
             return None, held_out
         test = ConcatDataset([ReidImageDataset(p, transform) for p in splits])
         images = Subset(test, spread_subset(len(test)).tolist())
-    return DataLoader(images, batch_size=cfg.evaluate.batch_size, shuffle=False), held_out
+    return DataLoader(images, batch_size=HEALTH_BATCH, shuffle=False), held_out
 
 
 def train_stage(
