@@ -1,6 +1,6 @@
 """A stage's DVC deps are the code it runs, and the package's parts import each other one way.
 
-Each stage script's import closure (tests/_imports.py: every import statement, at module level
+Each stage script's import closure (dmf_core/code_deps.py: every import statement, at module level
 or inside a function, followed through dmf_core) must be exactly the dmf_core entries of its
 `deps:` in dvc.yaml, as folders where it runs every file of a folder. Then an edit to any file
 a stage runs re-runs that stage, and an edit elsewhere does not.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _imports import ROOT, as_deps, import_closure, imported_modules, module_file, runs_code
+
+from dmf_core.code_deps import ROOT, as_deps, import_closure, imported_modules, module_file, runs_code
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

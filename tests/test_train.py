@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,7 +342,7 @@ def test_finetune_after_another_pretraining_does_not_resume_its_state(params_dic
     assert any(not torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tmp_path, monkeypatch):
+def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tmp_path):
     from dmf_core.train import fingerprint as fp
 
     cfg = tiny_cfg(params_dict)
@@ -371,10 +372,23 @@ def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tm
     same["finetune"]["sources"] = ["sp_msmt"]
     same["evaluate"]["rows"] = ["pretrain", "sp_msmt"]
     assert fingerprint(same) == base
-    code = fp.code_digest()
-    monkeypatch.setattr(fp, "CODE_ROOT", tmp_path)
-    (tmp_path / "loss.py").write_text("x = 1\n")
-    assert fp.code_digest() != code
+
+
+def test_code_digest_is_the_code_training_runs(tmp_path):
+    """One byte more in a file the loop imports (inside a function, even) moves the digest; one in
+    a file training never runs does not: resume and DVC agree on what "the code" is."""
+    from dmf_core import code_deps
+    from dmf_core.train import fingerprint as fp
+
+    shutil.copytree(code_deps.ROOT / "dmf_core", tmp_path / "dmf_core", ignore=shutil.ignore_patterns("__pycache__"))
+    base = fp.code_digest(tmp_path)
+    assert base == fp.code_digest()  # the copy is the same code
+    cli = tmp_path / "dmf_core/cli.py"
+    cli.write_bytes(cli.read_bytes() + b"\n")
+    assert fp.code_digest(tmp_path) == base
+    ranking = tmp_path / "dmf_core/eval/ranking.py"  # feature health imports it lazily
+    ranking.write_bytes(ranking.read_bytes() + b"\n")
+    assert fp.code_digest(tmp_path) != base
 
 
 def test_lmdb_digest_follows_the_image_content(tmp_path):

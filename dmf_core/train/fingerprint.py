@@ -10,7 +10,7 @@ trajectory:
 - the *content* of its inputs: sha256 of the init weights (Stage I model, ``model.image.pretrained``),
   of the text encoder's files when it is a local folder, of the LMDB's metadata and sidecar index
   (which carry a sha1 of every stored image), and of the captions parquet;
-- the training code itself (``dmf_core``'s sources) and the torch version.
+- the training code itself (the files the loop runs: :mod:`dmf_core.code_deps`) and the torch version.
 
 Anything left out here can only make a resume happen that should not, so when in doubt, add it.
 """
@@ -23,19 +23,21 @@ from pathlib import Path
 
 import torch
 
+from dmf_core import code_deps
 from dmf_core.config import Config, to_dict
-from dmf_core.train.digest import file_sha256, text_encoder_digest, tree_sha256
+from dmf_core.train.digest import file_sha256, text_encoder_digest
 
-CODE_ROOT = Path(__file__).resolve().parents[1]  # the dmf_core package
 # Params that never change a trajectory: how often to checkpoint, how many processes (the world
 # size is fingerprinted on its own), where to mirror scalars, what to evaluate afterwards.
 _TRAIN_KEYS_IGNORED = ("checkpoint_every", "nproc")
 _SECTIONS_IGNORED = ("tracking", "evaluate", "datasets", "finetune", "pretrain")
 
 
-def code_digest() -> str:
-    """The training code: every ``.py`` file of ``dmf_core`` (a fix in a loss must not be resumed over)."""
-    return tree_sha256(CODE_ROOT, "*.py")
+def code_digest(root: Path = code_deps.ROOT) -> str:
+    """The training code: the loop and every file it runs (a fix in a loss must not be resumed
+    over), the same import closure the training stages' DVC deps list (less the stage script and
+    runtime.py, which only launch it)."""
+    return code_deps.closure_digest(root / "dmf_core" / "train" / "loop.py", root)
 
 
 def lmdb_digest(lmdb_path: str | Path) -> str:
