@@ -17,6 +17,7 @@ from dmf_core.eval.matrix import (
     matrix_markdown,
     matrix_metrics,
     plot_heatmap,
+    untrained_reference,
     write_cmc_tsv,
 )
 from dmf_core.eval.retrieval import topk
@@ -87,7 +88,7 @@ def test_matrix_outputs(tmp_path):
     assert "| a | 90.0 / 80.0 | 50.0 / 30.0 | 70.0 / 40.0 | **60.0 / 35.0** | 90.0 / 80.0 |" in md
     assert "| b | - | 20.0 / 10.0 | - | **20.0 / 10.0** | - |" in md
     assert "| pretrain | 40.0 / 20.0 | 30.0 / 10.0 | - |" in md
-    assert "Untrained baseline (same architecture at initialisation: random weights)" in md
+    assert "Untrained reference (the same architecture at initialisation: random weights)" in md
     png = plot_heatmap(matrix, tmp_path / "h.png")
     assert png.stat().st_size > 1000
     (d / "bad.json").write_text("{}")
@@ -103,6 +104,20 @@ def test_the_untrained_reference_of_the_pretrain_row_serves_every_row():
                            ("a", "x"): fine})
     assert matrix["cells"]["a"]["x"]["untrained"] == matrix["cells"]["pretrain"]["x"]["untrained"]
     assert matrix["untrained_cross_domain"]["a"]["rank1"] == 4.0 and matrix["untrained_init"] == "random weights"
+    # one untrained model: shown once, per target, with its mean over every target
+    md = matrix_markdown(build_matrix({("pretrain", "x"): _record(40.0, 20.0), ("pretrain", "y"): _record(20.0, 10.0),
+                                       ("a", "x"): fine}))
+    assert md.count("| untrained |") == 1
+    assert "| untrained | 4.0 / 2.0 | 2.0 / 1.0 | **3.0 / 1.5** |" in md
+
+
+def test_rows_that_disagree_on_the_untrained_reference_keep_one_table_row_each():
+    other = _record(50.0, 30.0)
+    other["untrained"] = {**other["untrained"], "rank1": 9.9}
+    matrix = build_matrix({("pretrain", "x"): _record(40.0, 20.0), ("a", "x"): other})
+    assert untrained_reference(matrix) is None
+    md = matrix_markdown(matrix)
+    assert "| untrained |" not in md and "| a | 9.9 / 3.0 |" in md
 
 
 def test_a_cell_that_is_no_transfer_result_is_flagged_and_left_out_of_the_means():

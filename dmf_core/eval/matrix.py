@@ -140,10 +140,39 @@ def _table(matrix: dict, untrained: bool) -> list[str]:
     return lines
 
 
+def untrained_reference(matrix: dict) -> dict[str, dict] | None:
+    """The untrained model's cell per target, when every row holds the same one (they share one
+    untrained model, the ``pretrain`` row's); None when rows differ (records of older runs)."""
+    per_target: dict[str, dict] = {}
+    for r in matrix["sources"]:
+        for t, cell in matrix["cells"][r].items():
+            if not cell.get("untrained"):
+                continue
+            if per_target.setdefault(t, cell["untrained"]) != cell["untrained"]:
+                return None
+    return {t: per_target[t] for t in matrix["targets"] if t in per_target} or None
+
+
+def _untrained_lines(matrix: dict) -> list[str]:
+    """One row: the untrained architecture on every target and its mean over all of them; the
+    table per row only where rows disagree on it."""
+    head = f"## Untrained reference (the same architecture at initialisation: {matrix['untrained_init']})"
+    reference = untrained_reference(matrix)
+    if reference is None:
+        return ["", head, "", *_table(matrix, untrained=True)]
+    targets = matrix["targets"]
+    cells = [reference.get(t) for t in targets]
+    mean = _mean([c for c in cells if c])
+    return ["", head, "", "One model, the floor every row above is measured against.", "",
+            "| model \\ target | " + " | ".join(targets) + " | mean |",
+            "|---|" + "---:|" * (len(targets) + 1),
+            "| untrained | " + " | ".join(_fmt(c) for c in cells) + f" | **{_fmt(mean)}** |"]
+
+
 def matrix_markdown(matrix: dict) -> str:
     """Rank-1 / mAP (percent) per model x target with the cross-domain mean (target != source;
-    every target for ``pretrain``) and the in-domain cell, then the same table for the untrained
-    architecture, then mINP; pipe tables, readable in a terminal."""
+    every target for ``pretrain``) and the in-domain cell, then the untrained architecture once,
+    then mINP; pipe tables, readable in a terminal."""
     lines = ["# Cross-domain evaluation", "",
              "Rank-1 / mAP in percent (Market-1501 protocol). Rows: `pretrain` is the pretrained model "
              "itself, the others are fine-tuned on that source; columns: target. The cross-domain mean "
@@ -153,8 +182,7 @@ def matrix_markdown(matrix: dict) -> str:
                if "not_transfer" in c]
     if flagged:
         lines += [""] + [f"† {r} -> {t}: not a transfer result, left out of the means: {why}" for r, t, why in flagged]
-    lines += ["", f"## Untrained baseline (same architecture at initialisation: {matrix['untrained_init']})", ""]
-    lines += _table(matrix, untrained=True)
+    lines += _untrained_lines(matrix)
     lines += ["", "## mINP (trained)", "",
               "| model \\ target | " + " | ".join(matrix["targets"]) + " | cross-domain mean |",
               "|---|" + "---:|" * (len(matrix["targets"]) + 1)]
