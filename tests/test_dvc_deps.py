@@ -105,3 +105,25 @@ def test_no_import_cycle_between_parts_of_the_package():
         if node not in state:
             visit(node, [node])
     assert "dmf_core.data.sources" not in graph["dmf_core.data.store"]  # packing needs no acquisition code
+
+
+def _documented_graph() -> dict[str, set[str]]:
+    """The import graph block of docs/architecture.md: ``part ─► a, b`` per line."""
+    text = (ROOT / "docs/architecture.md").read_text()
+    block = text.split("<!-- import graph -->", 1)[1].split("```")[1]
+    graph = {}
+    for line in block.strip().splitlines():
+        part, _, deps = line.partition("─►")
+        graph[part.strip()] = {d.strip() for d in deps.split(",")}
+    return graph
+
+
+def test_the_documented_import_graph_is_the_code_s():
+    def short(unit: str) -> str:
+        return unit.removeprefix("dmf_core.").replace(".", "/")
+
+    everywhere = {"config", "paths"}
+    actual = {short(u): {short(d) for d in deps} - everywhere for u, deps in _unit_graph().items()}
+    actual = {u: deps for u, deps in actual.items() if deps}
+    assert _documented_graph() == actual, "docs/architecture.md's import graph is out of date:\n" + "\n".join(
+        f"{u:<14} ─► {', '.join(sorted(d))}" for u, d in sorted(actual.items()))
