@@ -125,7 +125,7 @@ class ImageInputs(torch.utils.data.Dataset):
             return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         try:
             return decode_to_tensor(Path(item).read_bytes(), str(item))
-        except Exception as exc:  # noqa: BLE001 - PIL/torchvision raise many types on bad data
+        except Exception as exc:  # noqa: BLE001 - PIL/TorchCodec raise many types on bad data
             raise ValueError(f"inputs[{i}]: {item}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
     def __getitem__(self, i: int) -> torch.Tensor:

@@ -13,8 +13,6 @@ from dmf_core.data.loading.device_augment import BatchAugment
 from dmf_core.data.loading.loader import build_train_loader, set_epoch
 from dmf_core.data.store.lmdb_store import pack_split
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
 
 def Aug(**settings) -> _Aug:  # noqa: N802 - stands for the settings class
     """ImageNet normalisation, so that the float conversion is not a plain scale."""
@@ -22,9 +20,13 @@ def Aug(**settings) -> _Aug:  # noqa: N802 - stands for the settings class
 
 
 def save_image(path, arr, kind: str) -> None:
-    """kind: rgb | gray | cmyk | progressive (JPEGs) or png."""
+    """kind: rgb | gray | cmyk | progressive | exif (JPEGs; exif: orientation "rotate 90") or png."""
     image = Image.fromarray(arr)
-    if kind == "gray":
+    if kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.save(path, "JPEG", exif=exif.tobytes())
+    elif kind == "gray":
         image.convert("L").save(path, "JPEG")
     elif kind == "cmyk":
         image.convert("CMYK").save(path, "JPEG")
@@ -60,7 +62,7 @@ def loaders(lmdb, aug, workers=0):
                          ids=["default", "always", "never"])
 def test_device_batch_equals_worker_batch(tmp_path, aug):
     lmdb = make_split(tmp_path, sizes=((40, 20), (48, 24), (60, 30)),
-                      kinds=("rgb", "gray", "rgb", "cmyk", "png", "progressive", "rgb"))
+                      kinds=("rgb", "gray", "rgb", "cmyk", "png", "progressive", "rgb", "exif"))
     plain, encoded = loaders(lmdb, aug)
     batch_augment = BatchAugment(48, 24, aug, "cpu")
     compared = 0

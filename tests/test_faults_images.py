@@ -39,12 +39,12 @@ class Aug:  # the fields of dmf_core.config.AugmentConfig
 
 @pytest.fixture()
 def no_decoder(monkeypatch):
-    """Every decoder raises if reached: PIL's load() and torchvision's decode_image."""
+    """Every decoder raises if reached: PIL's load() and TorchCodec's (loader._codec_decode)."""
     def refuse(*args, **kwargs):
         raise AssertionError("a decoder ran on an image over the pixel limit")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
-    monkeypatch.setattr(loader, "_tv_decode", refuse)
+    monkeypatch.setattr(loader, "_codec_decode", refuse)
 
 
 def _raw_tree(root: Path, bomb: bytes, ids: int = 2, per_id: int = 2) -> pd.DataFrame:
@@ -146,7 +146,7 @@ def test_pack_refuses_bombs_without_decoding(tmp_path, size, no_decoder):
 def test_train_loader_refuses_bombs_without_decoding(tmp_path, size, monkeypatch):
     path, _ = _lmdb_of_bombs(tmp_path, png_with_header(*size), monkeypatch)
     train = loader.build_train_loader(path, Aug(), 32, 16, P=2, K=2, seed=0)
-    monkeypatch.setattr(loader, "_tv_decode", lambda *a, **k: pytest.fail("torchvision decoder called"))
+    monkeypatch.setattr(loader, "_codec_decode", lambda *a, **k: pytest.fail("TorchCodec decoder called"))
     with pytest.raises(Image.DecompressionBombError, match=r"bombs-train\.lmdb: bad/\d{4}_c1s1_\d{6}_01\.png: "):
         next(iter(train))
 
@@ -155,7 +155,7 @@ def test_train_loader_refuses_bombs_without_decoding(tmp_path, size, monkeypatch
 def test_eval_loader_refuses_bombs_without_decoding(tmp_path, size, monkeypatch):
     path, _ = _lmdb_of_bombs(tmp_path, png_with_header(*size), monkeypatch)
     test = loader.build_test_loader(path, Aug(), 32, 16, batch_size=4)
-    monkeypatch.setattr(loader, "_tv_decode", lambda *a, **k: pytest.fail("torchvision decoder called"))
+    monkeypatch.setattr(loader, "_codec_decode", lambda *a, **k: pytest.fail("TorchCodec decoder called"))
     with pytest.raises(Image.DecompressionBombError, match=r"bombs-train\.lmdb: bad/0000_c1s1_000000_01\.png: "):
         next(iter(test))
 

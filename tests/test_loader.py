@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -19,14 +20,10 @@ from dmf_core.data.loading.loader import (
     build_test_transform,
     build_train_loader,
     build_train_transform,
+    decode_to_tensor,
     set_epoch,
 )
 from dmf_core.data.store.lmdb_store import pack_split
-
-# torchvision 0.29 flags its codecs deprecated; loader.py filters it, pytest resets filters per test
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
-
 
 
 def make_split(tmp: Path, ids: int = 8, per_id: int = 6, captions: bool = True, png: bool = False):
@@ -47,6 +44,50 @@ def make_split(tmp: Path, ids: int = 8, per_id: int = 6, captions: bool = True, 
     pack_split(pd.DataFrame(rows), root, out, relabel=True, captions=caps if captions else None,
                params_fingerprint={"resize": None})
     return out, caps
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+_PHOTO = Image.fromarray(np.random.default_rng(3).integers(0, 255, (30, 15, 3), dtype=np.uint8)).resize((20, 40))
+_ROTATE = Image.Exif()
+_ROTATE[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
+
+
+@pytest.mark.filterwarnings("error")  # no DeprecationWarning (torchvision.io's) nor any other
+@pytest.mark.parametrize("kind, data", [
+    ("jpeg", _encoded(_PHOTO, "JPEG", quality=90)),
+    ("jpeg 4:4:4", _encoded(_PHOTO, "JPEG", quality=95, subsampling=0)),
+    ("jpeg progressive", _encoded(_PHOTO, "JPEG", progressive=True)),
+    ("jpeg grey", _encoded(_PHOTO.convert("L"), "JPEG")),
+    ("jpeg cmyk", _encoded(_PHOTO.convert("CMYK"), "JPEG")),
+    ("jpeg exif rotated", _encoded(_PHOTO, "JPEG", exif=_ROTATE.tobytes())),
+    ("png", _encoded(_PHOTO, "PNG")),
+    ("png grey", _encoded(_PHOTO.convert("L"), "PNG")),
+    ("png palette", _encoded(_PHOTO.convert("P"), "PNG")),
+    ("png rgba", _encoded(_PHOTO.convert("RGBA"), "PNG")),
+    ("png exif rotated", _encoded(_PHOTO, "PNG", exif=_ROTATE.tobytes())),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_decoded_pixels_are_pils(kind, data):
+    """TorchCodec's pixels are PIL's (the pack stage's check) and torchvision.io's (which gave
+    PIL's on all of these: docs/data_path.md), in the stored orientation: TorchCodec would turn
+    an image by its EXIF orientation, such bytes go to PIL."""
+    image = decode_to_tensor(data, kind)
+    pil = Image.open(io.BytesIO(data)).convert("RGB")
+    assert image.dtype == torch.uint8 and image.shape == (3, 40, 20)
+    assert torch.equal(image, torch.from_numpy(np.array(pil)).permute(2, 0, 1))
+
+
+def test_a_16_bit_png_decodes_to_8_bits():
+    """torchvision gave uint16 here (which the uint8 transforms would misread); TorchCodec scales."""
+    grey16 = np.random.default_rng(0).integers(0, 65536, (8, 4), dtype=np.uint16)
+    image = decode_to_tensor(_encoded(Image.fromarray(grey16), "PNG"))
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 4)
+    expected = torch.from_numpy(np.round(grey16 / 257).astype(np.uint8))
+    assert torch.equal(image, expected.expand(3, 8, 4))
 
 
 def test_transforms_shapes():

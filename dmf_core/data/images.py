@@ -4,8 +4,9 @@ A file of a few hundred bytes can declare a 200000x200000 image; a decoder that 
 declaration allocates the whole pixel buffer (torchvision's decoder asked for 120 GB) before it
 finds out the data is not there. So the declared size is read first, from the header alone,
 with PIL (``Image.open`` is lazy), and checked against PIL's limit ``Image.MAX_IMAGE_PIXELS``;
-only an image within the limit reaches a decoder (PIL's ``load()``, torchvision's
-``decode_image``). PIL itself only *warns* between 1x and 2x the limit; here that is refused too.
+only an image within the limit reaches a decoder (PIL's ``load()``, TorchCodec's decoders in
+``dmf_core.data.loading.loader``). PIL itself only *warns* between 1x and 2x the limit; here that
+is refused too.
 
 The check is a plain ``width * height > limit`` comparison with no ``warnings`` machinery, so it
 is safe in thread pools (``warnings.catch_warnings`` mutates process-global state and is not).

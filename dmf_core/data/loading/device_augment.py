@@ -3,7 +3,8 @@
 On a GPU the CPU workers that decode JPEGs and augment them one image at a time can become the
 ceiling of a step. Here the loader's workers only read the stored bytes (``encoded=True`` in
 :func:`~dmf_core.data.loading.loader.build_train_loader`); :class:`BatchAugment` decodes the whole batch
-with ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and applies resize, flip,
+with nvJPEG on CUDA (``torchvision.io.decode_jpeg``; on the CPU TorchCodec's ``decode_jpeg``,
+the worker path's decoder) and applies resize, flip,
 pad + random crop, normalisation and random erasing as batched tensor operations. The
 workers send one flat byte tensor per batch (not one per image: fewer shared-memory segments).
 
@@ -22,15 +23,16 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg as _codec_decode_jpeg
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode_jpeg
 from torchvision.transforms import v2
 
-from dmf_core.data.loading.loader import ReidTrainAugment, decode_to_tensor
-
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+from dmf_core.data.loading.loader import ReidTrainAugment, decode_to_tensor, may_hold_exif
 
 JPEG_MAGIC = b"\xff\xd8"
+# What torchvision 0.29 warns on every call of its codecs (deprecated in favour of TorchCodec).
+_TV_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +57,12 @@ class BatchAugment:
 
     def decode(self, encoded: list[torch.Tensor], index: list[int]) -> list[torch.Tensor]:
         """uint8 3xHxW per image on the device. JPEGs in one batched call; what that decoder
-        refuses, and what is not a JPEG, one by one through the worker path's decoder."""
-        jpeg = [k for k, data in enumerate(encoded) if data[:2].numpy().tobytes() == JPEG_MAGIC]
+        refuses, and what is not a JPEG, one by one through the worker path's decoder. On the CPU a
+        JPEG that may hold EXIF goes that way too (TorchCodec would turn it by its orientation, the
+        worker path does not: :func:`~dmf_core.data.loading.loader.may_hold_exif`); nvJPEG ignores EXIF."""
+        cuda = self.device.type == "cuda"
+        jpeg = [k for k, data in enumerate(encoded) if data[:2].numpy().tobytes() == JPEG_MAGIC
+                and (cuda or not may_hold_exif(data.numpy().tobytes()))]
         out: list[torch.Tensor | None] = [None] * len(encoded)
         try:
             decoded = self._decode_batch([encoded[k] for k in jpeg]) if jpeg else []
@@ -77,13 +83,13 @@ class BatchAugment:
         block is not handed out again before the step that reads it has run. Nothing here waits
         for the training stream (torchvision still waits for its own decode), so the next batch
         decodes while the GPU runs the last step."""
-        if self.device.type != "cuda":
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        if self.device.type != "cuda":  # the worker path's decoder: the same pixels
+            return [_codec_decode_jpeg(data, mode="RGB").to(self.device) for data in jpegs]
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         training = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+            decoded = _nvjpeg_decode(jpegs, self.device)
         training.wait_stream(self._stream)
         for image in decoded:
             image.record_stream(training)
@@ -142,3 +148,14 @@ class BatchAugment:
         in_cols = (xs >= left[:, None]) & (xs < (left + w)[:, None])
         erase = in_rows[:, :, None] & in_cols[:, None, :]
         return out.masked_fill(erase[:, None], 0.0).contiguous()
+
+
+def _nvjpeg_decode(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched nvJPEG decode. TorchCodec's ``decode_jpeg(..., device="cuda")`` is to
+    replace it once a GPU shows it gives the same pixels (``benchmarks/decoder_check.py``;
+    docs/data_path.md, "Image decoder"): it uses nvJPEG too, but decodes on the current stream and
+    applies EXIF orientations. Until then torchvision's deprecation warning, raised on every call,
+    is ignored for this call only (here, on the training thread; not in any thread pool)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TV_DEPRECATED, category=DeprecationWarning)
+        return _tv_decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)

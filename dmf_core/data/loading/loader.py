@@ -1,10 +1,12 @@
 """The training/test data path over packed LMDB splits: Dataset, transforms, caption picking,
 DataLoader builders.
 
-- Images are decoded with ``torchvision.io.decode_image`` on the stored bytes (about 2.5x faster
-  than PIL plus a PIL->tensor conversion here; PIL is the fallback for formats torchvision lacks),
-  once PIL has read the header and checked the declared size against its decompression-bomb
-  limit (:mod:`dmf_core.data.images`; torchvision's decoder has no limit of its own),
+- Images are decoded with TorchCodec (``torchcodec.decoders``, libjpeg-turbo/libpng, no FFmpeg) on
+  the stored bytes: the pixels of ``torchvision.io.decode_image``, which torchvision 0.29
+  deprecates, at its speed (about 2.5x faster than PIL plus a PIL->tensor conversion here; PIL is
+  the fallback for formats TorchCodec lacks and for bytes that may hold EXIF, see
+  :func:`decode_to_tensor`), once PIL has read the header and checked the declared size against
+  its decompression-bomb limit (:mod:`dmf_core.data.images`; the decoder has no limit of its own),
   then augmented as uint8 tensors (:class:`ReidTrainAugment`: the v2 chain's semantics fused into
   one pass, about 1.6x faster here; ``build_train_transform(..., fused=False)`` gives the stock
   ``torchvision.transforms.v2`` chain) and converted to float last.
@@ -18,16 +20,17 @@ DataLoader builders.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
+from torchcodec.decoders import decode_image as _codec_decode_image
+from torchcodec.decoders import decode_jpeg as _codec_decode_jpeg
+from torchcodec.decoders import decode_png as _codec_decode_png
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as _tv_decode
 from torchvision.transforms import v2
 
 from dmf_core.data.images import open_checked
@@ -35,10 +38,6 @@ from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.data.store.lmdb_store import LmdbReader, caption_refs, captions_digest
 
 log = logging.getLogger(__name__)
-# torchvision 0.29 flags its image codecs as deprecated (in favour of TorchCodec); they are the
-# fastest decoder here and pinned with torchvision, so keep the warning out of every worker's log.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,24 +47,63 @@ _MASK64 = (1 << 64) - 1
 # ---------------------------------------------------------------------------------------------
 
 
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+# TorchCodec turns an image by its EXIF orientation and has no switch to keep the stored one;
+# torchvision's decoder kept it, and so do PIL (the fallback) and the pack stage, which records
+# the stored height and width. Bytes with any of these markers (JPEG APP1, PNG eXIf, WebP EXIF)
+# go to PIL instead: the stored orientation, the pixels of before. ReID crops carry no EXIF.
+_EXIF_MARKERS = (b"Exif\x00\x00", b"eXIf", b"EXIF")
+
+
+def may_hold_exif(data: bytes, header: Image.Image | None = None) -> bool:
+    """True when ``data`` may hold EXIF. A JPEG's ``header`` (PIL, opened on ``data``) knows: PIL
+    read every segment before the image data, and keeps an APP1 "Exif" as ``info["exif"]``, where
+    libjpeg finds it too. Otherwise: any EXIF marker in the bytes (by chance too: PIL decodes
+    such an image, the same pixels)."""
+    if header is not None and data[:3] == JPEG_MAGIC:
+        return "exif" in header.info
+    return any(marker in data for marker in _EXIF_MARKERS)
+
+
+def _codec_decode(data: bytes) -> torch.Tensor:
+    """TorchCodec's decoder for the format of ``data`` (JPEG and PNG named by their magic bytes, the
+    rest detected by TorchCodec), RGB. Raises RuntimeError on corrupt data, ValueError on a format
+    it lacks. The tensor is made here (a copy): TorchCodec would wrap read-only bytes itself under
+    ``warnings.catch_warnings``, which is not thread-safe."""
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if data[:3] == JPEG_MAGIC:
+        return _codec_decode_jpeg(buf, mode="RGB")
+    if data[:8] == PNG_MAGIC:
+        return _codec_decode_png(buf, mode="RGB")
+    return _codec_decode_image(buf, mode="RGB")
+
+
 def decode_to_tensor(data: bytes, name: str = "image") -> torch.Tensor:
     """Stored bytes -> uint8 RGB tensor 3xHxW.
 
-    torchvision's decoder has no pixel limit (it allocates whatever the header declares), so
-    PIL reads the header first and an image over PIL's limit raises DecompressionBombError
-    naming ``name`` before any decoder runs (:func:`~dmf_core.data.images.open_checked`).
+    The decoder has no pixel limit (it allocates whatever the header declares), so PIL reads the
+    header first and an image over PIL's limit raises DecompressionBombError naming ``name``
+    before any decoder runs (:func:`~dmf_core.data.images.open_checked`). Then TorchCodec decodes
+    it: the same tensors as torchvision's ``decode_image`` gave (checked on every image of the
+    packed demo splits, and on grey, CMYK, progressive JPEGs and PNGs: docs/data_path.md), except
+    that a 16-bit PNG now gives uint8 (torchvision gave uint16) and an animated GIF/WebP its first
+    frame (through PIL). PIL decodes what TorchCodec refuses or lacks, and bytes that may hold
+    EXIF (:func:`may_hold_exif`); data PIL cannot decode either raises ValueError naming ``name``.
     """
     header = open_checked(data, name)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        return _tv_decode(buf, mode=ImageReadMode.RGB)
-    except RuntimeError:
+    if not may_hold_exif(data, header):
         try:
-            header.load()
-        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises on truncated or garbled data
-            raise ValueError(f"{name}: does not decode ({exc.__class__.__name__}: {exc})") from exc
-        im = header if header.mode == "RGB" else header.convert("RGB")
-        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            image = _codec_decode(data)
+        except (RuntimeError, ValueError):  # corrupt (PIL names the error below), or a format it lacks
+            image = None
+        if image is not None and image.dim() == 3:  # an animated image (N frames): PIL's first frame
+            return image
+    try:
+        header.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises on truncated or garbled data
+        raise ValueError(f"{name}: does not decode ({exc.__class__.__name__}: {exc})") from exc
+    im = header if header.mode == "RGB" else header.convert("RGB")
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 class ReidTrainAugment(torch.nn.Module):
