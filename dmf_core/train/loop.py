@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,7 +45,9 @@ from dmf_core.train.distributed import (
     broadcast_object,
     cleanup,
     init_distributed,
+    rank_threads,
     seed_everything,
+    set_rank_settings,
 )
 from dmf_core.train.losses import STATS, TERMS
 from dmf_core.train.precision import cpu_bf16_flags, resolve_precision
@@ -60,6 +61,8 @@ LOSS_NAMES = ("loss", *TERMS)
 CURVE_VALUES = (*LOSS_NAMES, *STATS)  # per epoch, averaged over the batches and ranks
 CURVE_COLUMNS = ["epoch", *CURVE_VALUES, "lr"]
 SYNC_EVERY = 50  # steps between non-finite checks inside an epoch (each is one host sync)
+# Feature-health images per forward pass: fixed, so that evaluate.batch_size never re-trains.
+HEALTH_BATCH = 128
 
 
 class NonFiniteLossError(StageError):
@@ -99,24 +102,12 @@ def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
-# Feature-health images per forward pass: fixed, so that evaluate.batch_size never re-trains.
-HEALTH_BATCH = 128
-
-
 def uses_captions(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "shared"
 
 
 def uses_attributes(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "attributes"
-
-
-def cpu_threads(cfg: Config, dist: DistInfo) -> int:
-    """``train.threads`` is per machine: CPU ranks on one machine share it."""
-    if dist.device.type == "cuda":
-        return cfg.train.threads
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, cfg.train.threads // max(local, 1))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -131,7 +122,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parquet: Path | None,
                      dist: DistInfo, dataset_name: str | None = None) -> StageData:
     from dmf_core.data.loading.loader import CaptionPicker, build_train_loader, set_epoch
-    from dmf_core.train.fingerprint import file_sha256, lmdb_digest
+    from dmf_core.train.digest import file_sha256
+    from dmf_core.train.fingerprint import lmdb_digest
 
     st = stage_config(cfg, stage)
     holdout = cfg.pretrain.holdout_ids if stage == "pretrain" else 0
@@ -273,10 +265,7 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     from dmf_core.model.build import build_model
     from dmf_core.train.fingerprint import model_input_digests, training_fingerprint
 
-    torch.set_num_threads(cpu_threads(cfg, dist))
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_rank_settings(rank_threads(cfg.train.threads, dist.device), dist.device)
     st = stage_config(cfg, stage)
     with_text = uses_captions(cfg, stage)
     seed_everything(cfg.seed)
