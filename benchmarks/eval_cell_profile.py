@@ -57,10 +57,9 @@ def profile(source: str, target: str, params: str) -> list[dict]:
     from dmf_core.data.loading.loader import build_test_loader  # noqa: F401
 
     steps.done("import data loader (torchvision)")
-    from dmf_core.model.build import build_model
-    from dmf_core.model.pretrained import load_model
+    from dmf_core.model.build import DMFModel, build_model
 
-    steps.done("import model build + checkpoint")
+    steps.done("import model build")
     from dmf_core.eval.features import extract_features  # noqa: F401
     from dmf_core.eval.matrix import write_cmc_tsv
 
@@ -75,7 +74,7 @@ def profile(source: str, target: str, params: str) -> list[dict]:
 
     model_dir = paths.row_model_dir(source)
     if (model_dir / "model.safetensors").is_file():
-        model, _ = load_model(model_dir)
+        model, _ = DMFModel.from_pretrained(model_dir)
         steps.done("load trained model", str(model_dir))
     else:
         torch.manual_seed(cfg.seed)

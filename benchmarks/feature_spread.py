@@ -19,11 +19,11 @@ import torch
 from dmf_core import paths
 from dmf_core.config import config_from_dict
 from dmf_core.data.loading.loader import build_test_loader
-from dmf_core.model.pretrained import load_model
+from dmf_core.model.build import DMFModel
 
 
 def spread(model_dir: Path, lmdb: Path, batch: int) -> dict:
-    model, meta = load_model(model_dir)
+    model, meta = DMFModel.from_pretrained(model_dir)
     model.eval()
     cfg = config_from_dict(meta["config"])
     img = cfg.model.image

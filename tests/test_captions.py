@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmf_core.data.captions import codes
 from dmf_core.data.captions import generate as cap
 from dmf_core.data.captions.attributes import (
     ATTRIBUTE_CODES,
@@ -79,7 +80,7 @@ def test_faithfulness_every_attribute_recoverable(inputs, result):
         row = cond.loc[image_id]
         expected = {c: int(truth.at[int(row["pid"]), c]) for c in ATTRIBUTE_COLUMNS}
         expected.update(weather=int(row["weather"]), illumination=int(row["illumination"]),
-                        scene=cap.SCENE[int(row["scene"])], viewpoint=views[int(row["viewpoint"]) - 1])
+                        scene=codes.SCENE[int(row["scene"])], viewpoint=views[int(row["viewpoint"]) - 1])
         assert got == expected, text
 
 
@@ -194,7 +195,10 @@ def test_metrics(result, inputs):
 
 def test_viewpoint_mapping():
     words = cap.viewpoint_word_table(cap.DEFAULT_VIEWPOINT_WORDS)
-    assert cap.viewpoint_angle(28) == 0 and cap.viewpoint_angle(1) == 90 and cap.viewpoint_angle(10) == 180
+    assert codes.viewpoint_angle(28) == 0 and codes.viewpoint_angle(1) == 90 and codes.viewpoint_angle(10) == 180
+    assert [codes.angle_to_viewpoint(codes.viewpoint_angle(c)) for c in range(1, 37)] == list(range(1, 37))
+    with pytest.raises(ValueError, match="expected 1..36"):
+        codes.viewpoint_angle(37)
     assert words[28 - 1] == "front" and words[10 - 1] == "back" and words[1 - 1] == "right"
     assert words[19 - 1] == "left" and words[24 - 1] == "front" and words[33 - 1] == "right"
     eight = {"front": [337.5, 22.5], "front-right": [22.5, 67.5], "right": [67.5, 112.5],
@@ -356,7 +360,7 @@ def test_any_attribute_combination_round_trips(people, view, seed):
     assert res.metrics["templates_used"] == {str(t): len(people) for t in range(len(cap.TEMPLATES))}
     for image_id, text in zip(res.captions["image_id"], res.captions["caption"], strict=True):
         a, (_, weather, illumination, scene) = people[int(image_id.split(".")[0]) - 1]
-        expected = dict(a, weather=weather, illumination=illumination, scene=cap.SCENE[scene], viewpoint=view)
+        expected = dict(a, weather=weather, illumination=illumination, scene=codes.SCENE[scene], viewpoint=view)
         assert cap.parse_caption_attributes(text) == expected, text
         assert not re.search(r"\ba [aeiou]|\ban [^aeiou\s]", text.lower()), text
 

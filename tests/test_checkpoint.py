@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dmf_core.config import config_from_dict
-from dmf_core.model import pretrained as ckpt
+from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 from dmf_core.train import checkpoint as training_state
 
@@ -23,10 +23,10 @@ def _cfg(params: dict, dim: int = 32):
 def test_save_and_load_model_round_trip(params_dict, tmp_path):
     cfg = _cfg(params_dict)
     model = build_model(cfg, 6).eval()
-    meta = ckpt.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain", extra={"epochs": 3})
+    meta = pretrained.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain", extra={"epochs": 3})
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "meta.json", "model.safetensors"]
-    assert meta["params_hash"] == ckpt.params_hash(cfg) and meta["epochs"] == 3
-    loaded, meta2 = ckpt.load_model(tmp_path / "m")
+    assert meta["params_hash"] == pretrained.params_hash(cfg) and meta["epochs"] == 3
+    loaded, meta2 = pretrained.load_model(tmp_path / "m")
     assert meta2 == json.loads(json.dumps(meta))
     x = torch.randn(2, 3, 32, 16)
     assert torch.equal(loaded.embed_images(x), model.embed_images(x))
@@ -35,9 +35,9 @@ def test_save_and_load_model_round_trip(params_dict, tmp_path):
 def test_init_weights_skip_classifier_only(params_dict, tmp_path):
     cfg = _cfg(params_dict)
     src = build_model(cfg, 6)
-    ckpt.save_model(src, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
+    pretrained.save_model(src, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
     dst = build_model(cfg, 3)
-    skipped = ckpt.load_init_weights(dst, tmp_path / "m")
+    skipped = pretrained.load_init_weights(dst, tmp_path / "m")
     assert skipped == ["head.classifier.weight"]
     for k, v in src.state_dict().items():
         if not k.startswith("head.classifier"):
@@ -48,15 +48,15 @@ def test_init_weights_refuse_other_architecture(params_dict, tmp_path):
     import copy
 
     cfg = _cfg(copy.deepcopy(params_dict))
-    ckpt.save_model(build_model(cfg, 6), tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
+    pretrained.save_model(build_model(cfg, 6), tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
     other = build_model(_cfg(params_dict, dim=64), 3)
     with pytest.raises(ValueError, match="shape mismatches"):
-        ckpt.load_init_weights(other, tmp_path / "m")
+        pretrained.load_init_weights(other, tmp_path / "m")
 
 
 def test_missing_model_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json or meta.json"):
-        ckpt.load_model(tmp_path / "nothing")
+        pretrained.load_model(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,9 +73,9 @@ def _features(model, n: int = 3) -> torch.Tensor:
 def test_config_json_holds_the_architecture_not_params_keys(params_dict, tmp_path):
     params_dict["augment"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     cfg = _cfg(params_dict)
-    ckpt.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
+    pretrained.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["model_type"] == "dmf" and config["format_version"] == ckpt.CONFIG_VERSION
+    assert config["model_type"] == "dmf" and config["format_version"] == pretrained.CONFIG_VERSION
     assert config["image_size"] == [32, 16] and config["feature_dim"] == 32 and config["num_classes"] == 6
     assert config["image_mean"] == [0.485, 0.456, 0.406] and config["image_std"] == [0.229, 0.224, 0.225]
     assert config["with_text"] is False and config["text_dim"] is None and config["text_encoder"] is None
@@ -89,16 +89,16 @@ def test_loads_from_config_json_alone_whatever_meta_json_says(params_dict, tmp_p
     """Renaming params keys (or dropping meta.json) cannot break loading: config.json is enough."""
     cfg = _cfg(params_dict)
     model = build_model(cfg, 6, pretrained=False)
-    ckpt.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
+    pretrained.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
     meta = json.loads((tmp_path / "m" / "meta.json").read_text())
     meta["config"]["network"] = meta["config"].pop("model")  # a params key renamed since
     meta["config"]["fusion"]["width"] = meta["config"]["fusion"].pop("dim")
     (tmp_path / "m" / "meta.json").write_text(json.dumps(meta))
-    loaded, meta2 = ckpt.load_model(tmp_path / "m")
+    loaded, meta2 = pretrained.load_model(tmp_path / "m")
     assert meta2["config"]["network"]["image"]["dim"] == 32  # meta.json comes back as provenance
     assert torch.equal(_features(loaded), _features(model))
     (tmp_path / "m" / "meta.json").unlink()
-    loaded, meta3 = ckpt.load_model(tmp_path / "m")
+    loaded, meta3 = pretrained.load_model(tmp_path / "m")
     assert meta3 == {"num_classes": 6, "with_text": False, "feature_dim": 32}
     assert torch.equal(_features(loaded), _features(model)) and loaded.config() == model.config()
 
@@ -107,9 +107,9 @@ def test_model_without_config_json_loads_from_meta_json(params_dict, tmp_path):
     """A model folder written before config.json existed (meta.json with the pipeline config)."""
     cfg = _cfg(params_dict)
     model = build_model(cfg, 6, pretrained=False)
-    ckpt.save_model(model, tmp_path / "old", cfg=cfg, num_classes=6, stage="finetune")
+    pretrained.save_model(model, tmp_path / "old", cfg=cfg, num_classes=6, stage="finetune")
     (tmp_path / "old" / "config.json").unlink()
-    loaded, meta = ckpt.load_model(tmp_path / "old")
+    loaded, meta = pretrained.load_model(tmp_path / "old")
     assert meta["stage"] == "finetune" and meta["config"]["model"]["image"]["dim"] == 32
     assert torch.equal(_features(loaded), _features(model)) and loaded.config() == model.config()
 
@@ -118,11 +118,11 @@ def test_text_path_round_trip_without_the_text_encoder(params_dict, tmp_path):
     """A pretrained model with a caption path: text_dim comes from config.json, not from the encoder."""
     cfg = _cfg(params_dict)
     model = build_model(cfg, 6, with_text=True, text_dim=24, pretrained=False)
-    ckpt.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
+    pretrained.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["with_text"] is True and config["text_dim"] == 24
     assert config["fusion"]["text_tokens"] == cfg.model.text.max_length
-    loaded, _ = ckpt.load_model(tmp_path / "m")
+    loaded, _ = pretrained.load_model(tmp_path / "m")
     assert loaded.has_text and loaded.text_proj.in_features == 24
     states, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():
@@ -138,25 +138,25 @@ def test_text_path_round_trip_without_the_text_encoder(params_dict, tmp_path):
 ])
 def test_bad_config_json_names_the_file_and_the_problem(params_dict, tmp_path, edit, match):
     cfg = _cfg(params_dict)
-    ckpt.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
+    pretrained.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
     path = tmp_path / "m" / "config.json"
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match) as exc:
-        ckpt.load_model(tmp_path / "m")
+        pretrained.load_model(tmp_path / "m")
     assert "config.json" in str(exc.value)
 
 
 def test_weights_that_do_not_match_config_json(params_dict, tmp_path):
     cfg = _cfg(params_dict)
-    ckpt.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
+    pretrained.save_model(build_model(cfg, 6, pretrained=False), tmp_path / "m", cfg=cfg, num_classes=6, stage="finetune")
     path = tmp_path / "m" / "config.json"
     config = json.loads(path.read_text())
     config["fusion"]["layers"] = 2
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match its config.json"):
-        ckpt.load_model(tmp_path / "m")
+        pretrained.load_model(tmp_path / "m")
 
 
 def test_training_state_round_trip(tmp_path):
@@ -182,10 +182,10 @@ def test_trainable_text_encoder_is_rebuilt_from_config_json(params_dict, tmp_pat
     params_dict["model"]["text"].update(freeze=False, max_length=16)
     cfg = _cfg(params_dict)
     model = build_model(cfg, 6, with_text=True, pretrained=False).eval()
-    ckpt.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
+    pretrained.save_model(model, tmp_path / "m", cfg=cfg, num_classes=6, stage="pretrain")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["text_encoder"] == {"name": "minilm", "max_length": 16, "freeze": False}
-    loaded, _ = ckpt.load_model(tmp_path / "m")
+    loaded, _ = pretrained.load_model(tmp_path / "m")
     with torch.no_grad():
         want = model.embed_text_states(*model.text_encoder(["a person in a red coat"]))
         assert torch.equal(loaded.embed_text_states(*loaded.text_encoder(["a person in a red coat"])), want)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dmf_core import cli
 from dmf_core.config import config_from_dict
-from dmf_core.model import pretrained as ckpt
+from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 
 SUBCOMMANDS = ["search", "extract", "export", "datasets", "doctor", "matrix", "showcase"]
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
     cfg = config_from_dict(params)
     torch.manual_seed(0)
     model = build_model(cfg, 5, with_text=False, pretrained=False).eval()
-    ckpt.save_model(model, root / "model", cfg=cfg, num_classes=5, stage="finetune")
+    pretrained.save_model(model, root / "model", cfg=cfg, num_classes=5, stage="finetune")
 
     rng = np.random.default_rng(0)
     raw = root / "raw"
@@ -151,7 +151,7 @@ def test_extract_split_and_folder(world, tmp_path, capsys):
     from dmf_core.data.loading.loader import build_test_loader
     from dmf_core.eval.features import extract_features
 
-    model, _ = ckpt.load_model(world["model"])
+    model, _ = pretrained.load_model(world["model"])
     loader = build_test_loader(world["gallery"], world["cfg"].augment, 32, 16, batch_size=7)
     np.testing.assert_allclose(feats, extract_features(model.embed_images, loader), atol=1e-5)
 

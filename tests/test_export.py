@@ -13,7 +13,7 @@ import torch
 
 from dmf_core import FeatureExtractor, cli
 from dmf_core.config import config_from_dict
-from dmf_core.model import pretrained as ckpt
+from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 
 H, W = 32, 16
@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
     cfg = config_from_dict(params)
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("export") / "model"
-    ckpt.save_model(build_model(cfg, 4, pretrained=False), out, cfg=cfg, num_classes=4, stage="finetune")
+    pretrained.save_model(build_model(cfg, 4, pretrained=False), out, cfg=cfg, num_classes=4, stage="finetune")
     return out
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dmf_core import FeatureExtractor
 from dmf_core.config import config_from_dict
-from dmf_core.model import pretrained as ckpt
+from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 
 H, W = 32, 16
@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     params["augment"].update(mean=MEAN, std=STD)
     cfg = config_from_dict(params)
     torch.manual_seed(0)
-    ckpt.save_model(build_model(cfg, 4, pretrained=False), root / "model", cfg=cfg, num_classes=4, stage="finetune")
+    pretrained.save_model(build_model(cfg, 4, pretrained=False), root / "model", cfg=cfg, num_classes=4, stage="finetune")
     rng = np.random.default_rng(0)
     files = []
     for i, (h, w) in enumerate([(48, 24), (H, W), (100, 37), (20, 30)]):
@@ -56,7 +56,7 @@ def _evaluation_features(world, files, flip: bool = False) -> np.ndarray:
     from dmf_core.data.loading.loader import build_test_transform, decode_to_tensor
     from dmf_core.eval.features import extract_features
 
-    model, _ = ckpt.load_model(world["model"])
+    model, _ = pretrained.load_model(world["model"])
     transform = build_test_transform(H, W, world["cfg"].augment)
     batch = torch.stack([transform(decode_to_tensor(f.read_bytes())) for f in files])
     return extract_features(model.embed_images, [{"image": batch}], flip=flip)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmf_core.data.captions.attributes import ATTRIBUTE_COLUMNS
 from dmf_core.data.synthped import world as synth
 from dmf_core.data.synthped.world import (
-    ATTRIBUTE_COLUMNS,
     FINEGPR_NAME_RE,
     MARKET_NAME_RE,
     STYLES,

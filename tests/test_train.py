@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmf_core.config import config_from_dict
+from dmf_core.config import config_from_dict, to_dict
 from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
@@ -174,7 +174,7 @@ def test_step_compiled_under_cuda_graphs_trains_like_eager(params_dict, tmp_path
                       torch._dynamo.eval_frame.OptimizedModule)
     curves = {}
     for mode in (None, "reduce-overhead"):
-        d = pretrained.to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))
+        d = to_dict(tiny_cfg(params_dict, epochs=4, lr=0.003))
         d["train"].update(compile=mode, precision="fp32")
         cfg = config_from_dict(d)
         paths = outputs(tmp_path, str(mode))
@@ -258,8 +258,6 @@ def _weights(path: Path) -> dict:
 def test_resume_after_sigkill_matches_uninterrupted_run(params_dict, tmp_path):
     params = params_dict
     cfg = tiny_cfg(params, epochs=5)
-    from dmf_core.config import to_dict
-
     cfg_dict = to_dict(cfg)
     # Uninterrupted, in a subprocess like the resumed one.
     ref = tmp_path / "ref"
@@ -293,7 +291,7 @@ def test_changed_params_do_not_resume(params_dict, tmp_path):
     cfg = tiny_cfg(params_dict, epochs=1)
     paths = outputs(tmp_path, "x")
     train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **paths)
-    cfg2 = tiny_cfg(json.loads(json.dumps(pretrained.to_dict(cfg))), epochs=2, lr=0.002)
+    cfg2 = tiny_cfg(json.loads(json.dumps(to_dict(cfg))), epochs=2, lr=0.002)
     m = train(cfg2, "pretrain", memory_stage_data(cfg2, "pretrain"), **paths)
     assert m["run"]["resumed_from_epoch"] == 0
 
@@ -320,8 +318,8 @@ def test_finetune_after_another_pretraining_does_not_resume_its_state(params_dic
     cfg = tiny_cfg(params_dict, epochs=2)
     pre_a, pre_b = outputs(tmp_path, "pre_a"), outputs(tmp_path, "pre_b")
     train(cfg, "pretrain", memory_stage_data(cfg, "pretrain"), **pre_a)
-    cfg_b = tiny_cfg(json.loads(json.dumps(pretrained.to_dict(cfg))), epochs=2)
-    cfg_b = config_from_dict({**pretrained.to_dict(cfg_b), "pretrain": {**pretrained.to_dict(cfg_b)["pretrain"], "lr": 0.004}})
+    cfg_b = tiny_cfg(json.loads(json.dumps(to_dict(cfg))), epochs=2)
+    cfg_b = config_from_dict({**to_dict(cfg_b), "pretrain": {**to_dict(cfg_b)["pretrain"], "lr": 0.004}})
     train(cfg_b, "pretrain", memory_stage_data(cfg_b, "pretrain"), **pre_b)
     ft = outputs(tmp_path, "ft")  # one work directory for every fine-tuning below
 
@@ -346,7 +344,7 @@ def test_fingerprint_covers_upstream_params_inputs_and_code_only(params_dict, tm
     from dmf_core.train import fingerprint as fp
 
     cfg = tiny_cfg(params_dict)
-    d = pretrained.to_dict(cfg)
+    d = to_dict(cfg)
 
     def fingerprint(d, inputs=None):
         return fp.training_fingerprint(config_from_dict(d), "finetune", datasets=["synthped", "sp_market"],
@@ -415,8 +413,6 @@ def test_lmdb_digest_follows_the_image_content(tmp_path):
 @pytest.mark.timeout(360)
 def test_ddp_two_gloo_ranks_keep_identical_weights(params_dict, tmp_path):
     cfg = tiny_cfg(params_dict, epochs=2)
-    from dmf_core.config import to_dict
-
     out = tmp_path / "ddp"
     script = _script(tmp_path, to_dict(cfg), out)
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -458,7 +454,7 @@ def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
 
     p = params_dict
     cfg = tiny_cfg(p, epochs=1)
-    d = pretrained.to_dict(cfg)
+    d = to_dict(cfg)
     d["fusion"].update(mode="shared", align_weight=0.5)
     d["model"]["text"]["max_length"] = 24
     cfg = config_from_dict(d)
@@ -515,7 +511,7 @@ def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_pa
     from dmf_core.train.loop import train_stage
 
     lmdb, caps = _pack_toy(tmp_path)
-    d = pretrained.to_dict(tiny_cfg(params_dict, epochs=1))
+    d = to_dict(tiny_cfg(params_dict, epochs=1))
     d["fusion"]["mode"] = "shared"
     d["model"]["text"]["max_length"] = 16
     d["pretrain"]["holdout_ids"] = 2
@@ -546,7 +542,7 @@ def test_decode_on_the_device_trains_the_same_weights_on_cpu(params_dict, tmp_pa
     lmdb, _ = _pack_toy(tmp_path)
     weights = {}
     for decode in ("worker", "device"):
-        d = pretrained.to_dict(tiny_cfg(params_dict, epochs=2))
+        d = to_dict(tiny_cfg(params_dict, epochs=2))
         d["train"]["decode"] = decode
         run = outputs(tmp_path, decode)
         train_stage(config_from_dict(d), "pretrain", train_lmdb=lmdb, **run)

@@ -39,22 +39,22 @@ from dmf_core.data.captions.attributes import (
     COLOURS,
     validate_attribute_frame,
 )
+from dmf_core.data.captions.codes import (
+    ILLUMINATION,
+    N_VIEWPOINTS,
+    SCENE,
+    SCENE_TYPES,
+    WEATHER,
+    viewpoint_angle,
+)
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
-# Rendering conditions (FACTS §4.2)
+# Rendering conditions (FACTS §4.2; their codes: dmf_core.data.captions.codes)
 # ---------------------------------------------------------------------------------------------
 
 CONDITION_COLUMNS: tuple[str, ...] = ("viewpoint", "weather", "illumination", "scene")
-WEATHER: dict[int, str] = {1: "sunny", 2: "clouds", 3: "overcast", 4: "foggy", 5: "neutral", 6: "blizzard",
-                           7: "snowlight"}
-ILLUMINATION: dict[int, str] = {1: "midnight", 2: "dawn", 3: "forenoon", 4: "noon", 5: "afternoon", 6: "dusk",
-                                7: "night"}
-SCENE: dict[int, str] = {1: "urban", 2: "urban", 3: "wild", 4: "urban", 5: "wild", 6: "urban", 7: "urban",
-                         8: "wild", 9: "urban"}
-SCENE_TYPES: tuple[str, ...] = ("urban", "wild")
-N_VIEWPOINTS = 36
 
 #: default angle -> word mapping (params.yaml captions.viewpoint_words); [lo, hi) degrees, wraps at 360.
 DEFAULT_VIEWPOINT_WORDS: dict[str, list[float]] = {
@@ -74,11 +74,6 @@ class CaptionInputError(ValueError):
 
 class CaptionParseError(ValueError):
     """A caption contains contradictory phrases for one attribute."""
-
-
-def viewpoint_angle(code: np.ndarray | int) -> np.ndarray | int:
-    """FineGPR viewpoint code c01..c36 -> angle in degrees (c28 = 0, c01 = 90, 10 degree steps)."""
-    return ((np.asarray(code) - 28) * 10) % 360
 
 
 def viewpoint_word_table(viewpoint_words: dict[str, list[float]] | None) -> list[str]:
@@ -430,7 +425,8 @@ def _conditions(manifest: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarr
         pid_from_name = cond.pop("pid")
         source = "file names (IIII_cCC_wWW_lLL_pPP.jpg; condition columns absent)"
     bad = np.zeros(n, dtype=bool)
-    for c, hi in (("viewpoint", 36), ("weather", 7), ("illumination", 7), ("scene", 9)):
+    for c, hi in (("viewpoint", N_VIEWPOINTS), ("weather", len(WEATHER)), ("illumination", len(ILLUMINATION)),
+                  ("scene", len(SCENE))):
         bad |= (cond[c] < 1) | (cond[c] > hi)
     if pid_from_name is not None:
         pid_col = pd.to_numeric(manifest["pid"], errors="coerce").fillna(-1).to_numpy(np.int64)
@@ -571,7 +567,8 @@ class _Images:
         view_vocab = sorted(set(view_table))
         view_code_to_word = np.array([view_vocab.index(w) for w in view_table], dtype=np.int64)
         vp, we, il, sc = (cond[c][rows] for c in CONDITION_COLUMNS)
-        scene_type = np.array([0] + [SCENE_TYPES.index(SCENE[k]) for k in range(1, 10)], dtype=np.int64)[sc]
+        scene_type = np.array([0] + [SCENE_TYPES.index(SCENE[k]) for k in range(1, len(SCENE) + 1)],
+                              dtype=np.int64)[sc]
         view_word = view_code_to_word[vp - 1] if len(rows) else vp
         return cls(image_id=image_col, pid=pid[rows], viewpoint=vp, weather=we, illumination=il, scene=sc,
                    scene_type=scene_type, person=np.searchsorted(attr_pids, pid[rows]),

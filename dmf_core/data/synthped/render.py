@@ -1,8 +1,10 @@
 """SynthPed drawing: identities, backgrounds, the 2.5-D pedestrian renderer, weather and light.
 
-numpy + PIL only (no torch), so the generator starts fast. Everything is deterministic: an
-identity is a pure function of ``(seed, namespace, pid)`` and an image a pure function of the
-identity, the condition codes and the ``numpy.random.Generator`` handed in.
+numpy + PIL (no torch), so the generator starts fast. FineGPR's codes (attribute columns and
+codes, scene types, viewpoint angles) come from :mod:`dmf_core.data.captions`, which puts the
+same codes into words. Everything is deterministic: an identity is a pure function of
+``(seed, namespace, pid)`` and an image a pure function of the identity, the condition codes and
+the ``numpy.random.Generator`` handed in.
 
 Geometry. The person is drawn in a 2.5-D body frame: a point with lateral offset ``L`` (positive
 = the person's right) and forward offset ``F`` lands at image x ``cx - cos(a) * L + sin(a) * F``
@@ -25,39 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# ---------------------------------------------------------------------------------------------
-# FineGPR codes
-# ---------------------------------------------------------------------------------------------
-
-ATTRIBUTE_COLUMNS: tuple[str, ...] = (
-    "gender", "hair", "age", "glasses", "short_sleeve", "top_length", "dress", "boots", "hat",
-    "bag", "shoe_color", "upper_color", "lower_color",
-)
-COLOR_NAMES: tuple[str, ...] = (
-    "black", "white", "red", "purple", "gray", "yellow", "blue", "green", "brown",
-)
-WEATHER_NAMES: tuple[str, ...] = (
-    "sunny", "clouds", "overcast", "foggy", "neutral", "blizzard", "snowlight",
-)
-ILLUMINATION_NAMES: tuple[str, ...] = (
-    "midnight", "dawn", "forenoon", "noon", "afternoon", "dusk", "night",
-)
-SCENE_KINDS: tuple[str, ...] = (
-    "urban", "urban", "wild", "urban", "wild", "urban", "urban", "wild", "urban",
-)
-NUM_VIEWPOINTS = 36
-
-
-def viewpoint_angle(code: int) -> int:
-    """FineGPR viewpoint code c01..c36 -> angle in degrees, 0 = front (c28), 90 = right (c01)."""
-    if not 1 <= int(code) <= NUM_VIEWPOINTS:
-        raise ValueError(f"viewpoint code {code!r}: expected 1..{NUM_VIEWPOINTS}")
-    return ((int(code) - 28) * 10) % 360
-
-
-def angle_to_viewpoint(angle: float) -> int:
-    """Angle in degrees (0 = front) -> the nearest FineGPR viewpoint code 1..36."""
-    return (int(round(angle / 10.0)) % 36 + 27) % 36 + 1
+from dmf_core.data.captions.attributes import ATTRIBUTE_CODES, ATTRIBUTE_COLUMNS
+from dmf_core.data.captions.codes import ILLUMINATION, N_VIEWPOINTS, SCENE, WEATHER, viewpoint_angle
 
 
 def stable_seed(*parts: object) -> int:
@@ -197,7 +168,7 @@ def check_attributes(attributes: dict[str, int]) -> None:
     for col in ATTRIBUTE_COLUMNS:
         if col not in attributes:
             raise ValueError(f"attributes: missing column {col!r}")
-        hi = 9 if col.endswith("_color") and col != "shoe_color" else (3 if col == "age" else 2)
+        hi = max(ATTRIBUTE_CODES[col])  # codes are 1..hi
         if not 1 <= int(attributes[col]) <= hi:
             raise ValueError(f"attributes[{col!r}] = {attributes[col]!r}: expected 1..{hi}")
 
@@ -287,9 +258,9 @@ class DomainStyle:
 
 
 CLEAN = DomainStyle(
-    name="finegpr", cameras=36, background="finegpr", render_scale=1.5, blur=0.0, jpeg_quality=95,
+    name="finegpr", cameras=N_VIEWPOINTS, background="finegpr", render_scale=1.5, blur=0.0, jpeg_quality=95,
     noise=0.0, cast_strength=0.0, saturation=1.0, view_dirs=tuple(range(0, 360, 10)),
-    view_jitter=0.0, weathers=(1, 2, 3, 4, 5, 6, 7), illuminations=(1, 2, 3, 4, 5, 6, 7),
+    view_jitter=0.0, weathers=tuple(WEATHER), illuminations=tuple(ILLUMINATION),
     bbox_jitter=0.02, person_scale=(0.84, 0.9),
 )
 
@@ -427,7 +398,7 @@ def background(family: str, variant: int, h: int, w: int) -> tuple[np.ndarray, i
     img = Image.new("RGB", (pw, h))
     d = ImageDraw.Draw(img)
     if family == "finegpr":
-        kind = SCENE_KINDS[(variant - 1) % 9]
+        kind = SCENE[(variant - 1) % len(SCENE) + 1]
         ground = _bg_wild(d, r, h, pw) if kind == "wild" else _bg_urban(d, r, h, pw, light=variant % 2 == 0)
     elif family == "campus":
         ground = _bg_wild(d, r, h, pw) if variant % 4 == 3 else _bg_urban(d, r, h, pw, light=True)

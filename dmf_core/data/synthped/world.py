@@ -21,30 +21,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from dmf_core.data.captions.attributes import write_attributes
+from dmf_core.data.captions.attributes import ATTRIBUTE_COLUMNS, write_attributes
+from dmf_core.data.captions.codes import ILLUMINATION, N_VIEWPOINTS, SCENE, WEATHER, angle_to_viewpoint
 from dmf_core.data.synthped.render import (
-    ATTRIBUTE_COLUMNS,
     CLEAN,
-    COLOR_NAMES,
-    ILLUMINATION_NAMES,
-    NUM_VIEWPOINTS,
-    SCENE_KINDS,
     STYLES,
-    WEATHER_NAMES,
     DomainStyle,
     Identity,
-    angle_to_viewpoint,
     render_person,
     rng_for,
     sample_identity,
-    viewpoint_angle,
 )
 
 __all__ = [
-    "ATTRIBUTE_COLUMNS", "COLOR_NAMES", "ILLUMINATION_NAMES", "NUM_VIEWPOINTS", "SCENE_KINDS", "STYLES",
-    "WEATHER_NAMES", "DomainStyle", "Identity", "FINEGPR_NAME_RE", "MARKET_NAME_RE", "angle_to_viewpoint",
-    "contact_sheet", "finegpr_pids", "render_person", "sample_identity", "viewpoint_angle", "write_finegpr",
-    "write_market_domain",
+    "STYLES", "DomainStyle", "Identity", "FINEGPR_NAME_RE", "MARKET_NAME_RE", "contact_sheet", "finegpr_pids",
+    "render_person", "sample_identity", "write_finegpr", "write_market_domain",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,16 +86,16 @@ def finegpr_pids(ids: int) -> list[int]:
 
 def _finegpr_combos(rng: np.random.Generator, k: int) -> list[tuple[int, int, int]]:
     """``k`` distinct (viewpoint, weather, illumination) codes spread evenly over the viewpoints."""
-    total = NUM_VIEWPOINTS * 7 * 7
+    total = N_VIEWPOINTS * len(WEATHER) * len(ILLUMINATION)
     if k > total:
         raise ValueError(f"images_per_id={k}: at most {total} distinct (viewpoint, weather, illumination)")
-    off = int(rng.integers(NUM_VIEWPOINTS))
+    off = int(rng.integers(N_VIEWPOINTS))
     seen: set[tuple[int, int, int]] = set()
     out = []
     for i in range(k):
-        v = (off + (i * NUM_VIEWPOINTS) // k if k <= NUM_VIEWPOINTS else off + i) % NUM_VIEWPOINTS + 1
+        v = (off + (i * N_VIEWPOINTS) // k if k <= N_VIEWPOINTS else off + i) % N_VIEWPOINTS + 1
         while True:
-            combo = (v, int(rng.integers(1, 8)), int(rng.integers(1, 8)))
+            combo = (v, int(rng.integers(1, len(WEATHER) + 1)), int(rng.integers(1, len(ILLUMINATION) + 1)))
             if combo not in seen:
                 break
         seen.add(combo)
@@ -130,7 +121,7 @@ def write_finegpr(out_dir: Path, *, ids: int, images_per_id: int, height: int, w
         rows.append({"pid": pid, **ident.attributes})
         rng = rng_for("synthped-finegpr-combos", seed, namespace, pid)
         for v, w, il in _finegpr_combos(rng, images_per_id):
-            p = int(rng.integers(1, 10))
+            p = int(rng.integers(1, len(SCENE) + 1))
             rel = f"FineGPR/{pid:04d}/{pid:04d}_c{v:02d}_w{w:02d}_l{il:02d}_p{p:02d}.jpg"
 
             def job(ident=ident, v=v, w=w, il=il, p=p, rel=rel) -> bytes:
@@ -342,11 +333,11 @@ def contact_sheet(out_path: Path, *, seed: int = 0, height: int = 128, width: in
 
     ids = [sample_identity(seed, namespace, 2 * i + 1) for i in range(cols)]
     rows.append(("identities, front, p01-p09", [clean(t, p=i % 9 + 1) for i, t in enumerate(ids)]))
-    views = [28 + round(i * 36 / cols) for i in range(cols)]
-    rows.append(("viewpoints 0..315 deg", [clean(ids[1], v=(v - 1) % 36 + 1, key="v") for v in views]))
+    views = [28 + round(i * N_VIEWPOINTS / cols) for i in range(cols)]
+    rows.append(("viewpoints 0..315 deg", [clean(ids[1], v=(v - 1) % N_VIEWPOINTS + 1, key="v") for v in views]))
     candidates = (sample_identity(seed, namespace, 2 * i + 1) for i in range(500))
     packer = next((t for t in candidates if t.attributes["bag"] == 1 and t.bag_kind == 0), ids[0])
-    rows.append(("viewpoints (backpack)", [clean(packer, v=(v - 1) % 36 + 1, key="b") for v in views]))
+    rows.append(("viewpoints (backpack)", [clean(packer, v=(v - 1) % N_VIEWPOINTS + 1, key="b") for v in views]))
     rows.append(("weather w01..w07", [clean(ids[2], v=30, w=min(i + 1, 7), p=3 if i == 7 else 2, key="w")
                                       for i in range(cols)]))
     rows.append(("illumination l01..l07", [clean(ids[3], v=26, il=min(i + 1, 7), p=4, key="l")
