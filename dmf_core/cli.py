@@ -1,6 +1,7 @@
 """The `dmf` command: what a re-ID user touches outside `dvc repro`.
 
   dmf search    query images -> top-k matches in a packed gallery split (JSON + ranked-list PNG)
+  dmf explain   images -> one PNG each: where the model looks (how much each patch moves the feature)
   dmf extract   features of a packed split or of image files -> .npy + parquet of ids
   dmf export    a trained model -> one ONNX or TorchScript file (images in [0, 1] -> features)
   dmf datasets  every known dataset, its state here and what to do next
@@ -24,6 +25,9 @@ import sys
 from pathlib import Path
 
 from dmf_core import paths
+
+# dmf_core.eval.explain's methods, its default first (not imported here: `dmf --help` stays free of torch).
+MAP_METHODS = ("gradient", "rollout")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -122,11 +126,22 @@ def _search(args: argparse.Namespace) -> int:
     record = search(args.queries, model_dir=args.model, gallery=args.gallery, k=args.k, out_dir=args.out,
                     flip=args.flip, batch_size=args.batch_size, device=args.device,
                     num_workers=args.num_workers, gallery_features=args.gallery_features,
-                    plot_queries=args.plot_queries)
+                    plot_queries=args.plot_queries, maps=args.map_method if args.maps else None)
     for q in record["queries"][: args.print]:
         best = ", ".join(f"{m['image_id']} ({m['distance']:.3f})" for m in q["matches"][:3])
         print(f"{q['query']}: {best}{', ...' if len(q['matches']) > 3 else ''}")
     print(f"wrote {record['outputs']['json']} and {record['outputs']['png']}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Images -> one PNG each: the image and, over it, how much each patch moves its retrieval feature."""
+    from dmf_core.search import explain_files
+
+    written = explain_files(args.images, model_dir=args.model, out_dir=args.out, method=args.method,
+                            device=args.device, sheet=args.sheet)
+    pictures = len(written) - (args.sheet is not None)
+    print(f"wrote {pictures} picture(s) to {args.out}" + (f" and the sheet {args.sheet}" if args.sheet else ""))
     return 0
 
 
@@ -216,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", dest="log_info", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_doctor, _add_matrix, _add_search, _add_extract, _add_export, _add_datasets,
-                        _add_showcase):
+    for add_command in (_add_doctor, _add_matrix, _add_search, _add_explain, _add_extract, _add_export,
+                        _add_datasets, _add_showcase):
         add_command(sub)
     return parser
 
@@ -251,8 +266,29 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--plot-queries", type=_positive_int, default=8,
                         help="queries drawn in the PNG (default 8; the JSON has all)")
     search.add_argument("--print", type=int, default=5, metavar="N", help="queries summarised on stdout (default 5)")
+    search.add_argument("--maps", action="store_true",
+                        help="draw each image's map (dmf explain) under it in the PNG")
+    search.add_argument("--map-method", choices=MAP_METHODS, default=MAP_METHODS[0],
+                        help=f"map of --maps (default {MAP_METHODS[0]}; docs/cli.md, dmf explain)")
     _add_model_args(search)
     search.set_defaults(func=_search)
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    explain = sub.add_parser(
+        "explain", help=_explain.__doc__, description=_explain.__doc__ + " Maps and how they were chosen: docs/cli.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: dmf explain my_queries/ --model models/sp_market --out reports/explain")
+    explain.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    explain.add_argument("--model", required=True, metavar="DIR",
+                         help="a trained model folder (model.safetensors + config.json), e.g. models/sp_market")
+    explain.add_argument("--out", default="reports/explain", metavar="DIR",
+                         help="where the pictures go, <image stem>.png each (default reports/explain)")
+    explain.add_argument("--method", choices=MAP_METHODS, default=MAP_METHODS[0],
+                         help=f"{' or '.join(MAP_METHODS)} (default {MAP_METHODS[0]}; docs/cli.md says why)")
+    explain.add_argument("--sheet", metavar="PNG", help="also one PNG with every image side by side")
+    explain.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    explain.set_defaults(func=_explain)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:

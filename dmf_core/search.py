@@ -1,4 +1,5 @@
-"""Features and retrieval with a trained model, outside the pipeline: ``dmf extract`` and ``dmf search``.
+"""Features, retrieval and maps with a trained model, outside the pipeline: ``dmf extract``,
+``dmf search`` and ``dmf explain``.
 
 - :func:`extract_to_files`: features of a packed LMDB split or of image files/folders, in
   batches, with a progress bar -> ``<out>.npy`` (float32, N x D, L2-normalised f, the test-time
@@ -6,7 +7,9 @@
   feature, in the same order: ``key, image_id, pid, camid`` for an LMDB split, ``path`` for files).
 - :func:`search`: query images -> the top-k of a packed gallery split by cosine distance
   (``1 - cos``) with a faiss inner-product index over the L2-normalised features; writes a JSON of
-  (gallery image, distance) per query and a ranked-list PNG.
+  (gallery image, distance) per query and a ranked-list PNG (``maps``: with each image's map under it).
+- :func:`explain_files`: image files -> one PNG per image with its map over it
+  (:mod:`dmf_core.eval.explain`: how much each patch moves the retrieval feature).
 
 Both embed through :class:`~dmf_core.extractor.FeatureExtractor` (image files directly; an LMDB
 split through the evaluation's test loader, decoded to [0, 1], then the extractor's model call).
@@ -21,6 +24,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,6 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmf_core import paths
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +202,10 @@ def _gallery_features(extractor, gallery_lmdb: Path, sidecar: pd.DataFrame, cach
 def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str | Path, k: int = 10,
            out_dir: str | Path = "reports/search", flip: bool = False, batch_size: int = 128,
            device: str = "auto", num_workers: int = 0, gallery_features: str | Path | None = None,
-           plot_queries: int = 8) -> dict:
+           plot_queries: int = 8, maps: str | None = None) -> dict:
     """Top-k gallery matches of each query image; writes ``search.json`` and ``search.png``
-    under ``out_dir`` and returns the JSON record."""
+    under ``out_dir`` and returns the JSON record. ``maps`` (a method of
+    :mod:`dmf_core.eval.explain`, or None): the PNG gets a row of maps under each query's row."""
     from dmf_core.data.store.lmdb_store import LmdbReader
     from dmf_core.eval.retrieval import topk
 
@@ -225,7 +233,8 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
     json_path, png_path = out_dir / "search.json", out_dir / "search.png"
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     shown = min(len(files), max(1, int(plot_queries)))
-    plot_search_results(files[:shown], idx[:shown], dist[:shown], reader, png_path)
+    load_map = None if maps is None else search_map_loader(extractor, files, reader, maps)
+    plot_search_results(files[:shown], idx[:shown], dist[:shown], reader, png_path, load_map=load_map)
     record["outputs"] = {"json": str(json_path), "png": str(png_path)}
     log.info("%d queries, top-%d of %d gallery images -> %s, %s", len(files), record["k"], len(sidecar),
              json_path, png_path)
@@ -233,9 +242,10 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
 
 
 def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.ndarray, reader,
-                        out_png: Path) -> Path:
+                        out_png: Path, load_map=None) -> Path:
     """One row per query (identity unknown): the query file, then its top-k gallery images with
-    rank, distance, id and camera; the evaluation's ranked-list drawing."""
+    rank, distance, id and camera; the evaluation's ranked-list drawing (with ``load_map``, the
+    maps of the same images under each row)."""
     from PIL import Image
 
     from dmf_core.data.images import decode_rgb
@@ -253,4 +263,95 @@ def plot_search_results(query_files: Sequence[Path], idx: np.ndarray, dist: np.n
     gallery = [{"index": int(j), "pid": int(sidecar["pid"].iloc[j]), "camid": int(sidecar["camid"].iloc[j])}
                for j in range(len(sidecar))]
     return plot_ranked_list(queries, gallery, idx.tolist(), out_png, load_image=load_image,
-                            top_k=idx.shape[1], distances=dist.tolist(), thumb=(96, 48))
+                            top_k=idx.shape[1], distances=dist.tolist(), thumb=(96, 48), load_map=load_map)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps: dmf explain, and the maps of a search's picture
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalised(extractor, unit: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images at the model's size -> what the model sees (its mean/std), on its device."""
+    import torch
+
+    return (unit.to(extractor.device, torch.float32) - extractor.encoder.mean) / extractor.encoder.std
+
+
+def search_map_loader(extractor, query_files: Sequence[Path], reader, method: str):
+    """``load_map(kind, index)`` of a search picture: a query file (index into ``query_files``) or
+    a gallery image (index into ``reader``), decoded as for its feature, with its map over it."""
+    import torch
+
+    from dmf_core.data.images import decode_rgb
+    from dmf_core.data.loading.loader import decode_to_tensor
+    from dmf_core.eval.explain import map_loader
+    from dmf_core.extractor import ImageInputs
+
+    transform = extractor.transform()
+
+    def load_input(kind: str, index: int) -> torch.Tensor:
+        if kind == "query":
+            unit = ImageInputs([str(query_files[index])], transform)[0]
+        else:
+            unit = transform(decode_to_tensor(reader.get_bytes(int(index)), "stored image")).as_subclass(torch.Tensor)
+        return _normalised(extractor, unit[None])[0]
+
+    def load_image(kind: str, index: int):
+        if kind == "query":
+            return decode_rgb(Path(query_files[index]), str(query_files[index]))
+        return decode_rgb(reader.get_bytes(int(index)), "stored image")
+
+    return map_loader(extractor.model, load_input, load_image, method)
+
+
+def _unique_png_names(files: Sequence[Path]) -> list[str]:
+    """``<stem>.png`` per file; a stem seen before gets ``_2``, ``_3``, ..."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = Path(f).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
+    return names
+
+
+def explain_files(inputs: Sequence[str | Path], *, model_dir: str | Path, out_dir: str | Path,
+                  method: str | None = None, device: str = "auto", sheet: str | Path | None = None,
+                  batch_size: int = 32) -> list[Path]:
+    """One PNG per image of ``inputs`` (files and folders) under ``out_dir``: the image as the
+    model sees it (resized to its input) and the ``method`` map over it (:mod:`dmf_core.eval.explain`;
+    default its default). ``sheet``: also one PNG with every image side by side. Every image is
+    read and every map computed before anything is written: a bad input writes nothing."""
+    import torch
+
+    from dmf_core.eval.explain import DEFAULT_METHOD, METHODS, patch_maps, plot_explanations
+    from dmf_core.extractor import ImageInputs
+
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"map method {method!r}; expected one of {', '.join(METHODS)}")
+    files = list_images(inputs)
+    extractor = load_extractor(model_dir, device)
+    dataset = ImageInputs([str(f) for f in files], extractor.transform())
+    unit = torch.stack([dataset[i] for i in range(len(files))])  # an unreadable file fails here
+    maps = torch.cat([patch_maps(extractor.model, _normalised(extractor, chunk), method)
+                      for chunk in unit.split(batch_size)]).numpy()
+    pictures = [_to_pil(u) for u in unit]
+    out_dir = Path(out_dir)
+    written = []
+    for name, f, picture, heat in zip(_unique_png_names(files), files, pictures, maps):
+        written.append(plot_explanations([picture], [heat], out_dir / name, titles=[Path(f).name[:24]],
+                                         method=method))
+    if sheet is not None:
+        written.append(plot_explanations(pictures, list(maps), Path(sheet), method=method,
+                                         titles=[Path(f).name[:18] for f in files]))
+    log.info("%d maps (%s) of %s -> %s", len(files), method, model_dir, out_dir)
+    return written
+
+
+def _to_pil(unit: torch.Tensor):
+    from PIL import Image
+
+    array = (unit.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(array, "RGB")

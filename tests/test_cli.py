@@ -21,7 +21,7 @@ from dmf_core.config import config_from_dict
 from dmf_core.model import pretrained
 from dmf_core.model.build import build_model
 
-SUBCOMMANDS = ["search", "extract", "export", "datasets", "doctor", "matrix", "showcase"]
+SUBCOMMANDS = ["search", "explain", "extract", "export", "datasets", "doctor", "matrix", "showcase"]
 
 
 # ---------------------------------------------------------------------------------------------

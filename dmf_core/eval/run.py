@@ -99,7 +99,7 @@ def evaluate_cell(cfg: Config, row: str, target: str) -> dict:
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     write_cmc_tsv(result.cmc, cmc_path)
     if cfg.evaluate.ranked_list_queries:
-        _ranked_list(cfg, feats, splits, paths.ranked_list_png(row, target))
+        _ranked_list(cfg, feats, splits, paths.ranked_list_png(row, target), model)
     write_record(paths.eval_facts_json(row, target), {
         "source": row, "target": target, "seed": cfg.seed, "rerank": cfg.evaluate.rerank,
         "flip": cfg.evaluate.flip, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -120,12 +120,21 @@ def _untrained_reference(cfg: Config, splits: TargetSplits) -> dict:
     return _rank(cfg, _features(untrained, splits, cfg.evaluate.flip), splits)[0].summary()
 
 
-def _ranked_list(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits, out_png: Path) -> None:
+def _ranked_list(cfg: Config, feats: dict[str, np.ndarray], splits: TargetSplits, out_png: Path,
+                 model) -> None:
+    """The ranked-list PNG; with ``evaluate.ranked_list_maps`` each row's images with their maps
+    (dmf_core/eval/explain.py, the default method) under it."""
     from dmf_core.eval.visualise import ranked_list_for_queries
 
+    load_map = None
+    if cfg.evaluate.ranked_list_maps:
+        from dmf_core.eval.explain import map_loader
+
+        # The images as the features saw them: the split's test transform, normalised.
+        load_map = map_loader(model, lambda split, i: splits.loaders[split].dataset[i]["image"], splits.image)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     q_pids, q_cams = splits.ids("query")
     g_pids, g_cams = splits.ids("gallery")
     ranked_list_for_queries(feats["query"], feats["gallery"], q_pids, g_pids, q_cams, g_cams,
                             load_image=splits.image, num_queries=cfg.evaluate.ranked_list_queries,
-                            seed=cfg.seed, out_png=out_png)
+                            seed=cfg.seed, out_png=out_png, load_map=load_map)
