@@ -222,7 +222,7 @@ class EvaluateConfig:
     rerank: bool
     max_rank: int
     ranked_list_queries: int
-    # Each ranked-list row gets a row of maps under it (dmf_core/eval/explain.py): where the model looks.
+    # Each ranked-list image gets its map under it (dmf_core/eval/explain.py): where the model looks.
     ranked_list_maps: bool
 
 

@@ -205,7 +205,7 @@ def search(queries: Sequence[str | Path], *, model_dir: str | Path, gallery: str
            plot_queries: int = 8, maps: str | None = None) -> dict:
     """Top-k gallery matches of each query image; writes ``search.json`` and ``search.png``
     under ``out_dir`` and returns the JSON record. ``maps`` (a method of
-    :mod:`dmf_core.eval.explain`, or None): the PNG gets a row of maps under each query's row."""
+    :mod:`dmf_core.eval.explain`, or None): each image of the PNG has its map under it."""
     from dmf_core.data.store.lmdb_store import LmdbReader
     from dmf_core.eval.retrieval import topk
 

@@ -271,7 +271,7 @@ def test_search_maps_on_and_off(trained, project, tmp_path, capsys):
     off, on = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("off", "on"))
     assert off == on  # the maps change the picture only
     with Image.open(tmp_path / "off/search.png") as a, Image.open(tmp_path / "on/search.png") as b:
-        assert b.width == a.width and b.height > 1.5 * a.height  # a row of maps under each row
+        assert b.width == a.width and b.height > 1.5 * a.height  # each thumbnail with its map under it
 
 
 def test_evaluation_ranked_list_maps_on_and_off(project, monkeypatch):
