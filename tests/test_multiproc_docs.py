@@ -79,7 +79,8 @@ def dvc_yaml_for_test(dvc_yaml: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A git + DVC copy of the project with a tiny params.yaml and SynthPed packed and captioned."""
+    """A git + DVC copy of the project with a tiny params.yaml and SynthPed packed and captioned
+    (caption states encoded)."""
     repo = tmp_path_factory.mktemp("scaling")
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "dmf_core", repo / "dmf_core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -89,7 +90,7 @@ def project(tmp_path_factory) -> Path:
     dvc_yaml = dvc_yaml_for_test(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
-    for stage in (["download.py", "synthped"], ["captions.py"], ["pack.py", "synthped"]):
+    for stage in (["download.py", "synthped"], ["captions.py"], ["encode_captions.py"], ["pack.py", "synthped"]):
         _run([sys.executable, f"stages/{stage[0]}", *stage[1:]], repo)
     return repo
 
@@ -121,7 +122,8 @@ def test_one_host_command_from_the_docs(project):
     # step 3 of the docs: DVC records the hand-run stage; it is then up to date
     _run(["git", "init", "-q"], project)
     _run(["dvc", "init", "-q"], project)
-    _run(["dvc", "commit", "-f", "download@synthped", "captions", "pack@synthped", "pretrain"], project)
+    _run(["dvc", "commit", "-f", "download@synthped", "captions", "encode_captions", "pack@synthped", "pretrain"],
+         project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert {o["path"] for o in lock["pretrain"]["outs"]} >= {"models/pretrain"}
     status = _run(["dvc", "status", "pretrain"], project).stdout
