@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson"]
+    layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson", "csv"]
     source: Literal["synth", "url", "archive", "dir"]
     location: str | None = None  # URL, archive path or directory (not for synth)
     registry: str | None = None  # registry key of a real dataset (issue: real datasets)
@@ -480,6 +480,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"evaluate.rows: expected {rows} ('pretrain', then finetune.sources in order: the "
                           f"stages evaluate@<row>-<target>), got {cfg.evaluate.rows}")
     for name, spec in cfg.datasets.items():
+        if spec.source == "synth" and spec.layout == "csv":
+            raise ConfigError(f"datasets.{name}: layout csv is a folder of your own images (source: dir, "
+                              "location: the folder holding dataset.csv), not generated")
         if spec.source == "synth":
             if cfg.synth is None:
                 raise ConfigError(f"datasets.{name}: source 'synth' needs a synth: section")

@@ -8,8 +8,10 @@ Manifest columns (see ARCHITECTURE.md and :mod:`dmf_core.data.sources.manifest`)
 ``image_id`` (posix path relative to ``root``), ``split`` (train|query|gallery), ``pid`` (int,
 junk -1 dropped, Market distractors 0 kept), ``camid`` (0-based int), ``dataset``; the FineGPR
 layout adds ``viewpoint``, ``weather``, ``illumination``, ``scene`` (the 1-based codes of the
-file name). Rows are sorted by (split, image_id). A malformed file name raises ValueError naming
-the file. The folder the rows come from is ``df.attrs["folder"]`` (relative to ``root``).
+file name); the ``csv`` layout (the user's own images, :func:`parse_csv`) adds an optional
+``caption`` (str, null where the CSV's cell is empty). Rows are sorted by (split, image_id). A
+malformed file name raises ValueError naming the file. The folder the rows come from is
+``df.attrs["folder"]`` (relative to ``root``).
 
 The search never guesses: a root holding several candidate folders (Market-1501 next to
 ``cuhk03-np/``, MSMT17 V1 next to V2), or none of the asked-for variant (``labeled/`` when only
@@ -23,15 +25,16 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from dmf_core.data.sources.manifest import order_columns
+from dmf_core.data.sources.manifest import SPLITS, _check_image, order_columns
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("finegpr", "market", "msmt17", "cuhk03np", "randperson")
+LAYOUTS = ("finegpr", "market", "msmt17", "cuhk03np", "randperson", "csv")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SKIP_DIRS = frozenset({"__MACOSX", ".git", ".dvc"})
 MAX_DEPTH = 4  # how deep below root the real layout folder may sit
@@ -50,6 +53,11 @@ FINEGPR_COLUMNS = tuple(FINEGPR_CODES)
 MSMT_DIRS = {"v1": ("train", "test"), "v2": ("mask_train_v2", "mask_test_v2")}
 MSMT_LISTS = (("list_train.txt", "train", 0), ("list_val.txt", "train", 0),
               ("list_query.txt", "query", 1), ("list_gallery.txt", "gallery", 1))
+# The user's own images: <folder>/dataset.csv, one row per image (docs/datasets.md)
+CSV_NAME = "dataset.csv"
+CSV_COLUMNS = ("path", "pid", "camid", "split")
+CSV_OPTIONAL = ("caption",)
+TEXT_COLUMNS = ("image_id", "split", "caption")  # the manifest columns a parser fills with strings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +125,11 @@ def _frame(rows: list[tuple], columns: list[str], dataset: str, folder: Path, ro
     df = pd.DataFrame.from_records(rows, columns=columns)
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
-        df["image_id"] = df["image_id"].astype(str)
-        df["split"] = df["split"].astype(str)
+        for col in TEXT_COLUMNS:
+            if col in df.columns:
+                df[col] = df[col].astype(str)
     for col in columns:
-        if col not in ("image_id", "split"):
+        if col not in TEXT_COLUMNS:
             df[col] = df[col].astype("int64")
     df["dataset"] = dataset
     df = order_columns(df.sort_values(["split", "image_id"], kind="stable").reset_index(drop=True))
@@ -343,6 +352,151 @@ def parse_finegpr(root: Path, dataset: str, variant: str | None = None) -> pd.Da
 
 
 # ---------------------------------------------------------------------------------------------
+# The user's own images: a folder with dataset.csv (path,pid,camid,split[,caption])
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv_error(csv: Path, line: int, what: str) -> ValueError:
+    """The one-line error of a bad CSV row: file, line (as an editor shows it), what is wrong."""
+    return ValueError(f"{csv}:{line}: {what}")
+
+
+def _read_csv(csv: Path) -> tuple[pd.DataFrame, list[int]]:
+    """The CSV's rows (all str, stripped, blank lines dropped) and each row's line number.
+
+    A row's line counts the header (line 1), blank lines and the line breaks inside quoted cells
+    (a caption written over two lines), so it is the line an editor shows. The header is read as
+    a row (``header=None``), so a row with more cells than the header is an error, never a
+    silently dropped cell or a first column taken as the index.
+    """
+    try:
+        raw = pd.read_csv(csv, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                          encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv}: empty file; the first line must be the header "
+                         f"{','.join(CSV_COLUMNS)}[,caption]") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{csv}: not a readable UTF-8 CSV ({str(exc).strip()})") from None
+    raw = raw.apply(lambda col: col.str.strip())
+    header = raw.iloc[0].tolist()
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in (*CSV_COLUMNS, *CSV_OPTIONAL)]
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if missing or unknown or twice:
+        what = (f"missing column(s) {missing}" if missing else f"unknown column(s) {unknown}" if unknown
+                else f"column(s) {twice} named twice")
+        raise _csv_error(csv, 1, f"{what}; the header must name {', '.join(CSV_COLUMNS)} "
+                                 f"(and optionally {', '.join(CSV_OPTIONAL)})")
+    breaks = raw.apply(lambda col: col.str.count("\n")).sum(axis=1).cumsum().shift(fill_value=0)
+    lines = (1 + pd.RangeIndex(len(raw)) + breaks.to_numpy()).tolist()[1:]
+    df = raw.iloc[1:].reset_index(drop=True)
+    df.columns = header
+    keep = (df != "").any(axis=1).to_numpy()
+    return df[keep].reset_index(drop=True), [n for n, k in zip(lines, keep) if k]
+
+
+def _csv_image(csv: Path, line: int, value: str, folder: Path, real_folder: Path) -> tuple[str, Path]:
+    """A row's ``path`` as a clean posix path relative to the CSV's folder, and the file it names.
+
+    Refused: empty, absolute, with a backslash, leaving the folder (``..`` or a symlink whose
+    target is outside, checked on the resolved path), or naming no file.
+    """
+    if not value:
+        raise _csv_error(csv, line, "empty path")
+    if "\\" in value:
+        raise _csv_error(csv, line, f"path {value!r}: write folders with '/', not '\\'")
+    rel = PurePosixPath(value)
+    if rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", value):
+        raise _csv_error(csv, line, f"path {value!r} is outside the folder {folder} (paths are relative "
+                                    f"to the folder of {CSV_NAME}, without '..')")
+    full = folder / rel
+    real = full.resolve()
+    if real_folder not in real.parents:
+        raise _csv_error(csv, line, f"path {value!r} leads outside the folder {folder} (to {real})")
+    if not real.is_file():
+        raise _csv_error(csv, line, f"path {value!r}: image not found ({full})")
+    return rel.as_posix(), full
+
+
+def _csv_codes(values: list[str]) -> list[int]:
+    """``pid`` / ``camid`` values as 0..n-1 in sorted order of the distinct values.
+
+    When every value is a decimal integer they are compared as numbers ("7" and "007" are one
+    id; 2 before 10), otherwise as strings. The same CSV always gives the same numbers.
+    """
+    if all(re.fullmatch(r"[+-]?\d+", v) for v in values):
+        keys: list = [int(v) for v in values]
+    else:
+        keys = values
+    code = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return [code[k] for k in keys]
+
+
+def _check_decodes(csv: Path, files: list[Path], values: list[str], lines: list[int]) -> None:
+    """Decode every image (the checks of verify_images); the first unreadable one, by line, raises."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for value, line, reason in zip(values, lines, pool.map(_check_image, files)):
+            if reason is not None:
+                raise _csv_error(csv, line, f"path {value!r}: unreadable image ({reason})")
+
+
+def _warn_unmatched_queries(csv: Path, df: pd.DataFrame, lines: list[int], pid_values: list[str]) -> None:
+    gallery = set(df.loc[df["split"] == "gallery", "pid"])
+    alone = [i for i in range(len(df)) if df["split"].iat[i] == "query" and df["pid"].iat[i] not in gallery]
+    if alone:
+        i = alone[0]
+        log.warning("%s: %d query image(s) have an identity absent from the gallery (first: line %d, pid %r); "
+                    "the evaluation does not count them", csv, len(alone), lines[i], pid_values[i])
+
+
+def parse_csv(root: Path, dataset: str) -> pd.DataFrame:
+    """The user's own images: ``dataset.csv`` (columns path,pid,camid,split[,caption]) in a folder.
+
+    ``path`` is relative to the CSV's folder; ``pid``/``camid`` are integers or strings mapped to
+    0..n-1 (:func:`_csv_codes`); an empty caption cell is null. Every row is checked, in line
+    order (the path stays inside the folder, names a file and is not listed twice, the split is
+    known, pid and camid are given), then every image is decoded; the first failure raises
+    ValueError naming the CSV, the line and the value. A query identity absent from the gallery
+    only warns.
+    """
+    found = []
+    for path, dirnames, filenames in _walk_dirs(root):
+        if CSV_NAME in filenames:
+            found.append(path)
+            dirnames[:] = []
+    folder = _choose(found, root, dataset, f"{CSV_NAME} (columns {','.join(CSV_COLUMNS)}[,caption])")
+    csv = folder / CSV_NAME
+    rows, lines = _read_csv(csv)
+    if rows.empty:
+        raise ValueError(f"{csv}: no rows below the header (one row per image: {','.join(CSV_COLUMNS)})")
+    real_folder, prefix = folder.resolve(), "" if folder == root else _rel(folder, root)
+    image_ids, files, seen = [], [], {}
+    for value, split, pid, camid, line in zip(rows["path"], rows["split"], rows["pid"], rows["camid"], lines):
+        rel, full = _csv_image(csv, line, value, folder, real_folder)
+        if rel in seen:
+            raise _csv_error(csv, line, f"path {value!r} listed twice (first at line {seen[rel]})")
+        if split not in SPLITS:
+            raise _csv_error(csv, line, f"split {split!r} (path {value!r}) is not one of {', '.join(SPLITS)}")
+        if not pid or not camid:
+            raise _csv_error(csv, line, f"empty {'pid' if not pid else 'camid'} for path {value!r}")
+        seen[rel] = line
+        image_ids.append(f"{prefix}/{rel}" if prefix else rel)
+        files.append(full)
+    pids, camids = _csv_codes(rows["pid"].tolist()), _csv_codes(rows["camid"].tolist())
+    _check_decodes(csv, files, rows["path"].tolist(), lines)
+    columns = ["image_id", "split", "pid", "camid"]
+    records = list(zip(image_ids, rows["split"], pids, camids))
+    if "caption" in rows.columns and (rows["caption"] != "").any():
+        columns.append("caption")
+        records = [(*r, c or None) for r, c in zip(records, rows["caption"])]
+    df = _frame(records, columns, dataset, folder, root)
+    order = {image_id: i for i, image_id in enumerate(image_ids)}
+    at = [order[i] for i in df["image_id"]]
+    _warn_unmatched_queries(csv, df, [lines[i] for i in at], [rows["pid"].iat[i] for i in at])
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -352,6 +506,7 @@ _PARSERS = {
     "cuhk03np": parse_cuhk03np,
     "msmt17": parse_msmt17,
     "randperson": parse_randperson,
+    "csv": parse_csv,
 }
 
 
