@@ -106,15 +106,34 @@ def pretrained_requirement(path: str | None, root: Path) -> Requirement:
                                     "`dmf_core.data.sources.acquire.acquire_file('vit_base_jx', ...)`), saved at that path")
 
 
-def attributes_requirement(cfg, root: Path) -> Requirement:
-    """The captions stage's attribute file (or released FineGPR-C captions), and that DVC keeps it."""
+#: captions.source -> what its captions.file is (the attribute table's requirement is below)
+_CAPTION_FILES = {"finegpr_c": "FineGPR-C captions", "cuhk_pedes": "CUHK-PEDES captions",
+                  "icfg_pedes": "ICFG-PEDES captions", "rstpreid": "RSTPReid captions"}
+
+
+def _caption_file_requirement(cfg, root: Path) -> Requirement:
+    """The file a captions.source other than attributes reads (a published JSON or the manifest)."""
     c = cfg.captions
-    if c.finegpr_c:
-        full = root / c.finegpr_c
-        return Requirement(f"FineGPR-C captions (captions.finegpr_c: {c.finegpr_c})", full.is_file(),
-                           "present" if full.is_file() else f"{c.finegpr_c} not found")
-    path = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
-    what = f"attribute file (captions.attributes: {path})"
+    if c.source == "manifest":
+        what, want = "captions from the manifest (captions.source: manifest)", paths.manifest_path(c.dataset)
+        if Path(c.file) != want:
+            return Requirement(what, False, f"captions.file is {c.file}; set it to the manifest, {want}")
+        return Requirement(what, True, "present" if (root / want).is_file() else f"written by download@{c.dataset}")
+    what = f"{_CAPTION_FILES[c.source]} (captions.file: {c.file})"
+    if (root / c.file).is_file():
+        return Requirement(what, True, "present")
+    if _inside(root, Path(c.file), paths.raw_dir(c.dataset)):  # shipped with the dataset: extracted by download
+        return Requirement(what, True, f"extracted by download@{c.dataset} (not there yet)")
+    return Requirement(what, False, f"{c.file} not found")
+
+
+def attributes_requirement(cfg, root: Path) -> Requirement:
+    """The captions stage's input: the attribute file (and that DVC keeps it) or the caption file."""
+    c = cfg.captions
+    if c.source != "attributes":
+        return _caption_file_requirement(cfg, root)
+    path = Path(c.file)
+    what = f"attribute file (captions.file: {path})"
     spec = cfg.datasets.get(c.dataset)
     made_here = spec is not None and spec.source == "synth" and _inside(root, path, paths.raw_dir(c.dataset))
     if made_here:
@@ -124,7 +143,7 @@ def attributes_requirement(cfg, root: Path) -> Requirement:
         from dmf_core.data.sources.registry import ATTRIBUTES_PATH
 
         return Requirement(what, False, f"inside {paths.RAW}/, a download stage's output that `dvc repro` deletes; "
-                                        f"move it to {ATTRIBUTES_PATH} and set captions.attributes to that path")
+                                        f"move it to {ATTRIBUTES_PATH} and set captions.file to that path")
     if (root / path).is_file():
         return Requirement(what, True, "present")
     from dmf_core.data.captions.attributes import missing_file_message

@@ -82,8 +82,12 @@ class CaptionsConfig:
     seed: int
     on_bad_rows: Literal["fail", "skip"]
     viewpoint_words: dict[str, list[float]]
-    attributes: str | None  # attribute file; null: the one next to the dataset
-    finegpr_c: str | None  # released FineGPR-C COCO-style JSON to use instead (null: generate)
+    # Where the captions come from (docs/captions.md#caption-sources): generated from a FineGPR
+    # attribute table, released FineGPR-C captions, the manifest's caption column (layout csv), or
+    # the published caption JSON of CUHK-PEDES, ICFG-PEDES or RSTPReid.
+    source: Literal["attributes", "finegpr_c", "manifest", "cuhk_pedes", "icfg_pedes", "rstpreid"]
+    file: str  # what `source` reads (the attribute table, a caption JSON, the manifest); a DVC dependency
+    images: str | None  # published JSONs: the folder under data/raw/<dataset>/ their image paths start in
     # What a generated caption states: the attributes, viewpoint and the conditions (weather,
     # time of day, scene) ("full"), or the attributes and viewpoint only ("person").
     content: Literal["full", "person"]

@@ -224,11 +224,10 @@ def _status(root: Path, name: str, spec, entry, checksums: dict, origin: str) ->
 
 def _attributes_status(cfg, root: Path) -> DatasetStatus:
     need = attributes_requirement(cfg, root)
-    path = cfg.captions.finegpr_c or cfg.captions.attributes or str(paths.raw_dir(cfg.captions.dataset) /
-                                                                       "attributes.csv")
+    path = cfg.captions.file
     full = root / path
     present = full.is_file()
-    return DatasetStatus(name="captions.finegpr_c" if cfg.captions.finegpr_c else "captions.attributes",
+    return DatasetStatus(name="captions.file",
                          kind="file", origin="params", source=path, registry=None,
                          state="present" if present else ("generated" if need.ok else "missing"),
                          size_bytes=full.stat().st_size if present else None,

@@ -1,13 +1,34 @@
-"""captions: FineGPR attributes + per-image conditions -> natural-language captions."""
+"""captions: the pretraining caption table, generated from FineGPR attributes or read from captions people wrote."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmf_core import paths
 from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
 from dmf_core.track import write_record
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _read_table(c, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The caption table of a source that reads captions instead of generating them."""
+    from dmf_core.data import written_captions
+    from dmf_core.data.captions import generate as cap
+
+    if c.source == "finegpr_c":
+        return cap.read_finegpr_c(Path(c.file), manifest, on_bad_rows=c.on_bad_rows)
+    if c.source == "manifest":
+        where = paths.manifest_path(c.dataset)
+        if Path(c.file) != where:
+            raise StageError(f"captions.file: {c.file!r}; with captions.source: manifest it names the manifest "
+                             f"the captions come from, {where}")
+        return written_captions.read_manifest_captions(manifest, where=str(where), on_bad_rows=c.on_bad_rows)
+    return written_captions.read_published(c.source, Path(c.file), manifest, images=c.images,
+                                     raw_dir=paths.raw_dir(c.dataset), on_bad_rows=c.on_bad_rows)
 
 
 def main(cfg: Config) -> None:
@@ -24,13 +45,15 @@ def main(cfg: Config) -> None:
     out_parquet = paths.captions_parquet(c.dataset)
     out_json = out_parquet.with_name(out_parquet.stem + "_coco.json")
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
-    if c.finegpr_c:
-        captions = cap.read_finegpr_c(Path(c.finegpr_c), manifest, on_bad_rows=c.on_bad_rows)
+    if c.source != "attributes":
+        captions = _read_table(c, manifest)
         cap.write_captions(captions, out_parquet, out_json)
         metrics = cap.caption_metrics(captions)
+        metrics.update(caption_source=c.source, skipped=captions.attrs.get("skipped", {}))
+        if "entries" in captions.attrs:
+            metrics["entries_per_split"] = captions.attrs["entries"]
     else:
-        attributes_file = Path(c.attributes) if c.attributes else paths.raw_dir(c.dataset) / "attributes.csv"
-        attributes = read_attributes(attributes_file, on_bad_rows=c.on_bad_rows)
+        attributes = read_attributes(Path(c.file), on_bad_rows=c.on_bad_rows)
         result = cap.generate_captions(manifest, attributes, per_image=c.per_image, seed=c.seed,
                                        viewpoint_words=c.viewpoint_words, on_bad_rows=c.on_bad_rows,
                                        content=c.content)

@@ -179,7 +179,7 @@ def test_missing_file_says_what_it_is_and_where_it_goes(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         read_attributes(missing)
     message = str(err.value)
-    assert str(missing) in message and "captions.attributes" in message
+    assert str(missing) in message and "captions.file" in message
     assert f"pid,{','.join(ATTRIBUTE_COLUMNS)}" in message and "docs/captions.md" in message
     assert "data/archives/FineGPR_attributes.csv" in message and "convert it" in message
     assert "Errno" not in message

@@ -82,7 +82,7 @@ def test_attribute_file_is_a_captions_dependency(tmp_path, monkeypatch, profile)
     with Repo(str(tmp_path)) as repo:
         (stage,) = repo.stage.collect("captions")
         deps = {Path(d.def_path).as_posix() for d in stage.deps}
-    attributes = yaml.safe_load((ROOT / profile).read_text())["captions"]["attributes"]
+    attributes = yaml.safe_load((ROOT / profile).read_text())["captions"]["file"]
     assert attributes in deps
     if profile == "configs/paper.yaml":  # a file the user converts, never inside a stage's output
         assert attributes == ATTRIBUTES_PATH and not attributes.startswith("data/raw/")
@@ -99,7 +99,7 @@ def test_attribute_path_is_the_same_everywhere(project):
 
     params = project["params"]
     params["datasets"]["finegpr"] = {"layout": "finegpr", "source": "archive", "location": "data/archives/F.zip"}
-    params["captions"].update(dataset="finegpr", attributes="data/raw/finegpr/attributes.csv")
+    params["captions"].update(dataset="finegpr", file="data/raw/finegpr/attributes.csv")
     Path("data/raw/finegpr").mkdir(parents=True)
     Path("data/raw/finegpr/attributes.csv").write_text("pid\n")
     need = attributes_requirement(project["write"](params), Path("."))
@@ -253,7 +253,7 @@ def test_doctor_checks_the_params(project, monkeypatch, capsys):
     assert "Text encoder offline" in lines["text encoder (model.text.name: bert-base-uncased)"]
     assert "MISSING" in lines["ViT weights (model.image.pretrained)"]
     assert "MISSING" in lines["datasets.market1501 (archive)"]
-    assert "written by download@synthped" in lines["attribute file (captions.attributes: "
+    assert "written by download@synthped" in lines["attribute file (captions.file: "
                                                    "data/raw/synthped/attributes.csv)"]
 
     _fake_hub_cache(project["root"] / "hf", "bert-base-uncased")
@@ -311,7 +311,7 @@ def test_datasets_lists_attributes_weights_and_missing_labeled(project, capsys):
                                               "registry": "cuhk03np_labeled", "location": "data/archives/cuhk03-np.zip"}
     params["datasets"]["finegpr"] = {"layout": "finegpr", "source": "archive", "registry": "finegpr",
                                      "location": "data/archives/FineGPR.zip"}
-    params["captions"].update(dataset="finegpr", attributes=ATTRIBUTES_PATH)
+    params["captions"].update(dataset="finegpr", file=ATTRIBUTES_PATH)
     project["write"](params)
     src = Path("src")
     build_cuhk03np(src)
@@ -321,7 +321,7 @@ def test_datasets_lists_attributes_weights_and_missing_labeled(project, capsys):
     assert cli.main(["datasets", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert "no labeled/ folder" in rows["cuhk03np_labeled"]["next_step"]
-    attributes = rows["captions.attributes"]
+    attributes = rows["captions.file"]
     assert attributes["kind"] == "file" and attributes["state"] == "missing"
     assert "convert it" in attributes["next_step"] and attributes["source"] == ATTRIBUTES_PATH
     weights = rows["vit_base_jx"]
@@ -334,7 +334,7 @@ def test_datasets_lists_attributes_weights_and_missing_labeled(project, capsys):
     make_zip(Path("complete"), Path("data/archives/cuhk03-np.zip"))
     cli.main(["datasets", "--json"])
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["captions.attributes"]["state"] == "present"
+    assert rows["captions.file"]["state"] == "present"
     assert rows["vit_base_jx"]["state"] == "present" and rows["vit_base_jx"]["next_step"].startswith("ready")
     assert "download@cuhk03np_labeled" in rows["cuhk03np_labeled"]["next_step"]
 
@@ -348,7 +348,7 @@ def test_captions_stage_missing_attribute_file(project):
     params = project["params"]
     params["datasets"]["finegpr"] = {"layout": "finegpr", "source": "dir", "location": "data/extracted/finegpr",
                                      "allow_partial": True}
-    params["captions"].update(dataset="finegpr", attributes=ATTRIBUTES_PATH)
+    params["captions"].update(dataset="finegpr", file=ATTRIBUTES_PATH)
     del params["datasets"]["market1501"]
     cfg = project["write"](params)
     build_finegpr(Path("data/extracted/finegpr"))

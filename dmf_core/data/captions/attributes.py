@@ -90,13 +90,13 @@ class AttributeFileError(ValueError):
 
 def missing_file_message(path: Path | str) -> str:
     """What the attribute file is, its format and where it goes: for a file that is not there."""
-    return (f"{path}: FineGPR attribute file not found (captions.attributes). It is a delimited text file "
+    return (f"{path}: FineGPR attribute file not found (captions.file, source attributes). It is a delimited text file "
             f"with a header row and one row per identity: pid,{','.join(ATTRIBUTE_COLUMNS)}, each cell a "
             "FineGPR code (e.g. 0001,01,02,02,02,02,01,02,01,02,02,01,09,05; gender 01 male / 02 female, "
             "colours 01-09 black..brown; every code and accepted header spelling: docs/captions.md). "
             "FineGPR's own attribute annotation is not in this format: convert it, save it at this path "
             "(the paper profile's is data/archives/FineGPR_attributes.csv, outside data/raw/ which DVC "
-            "deletes) or point captions.attributes at your converted file")
+            "deletes) or point captions.file at your converted file")
 
 
 def canonical_column(header: str) -> str | None:

@@ -64,6 +64,6 @@ def attribute_targets(dataset, picker) -> np.ndarray:
         missing = [a for a in ATTRIBUTE_COLUMNS if a not in found]
         if missing:
             raise ValueError(f"attribute head: caption {caption!r} does not state {missing}; the control needs "
-                             "captions generated from the attribute table (captions.finegpr_c unset)")
+                             "captions generated from the attribute table (captions.source: attributes)")
         table[lbl] = [int(found[a]) - 1 for a in ATTRIBUTE_COLUMNS]
     return table
