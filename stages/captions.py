@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 def _read_table(c, manifest: pd.DataFrame) -> pd.DataFrame:
     """The caption table of a source that reads captions instead of generating them."""
-    from dmf_core.data import written_captions
     from dmf_core.data.captions import generate as cap
+    from dmf_core.data.captions import published
 
     if c.source == "finegpr_c":
         return cap.read_finegpr_c(Path(c.file), manifest, on_bad_rows=c.on_bad_rows)
@@ -26,8 +26,8 @@ def _read_table(c, manifest: pd.DataFrame) -> pd.DataFrame:
         if Path(c.file) != where:
             raise StageError(f"captions.file: {c.file!r}; with captions.source: manifest it names the manifest "
                              f"the captions come from, {where}")
-        return written_captions.read_manifest_captions(manifest, where=str(where), on_bad_rows=c.on_bad_rows)
-    return written_captions.read_published(c.source, Path(c.file), manifest, images=c.images,
+        return published.read_manifest_captions(manifest, where=str(where), on_bad_rows=c.on_bad_rows)
+    return published.read_published(c.source, Path(c.file), manifest, images=c.images,
                                      raw_dir=paths.raw_dir(c.dataset), on_bad_rows=c.on_bad_rows)
 
 

@@ -8,8 +8,8 @@ import os
 import pandas as pd
 import pytest
 
-from dmf_core.data import written_captions as wc
 from dmf_core.data.captions import generate as cap
+from dmf_core.data.captions import published as wc
 from dmf_core.data.captions.generate import CaptionInputError
 
 IDS = ["imgs/cam_a/p1_s1.jpg", "imgs/cam_b/p1_s2.jpg", "imgs/test/p2_s3.jpg"]
