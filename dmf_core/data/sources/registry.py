@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-#: Where the FineGPR identity-attribute file goes (captions.attributes of the paper profile).
+#: Where the FineGPR identity-attribute file goes (captions.file of the paper profile).
 #: Not under data/raw/<name>/: that folder is the download stage's output and DVC deletes it.
 ATTRIBUTES_PATH = "data/archives/FineGPR_attributes.csv"
 
@@ -73,7 +73,7 @@ _FINEGPR_NOTE = (
     "https://jbox.sjtu.edu.cn/l/E1HTsw (qbdg), Baidu https://pan.baidu.com/s/1amLde8W1vpqacaqz8v4jWw "
     "(h4k5), OneDrive https://1drv.ms/u/s!AvX6fEo1OAv5sz448xpinu8k6rdU?e=kqmQ97. The identity "
     f"attribute annotation must be converted to {ATTRIBUTES_PATH} (pid + the 13 FineGPR codes, "
-    "docs/captions.md), the path captions.attributes names."
+    "docs/captions.md), the path captions.file names."
 )
 _MSMT_NOTE = (
     "MSMT17 is distributed only on request: e-mail the authors (Longhui Wei / Shiliang Zhang, Peking "
