@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dmf_core import paths
 from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
 from dmf_core.track import write_record
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-
-def _read_table(c, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The caption table of a source that reads captions instead of generating them."""
-    from dmf_core.data.captions import generate as cap
-    from dmf_core.data.captions import published
-
-    if c.source == "finegpr_c":
-        return cap.read_finegpr_c(Path(c.file), manifest, on_bad_rows=c.on_bad_rows)
-    if c.source == "manifest":
-        where = paths.manifest_path(c.dataset)
-        if Path(c.file) != where:
-            raise StageError(f"captions.file: {c.file!r}; with captions.source: manifest it names the manifest "
-                             f"the captions come from, {where}")
-        return published.read_manifest_captions(manifest, where=str(where), on_bad_rows=c.on_bad_rows)
-    return published.read_published(c.source, Path(c.file), manifest, images=c.images,
-                                     raw_dir=paths.raw_dir(c.dataset), on_bad_rows=c.on_bad_rows)
-
 
 def main(cfg: Config) -> None:
     from dmf_core.checks import certain_failures
     from dmf_core.data.captions import generate as cap
     from dmf_core.data.captions.attributes import read_attributes
+    from dmf_core.data.captions.published import read_caption_source
     from dmf_core.data.sources.manifest import read_manifest
 
     problem = certain_failures(cfg)  # before pack: a missing text encoder or weights fails pretraining
@@ -46,7 +26,8 @@ def main(cfg: Config) -> None:
     out_json = out_parquet.with_name(out_parquet.stem + "_coco.json")
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     if c.source != "attributes":
-        captions = _read_table(c, manifest)
+        captions = read_caption_source(c, manifest, manifest_path=paths.manifest_path(c.dataset),
+                                       raw_dir=paths.raw_dir(c.dataset))
         cap.write_captions(captions, out_parquet, out_json)
         metrics = cap.caption_metrics(captions)
         metrics.update(caption_source=c.source, skipped=captions.attrs.get("skipped", {}))

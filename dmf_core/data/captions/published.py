@@ -108,6 +108,23 @@ def read_manifest_captions(manifest: pd.DataFrame, *, where: str = "manifest",
     return _match_manifest(Path(where), table, manifest, on_bad_rows, empty_is_bad=False)
 
 
+def read_caption_source(captions, manifest: pd.DataFrame, *, manifest_path: Path, raw_dir: Path) -> pd.DataFrame:
+    """The caption table of a ``captions.source`` that reads captions people wrote (every source but
+    ``attributes``): FineGPR-C's released JSON, the manifest's ``caption`` column, or a published
+    JSON file. ``captions`` is the ``captions`` section of the config."""
+    from dmf_core.data.captions.generate import read_finegpr_c
+
+    if captions.source == "finegpr_c":
+        return read_finegpr_c(Path(captions.file), manifest, on_bad_rows=captions.on_bad_rows)
+    if captions.source == "manifest":
+        if Path(captions.file) != Path(manifest_path):
+            raise CaptionInputError(f"captions.file: {captions.file!r}; with captions.source: manifest it names "
+                                    f"the manifest the captions come from, {manifest_path}")
+        return read_manifest_captions(manifest, where=str(manifest_path), on_bad_rows=captions.on_bad_rows)
+    return read_published(captions.source, Path(captions.file), manifest, images=captions.images,
+                          raw_dir=raw_dir, on_bad_rows=captions.on_bad_rows)
+
+
 def _load_entries(json_path: Path, what: str) -> list:
     try:
         data = json.loads(json_path.read_text(encoding="utf-8-sig"))
