@@ -44,22 +44,19 @@ def acquire_real(cfg: Config, name: str):
     from dmf_core.data.sources.manifest import ACCEPTED_PARTIAL, check_statistics
 
     spec = cfg.dataset(name)
-    if spec.layout == "csv" and spec.source == "dir":
+    own_folder = spec.layout == "csv" and spec.source == "dir"
+    if own_folder:
         # the user's own folder: every row of its CSV checked before data/raw/<name> is touched;
         # data/raw/<name> mirrors the folder, so the manifest's image_ids hold there too
         manifest = parse_layout(spec.layout, Path(spec.location), name)
-        root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS,
-                       cache_dir=paths.ARCHIVES)
-    else:
-        root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS,
-                       cache_dir=paths.ARCHIVES)
+    root = acquire(name, spec, raw_dir=paths.raw_dir(name), lock_file=paths.CHECKSUMS, cache_dir=paths.ARCHIVES)
+    if not own_folder:
         manifest = parse_layout(spec.layout, root, name, **layout_options(name, spec))
     expected = expected_statistics(name, spec)
     if not expected:  # no registry entry (your own images): nothing to compare the counts with
         return root, manifest, "unknown"
     table = check_statistics(manifest, expected, allow_partial=spec.allow_partial)
-    official = "unknown" if not expected else "match" if table["ok"].all() else ACCEPTED_PARTIAL
-    return root, manifest, official
+    return root, manifest, "match" if table["ok"].all() else ACCEPTED_PARTIAL
 
 
 def main(cfg: Config, name: str) -> None:
