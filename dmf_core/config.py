@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson", "csv"]
+    layout: Literal["finegpr", "market", "msmt17", "cuhk03np", "randperson", "cuhksysu", "csv"]
     source: Literal["synth", "url", "archive", "dir"]
     location: str | None = None  # URL, archive path or directory (not for synth)
     registry: str | None = None  # registry key of a real dataset (issue: real datasets)
@@ -451,6 +451,14 @@ def _check_sizes_and_weights(cfg: Config) -> None:
         raise ConfigError(f"augment.mean: expected three numbers, got {cfg.augment.mean!r}")
 
 
+def _check_targets(cfg: Config) -> None:
+    """Refuse a training-only dataset as an evaluation target (CUHK-SYSU: no query/gallery, one camera)."""
+    for i, name in enumerate(cfg.evaluate.targets):
+        if cfg.datasets[name].layout == "cuhksysu":
+            raise ConfigError(f"evaluate.targets[{i}]: {name!r} (layout cuhksysu) is a training source only: it "
+                              "has no query/gallery and one camera id, so no evaluation is possible; remove it")
+
+
 def _check_consistency(cfg: Config) -> None:
     _check_positive(cfg)
     _check_sizes_and_weights(cfg)
@@ -476,6 +484,7 @@ def _check_consistency(cfg: Config) -> None:
     ):
         if name not in cfg.datasets:
             raise ConfigError(f"{where}: dataset {name!r} is not listed under datasets")
+    _check_targets(cfg)
     if "pretrain" in cfg.finetune.sources:
         raise ConfigError("finetune.sources: 'pretrain' names the pretrained model's row of the matrix; "
                           "rename that dataset")

@@ -34,7 +34,7 @@ from dmf_core.data.sources.manifest import SPLITS, _check_image, order_columns
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("finegpr", "market", "msmt17", "cuhk03np", "randperson", "csv")
+LAYOUTS = ("finegpr", "market", "msmt17", "cuhk03np", "randperson", "cuhksysu", "csv")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SKIP_DIRS = frozenset({"__MACOSX", ".git", ".dvc"})
 MAX_DEPTH = 4  # how deep below root the real layout folder may sit
@@ -45,6 +45,10 @@ MARKET_SPLITS = {"bounding_box_train": "train", "query": "query", "bounding_box_
 # RandPerson: "000000_s00_c00_f000264.jpg"
 RANDPERSON_RE = re.compile(r"^(\d+)_s(\d+)_c(\d+)_f(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 RANDPERSON_CAM_OFFSETS = (0, 2, 4, 6, 8, 9, 10, 12, 13, 14, 15)  # QAConv randperson.py, per scene
+# CUHK-SYSU crops as torchreid / fast-reid read them: cuhksysu/cropped_images/p<pid>_s<scene>_<n>.jpg
+# (fast-reid's regex p([-\d]+)_s(\d)); all train, camid constant 0, so a source only, never a target
+CUHKSYSU_DIR = "cropped_images"
+CUHKSYSU_RE = re.compile(r"^p(-?\d+)_s(\d+)")
 # FineGPR: "0001_c01_w01_l01_p01.jpg" = id, viewpoint, weather, illumination, scene (background)
 FINEGPR_RE = re.compile(r"^(\d+)_c(\d+)_w(\d+)_l(\d+)_p(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 FINEGPR_CODES = {"viewpoint": 36, "weather": 7, "illumination": 7, "scene": 9}  # valid 1..max
@@ -308,6 +312,39 @@ def parse_randperson(root: Path, dataset: str, variant: str | None = None) -> pd
 
 
 # ---------------------------------------------------------------------------------------------
+# CUHK-SYSU (the cropped person images of the person-search set; a training source only)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_cuhksysu(root: Path, dataset: str) -> pd.DataFrame:
+    """CUHK-SYSU ``cropped_images/p<pid>_s<scene>_<n>.jpg``: every crop is train, camid 0.
+
+    pid is the number after ``p`` (torchreid: the name's first field; fast-reid: regex
+    ``p([-\\d]+)_s(\\d)``). Non-image files are ignored, as in Market-1501; an image whose name
+    does not match, or has a negative pid, raises ValueError naming the file.
+    """
+    found = []
+    for path, dirnames, _ in _walk_dirs(root):
+        if path != root and path.name == CUHKSYSU_DIR:
+            found.append(path)
+            dirnames[:] = []
+    base = _choose(found, root, dataset, f"CUHK-SYSU {CUHKSYSU_DIR}/ folder")
+    with os.scandir(base) as it:
+        names = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+    prefix, rows = _rel(base, root), []
+    for name in names:
+        m = CUHKSYSU_RE.match(name)
+        if m is None:
+            raise ValueError(f"{base / name}: file name does not match p<pid>_s<scene>_<n>.jpg "
+                             f"(regex {CUHKSYSU_RE.pattern})")
+        pid = int(m.group(1))
+        if pid < 0:
+            raise ValueError(f"{base / name}: pid {pid} out of range (expected pid >= 0)")
+        rows.append((f"{prefix}/{name}", "train", pid, 0))
+    return _frame(rows, ["image_id", "split", "pid", "camid"], dataset, base, root)
+
+
+# ---------------------------------------------------------------------------------------------
 # FineGPR
 # ---------------------------------------------------------------------------------------------
 
@@ -506,6 +543,7 @@ _PARSERS = {
     "cuhk03np": parse_cuhk03np,
     "msmt17": parse_msmt17,
     "randperson": parse_randperson,
+    "cuhksysu": parse_cuhksysu,
     "csv": parse_csv,
 }
 

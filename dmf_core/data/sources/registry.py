@@ -167,6 +167,16 @@ _ENTRIES = [
         homepage="https://github.com/VideoObjectSearch/RandPerson",
     ),
     DatasetEntry(
+        key="cuhksysu", title="CUHK-SYSU crops (11,934 IDs, 34,574 images; training source only)",
+        layout="cuhksysu", archive_names=("cuhksysu.zip", "cuhksysu.tar.gz"),
+        statistics=_stats(train=(11934, 34574)), access="request",
+        licence="research use only (the dataset owners' terms)",
+        note=("No public URL: obtain CUHK-SYSU from its owners and zip the cropped person images as torchreid "
+              "and fast-reid read them, cuhksysu/cropped_images/p<pid>_s<scene>_<n>.jpg (or use source: dir). "
+              "Every crop is a training image (camid 0, no query/gallery): a finetune source, never an "
+              "evaluation target."),
+    ),
+    DatasetEntry(
         key="vit_base_jx", title="ViT-B/16 ImageNet weights (timm jx_vit_base_p16_224)", kind="weights",
         urls=("https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
               "jx_vit_base_p16_224-80ecf9dd.pth",),
