@@ -179,3 +179,21 @@ def test_csv_dataset_packs(project):
     for split, count in (("train", 2), ("query", 1), ("gallery", 2)):
         assert paths.lmdb_path("mine", split).is_file()
         assert len(pd.read_parquet(sidecar_path(paths.lmdb_path("mine", split)))) == count
+
+
+def test_each_image_is_decoded_once(project, monkeypatch):
+    """The csv layout decodes every image to refuse an unreadable one by its line; the download
+    stage's verification then trusts it instead of decoding them all a second time."""
+    from dmf_core.data.sources import layouts, manifest
+
+    decoded, check = [], manifest.check_image
+
+    def counting(path):
+        decoded.append(Path(path).name)
+        return check(path)
+
+    monkeypatch.setattr(layouts, "check_image", counting)
+    monkeypatch.setattr(manifest, "check_image", counting)
+    _stage("download").main(load_config("params.yaml"), "mine")
+    assert len(decoded) == len(set(decoded)) == 5
+    assert Path("reports/stats/datasets/mine.bad_images.txt").read_text() == ""

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from dmf_core.data.sources.manifest import SPLITS, _check_image, order_columns
+from dmf_core.data.sources.manifest import IMAGES_DECODED, SPLITS, check_image, order_columns
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def _csv_codes(values: list[str]) -> list[int]:
 def _check_decodes(csv: Path, files: list[Path], values: list[str], lines: list[int]) -> None:
     """Decode every image (the checks of verify_images); the first unreadable one, by line, raises."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for value, line, reason in zip(values, lines, pool.map(_check_image, files)):
+        for value, line, reason in zip(values, lines, pool.map(check_image, files)):
             if reason is not None:
                 raise _csv_error(csv, line, f"path {value!r}: unreadable image ({reason})")
 
@@ -527,6 +527,7 @@ def parse_csv(root: Path, dataset: str) -> pd.DataFrame:
         columns.append("caption")
         records = [(*r, c or None) for r, c in zip(records, rows["caption"])]
     df = _frame(records, columns, dataset, folder, root)
+    df.attrs[IMAGES_DECODED] = True  # verify_images need not decode them again
     order = {image_id: i for i, image_id in enumerate(image_ids)}
     at = [order[i] for i in df["image_id"]]
     _warn_unmatched_queries(csv, df, [lines[i] for i in at], [rows["pid"].iat[i] for i in at])

@@ -188,7 +188,12 @@ def check_statistics(df: pd.DataFrame, expected: Mapping[str, Mapping[str, int |
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_image(path: Path) -> str | None:
+#: ``df.attrs`` flag of a manifest whose layout already decoded every image and refused any
+#: unreadable one (the csv layout): :func:`verify_images` does not decode them a second time.
+IMAGES_DECODED = "images_decoded"
+
+
+def check_image(path: Path) -> str | None:
     """None when the image decodes completely, else the reason.
 
     Runs in a thread pool, so the size guard is :func:`~dmf_core.data.images.open_checked`'s
@@ -213,7 +218,8 @@ def verify_images(df: pd.DataFrame, root: str | Path, report_path: str | Path,
 
     Returns the sorted image_ids that failed. The report is always written (empty when all
     images are fine). Truncated images are failures (PIL's LOAD_TRUNCATED_IMAGES stays off) and
-    the decompression-bomb guard stays on.
+    the decompression-bomb guard stays on. A manifest flagged :data:`IMAGES_DECODED` is not
+    decoded again: its layout refused any unreadable image already.
     """
     from PIL import Image, ImageFile
 
@@ -223,7 +229,7 @@ def verify_images(df: pd.DataFrame, root: str | Path, report_path: str | Path,
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was on; turning it off to detect truncation")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     root = Path(root)
-    ids = sorted(df["image_id"].tolist())
+    ids = sorted(df["image_id"].tolist()) if not df.attrs.get(IMAGES_DECODED) else []
     workers = workers or min(8, os.cpu_count() or 1)
     bad: list[tuple[str, str]] = []
     batch = 4096  # bounded number of pending futures, even for FineGPR's 2M images
@@ -231,7 +237,7 @@ def verify_images(df: pd.DataFrame, root: str | Path, report_path: str | Path,
             total=len(ids), desc="verify images", unit="img", disable=None) as bar:
         for start in range(0, len(ids), batch):
             chunk = ids[start:start + batch]
-            for image_id, reason in zip(chunk, pool.map(_check_image, (root / i for i in chunk))):
+            for image_id, reason in zip(chunk, pool.map(check_image, (root / i for i in chunk))):
                 if reason is not None:
                     bad.append((image_id, reason))
             bar.update(len(chunk))
