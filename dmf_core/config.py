@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from dmf_core.paths import RAW
+from dmf_core.rows import row_parts, row_problem
 
 
 class ConfigError(ValueError):
@@ -212,7 +213,15 @@ class PretrainConfig(StageTrainConfig):
 
 @dataclass(frozen=True)
 class FinetuneConfig(StageTrainConfig):
+    # The matrix's fine-tuning rows: a dataset, or several trained on together joined by '+'
+    # (dmf_core/rows.py); identities and cameras are namespaced per dataset.
     sources: list[str]
+    # How a P x K batch draws from a row of several datasets: P identities from their union
+    # (uniform), or P / parts from each dataset (balanced). One dataset: the same either way.
+    sampler: Literal["uniform", "balanced"]
+    # The splits of each source a row trains on: [train] (Protocol-2), or [train, query, gallery]
+    # (Protocol-3; test identities kept apart from train ones, Market's distractors dropped).
+    splits: list[Literal["train", "query", "gallery"]]
 
 
 @dataclass(frozen=True)
@@ -459,6 +468,28 @@ def _check_targets(cfg: Config) -> None:
                               "has no query/gallery and one camera id, so no evaluation is possible; remove it")
 
 
+def _check_finetune_rows(cfg: Config) -> None:
+    """Each fine-tuning row names configured datasets once each; no two rows train on the same
+    set; balanced sampling splits P evenly over a row's parts; the splits include train."""
+    seen: dict[frozenset, str] = {}
+    for i, row in enumerate(cfg.finetune.sources):
+        problem = row_problem(row, cfg.datasets)
+        if problem:
+            raise ConfigError(f"finetune.sources[{i}]: {problem}")
+        parts = row_parts(row)
+        if frozenset(parts) in seen:
+            raise ConfigError(f"finetune.sources[{i}]: {row!r} trains on the same datasets as "
+                              f"{seen[frozenset(parts)]!r}")
+        seen[frozenset(parts)] = row
+        if cfg.finetune.sampler == "balanced" and cfg.finetune.P % len(parts):
+            raise ConfigError(f"finetune.P: {cfg.finetune.P} identities per batch cannot be split evenly over "
+                              f"the {len(parts)} datasets of {row!r} (finetune.sampler: balanced)")
+    splits = cfg.finetune.splits
+    if "train" not in splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"finetune.splits: expected 'train' and, for Protocol-3, 'query' and 'gallery', "
+                          f"each once; got {splits}")
+
+
 def _check_consistency(cfg: Config) -> None:
     _check_positive(cfg)
     _check_sizes_and_weights(cfg)
@@ -475,19 +506,16 @@ def _check_consistency(cfg: Config) -> None:
         )
     if cfg.pack.resize is not None and (len(cfg.pack.resize) != 2 or min(cfg.pack.resize) <= 0):
         raise ConfigError(f"pack.resize: expected null or [height, width] > 0, got {cfg.pack.resize!r}")
-    names = [cfg.pretrain.dataset, cfg.captions.dataset, *cfg.finetune.sources, *cfg.evaluate.targets]
+    names = [cfg.pretrain.dataset, cfg.captions.dataset, *cfg.evaluate.targets]
     for where, name in zip(
         ["pretrain.dataset", "captions.dataset"]
-        + [f"finetune.sources[{i}]" for i in range(len(cfg.finetune.sources))]
         + [f"evaluate.targets[{i}]" for i in range(len(cfg.evaluate.targets))],
         names,
     ):
         if name not in cfg.datasets:
             raise ConfigError(f"{where}: dataset {name!r} is not listed under datasets")
     _check_targets(cfg)
-    if "pretrain" in cfg.finetune.sources:
-        raise ConfigError("finetune.sources: 'pretrain' names the pretrained model's row of the matrix; "
-                          "rename that dataset")
+    _check_finetune_rows(cfg)
     rows = ["pretrain", *cfg.finetune.sources]
     if cfg.evaluate.rows != rows:
         raise ConfigError(f"evaluate.rows: expected {rows} ('pretrain', then finetune.sources in order: the "

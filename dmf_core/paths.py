@@ -10,6 +10,7 @@ MANIFESTS = DATA / "manifests"
 CAPTIONS = DATA / "captions"
 CAPTION_STATES = DATA / "caption_states"  # the frozen text encoder's token states of the captions
 LMDB = DATA / "lmdb"
+ROWS = DATA / "rows"  # per fine-tuning row, the packed splits it trains on (the compose stage)
 ARCHIVES = DATA / "archives"
 CHECKSUMS = DATA / "checksums.json"
 MODELS = Path("models")
@@ -37,6 +38,10 @@ def lmdb_dir(dataset: str) -> Path:
 
 def lmdb_path(dataset: str, split: str) -> Path:
     return lmdb_dir(dataset) / f"{dataset}-{split}.lmdb"
+
+
+def row_plan_json(row: str) -> Path:
+    return ROWS / f"{row}.json"
 
 
 def captions_parquet(dataset: str) -> Path:

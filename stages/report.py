@@ -1,11 +1,12 @@
 """report: every evaluation cell -> the cross-domain matrix (JSON, Markdown table, heatmap) and
 its DVC metric (mAP and rank-1 per cell, per row the cross-domain and in-domain means). Rows: the
-pretrained model (``pretrain``) and each fine-tuning source."""
+pretrained model (``pretrain``) and each fine-tuning row (one source, or several joined by '+')."""
 
 from __future__ import annotations
 
 from dmf_core import paths
 from dmf_core.config import Config
+from dmf_core.rows import row_parts
 from dmf_core.runtime import StageError, run_stage
 from dmf_core.track import write_metrics
 
@@ -26,7 +27,14 @@ def main(cfg: Config) -> None:
     if missing:
         raise StageError(f"missing evaluation results for {missing}; run the evaluate stages first")
     results = {key: value for key, value in results.items() if key in wanted}
-    leaks = {(s, t): why for s, t in results if (why := leakage_reason(s, t, cfg.datasets))}
+    test_trained = len(cfg.finetune.splits) > 1  # Protocol-3: the sources' query and gallery too
+
+    def leak(row: str, target: str) -> str | None:
+        parts = [] if row == paths.PRETRAIN_ROW else row_parts(row)
+        return next((why for part in parts if (why := leakage_reason(part, target, cfg.datasets,
+                                                                     test_splits_trained=test_trained))), None)
+
+    leaks = {(s, t): why for s, t in results if (why := leak(s, t))}
     matrix = build_matrix(results, not_transfer=leaks)
     write_metrics(paths.eval_matrix_metrics_json(), matrix_metrics(matrix))
     paths.REPORTS.mkdir(exist_ok=True)

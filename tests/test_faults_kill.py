@@ -229,7 +229,7 @@ def test_sigkill_training_evaluate_report_then_repro_gives_the_same_results(proj
     seed = _fault_seed() + 1
     rng = random.Random(seed)
     stages = ["pretrain", "finetune@sp_market", "evaluate@sp_market-sp_market", "report"]
-    run(["dvc", "repro", "pretrain", "pack@sp_market", "evaluate@pretrain-sp_market"], project, timeout=400)
+    run(["dvc", "repro", "pretrain", "compose@sp_market", "evaluate@pretrain-sp_market"], project, timeout=400)
     _clear(project / "runs")
     script_s = {stage: _repro(stage, project)[0] for stage in stages}  # the uninterrupted reference, timed
     want = _results(project)

@@ -103,6 +103,7 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
     for target in cfg.evaluate.targets:
         evaluate.main(cfg, "pretrain", target)
     for source in cfg.finetune.sources:
+        _stage("compose").main(cfg, source)
         finetune.main(cfg, source)
         for target in cfg.evaluate.targets:
             evaluate.main(cfg, source, target)

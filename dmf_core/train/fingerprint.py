@@ -40,20 +40,9 @@ def code_digest(root: Path = code_deps.ROOT) -> str:
     return code_deps.closure_digest(root / "dmf_core" / "train" / "loop.py", root)
 
 
-def lmdb_digest(lmdb_path: str | Path) -> str:
-    """The packed split's content: its embedded metadata (digests of rows, index and captions,
-    pack params) and its sidecar index (one sha1 per stored image). Reads no image."""
-    from dmf_core.data.store.lmdb_store import LmdbReader, sidecar_path
-
-    meta = LmdbReader(Path(lmdb_path)).meta  # checked against the sidecar on construction
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    h.update(file_sha256(sidecar_path(Path(lmdb_path))).encode())
-    return h.hexdigest()
-
-
 def model_input_digests(cfg: Config, *, init_from: Path | None, with_text: bool) -> dict[str, str]:
     """Content digests of what the model starts from (the data side digests its own inputs:
-    :func:`lmdb_digest`, captions), plus the code and torch version that train it."""
+    :func:`~dmf_core.data.store.lmdb_store.content_digest`, captions), plus the code and torch version that train it."""
     from dmf_core.model.pretrained import MODEL_FILE
 
     digests = {"code": code_digest(), "torch": torch.__version__}

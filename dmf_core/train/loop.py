@@ -19,6 +19,7 @@ run (exactly so with ``train.num_workers: 0``). A finished run deletes its state
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from dmf_core.config import Config, StageTrainConfig, to_dict
 from dmf_core.model.pretrained import load_init_weights, unwrap
+from dmf_core.rows import row_parts
 from dmf_core.runtime import StageError
 from dmf_core.track import Tracker, write_metrics, write_tsv
 from dmf_core.train import checkpoint as ckpt
@@ -119,60 +121,83 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_stage_data(cfg: Config, stage: Stage, train_lmdb: Path, captions_parquet: Path | None,
-                     dist: DistInfo, dataset_name: str | None = None) -> StageData:
-    from dmf_core.data.loading.loader import CaptionPicker, build_train_loader, set_epoch
-    from dmf_core.train.digest import file_sha256
-    from dmf_core.train.fingerprint import lmdb_digest
+def build_stage_data(cfg: Config, stage: Stage, captions_parquet: Path | None, dist: DistInfo, *,
+                     train_lmdb: Path | None = None, row_plan: dict | None = None) -> StageData:
+    """Pretraining reads ``train_lmdb``; fine-tuning reads the row's plan (its datasets' packed
+    splits, :func:`dmf_core.data.loading.union.compose_row`)."""
+    from dmf_core.data.loading.loader import CaptionPicker, set_epoch
 
-    st = stage_config(cfg, stage)
-    holdout = cfg.pretrain.holdout_ids if stage == "pretrain" else 0
+    if (train_lmdb is None) == (row_plan is None) or (row_plan is None) != (stage == "pretrain"):
+        raise ValueError("build_stage_data: pretraining takes train_lmdb, fine-tuning row_plan")
     picker = None
     if uses_captions(cfg, stage) or uses_attributes(cfg, stage):
         if captions_parquet is None:
             raise ValueError(f"fusion.mode={cfg.fusion.mode}: pretraining needs the captions parquet "
                              "(captions_parquet=None)")
         picker = CaptionPicker(Path(captions_parquet), seed=cfg.seed)
-    img = cfg.model.image
-    loader = build_train_loader(
-        Path(train_lmdb), cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
-        num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
-        captions=picker, pin_memory=dist.device.type == "cuda", holdout_ids=holdout,
-        encoded=cfg.train.decode == "device",
-    )
+    holdout = cfg.pretrain.holdout_ids if stage == "pretrain" else 0
+    loader = _train_loader(cfg, stage, dist, picker, train_lmdb, row_plan)
     dataset = loader.dataset
     data = StageData(loader=loader, num_classes=dataset.num_classes - holdout, num_images=len(dataset),
                      set_epoch=lambda epoch: set_epoch(loader, epoch))
     if cfg.train.decode == "device":
         from dmf_core.data.loading.device_augment import BatchAugment
 
+        img = cfg.model.image
         data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device,
                                           name_of=dataset.image_name)
-    data.health, held_out = _health_images(cfg, stage, dataset, dataset_name, holdout)
-    if picker is not None and dist.is_main:
-        data.inputs["captions"] = file_sha256(captions_parquet)
-    if uses_attributes(cfg, stage):
+    parts = row_parts(row_plan["row"]) if row_plan else []
+    data.health, held_out = _health_images(cfg, stage, dataset, parts, holdout)
+    if stage == "pretrain":
+        _add_caption_data(cfg, data, dataset, picker, held_out)
+    if dist.is_main:
+        from dmf_core.data.store.lmdb_store import content_digest
+        from dmf_core.train.digest import file_sha256
+
+        if picker is not None:
+            data.inputs["captions"] = file_sha256(captions_parquet)
+        if train_lmdb is not None:
+            data.inputs["train_lmdb"] = content_digest(train_lmdb)
+        else:
+            data.inputs["train_row"] = json.dumps(row_plan["parts"], sort_keys=True)
+    data.datasets = [d for d in [cfg.pretrain.dataset, *parts] if d]
+    return data
+
+
+def _train_loader(cfg: Config, stage: Stage, dist: DistInfo, picker, train_lmdb: Path | None,
+                  row_plan: dict | None):
+    from dmf_core.data.loading.loader import build_train_loader
+    from dmf_core.data.loading.union import build_row_loader
+
+    st, img = stage_config(cfg, stage), cfg.model.image
+    common = dict(num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
+                  pin_memory=dist.device.type == "cuda", encoded=cfg.train.decode == "device")
+    if row_plan is not None:
+        return build_row_loader(row_plan, cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
+                                balanced=cfg.finetune.sampler == "balanced", **common)
+    return build_train_loader(Path(train_lmdb), cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
+                              captions=picker, holdout_ids=cfg.pretrain.holdout_ids, **common)
+
+
+def _add_caption_data(cfg: Config, data: StageData, dataset, picker, held_out: list[int]) -> None:
+    """What pretraining reads of the captions: the attribute targets, or the captions themselves."""
+    if uses_attributes(cfg, "pretrain"):
         from dmf_core.data.captions.controls import attribute_targets
 
         data.attribute_table = attribute_targets(dataset, picker)
-    if uses_captions(cfg, stage):
+    if uses_captions(cfg, "pretrain"):
         data.health_captions = [picker.text(dataset.caption_rows(i)[0]) for i in held_out]
         if cfg.fusion.captions == "shuffled":
             from dmf_core.data.captions.controls import shuffled_caption_sources
 
             dataset.take_captions_of(shuffled_caption_sources(dataset.labels, cfg.seed))
         data.captions = [picker.text(i) for i in range(len(picker))]
-    if dist.is_main:
-        data.inputs["train_lmdb"] = lmdb_digest(train_lmdb)
-    datasets = [cfg.pretrain.dataset] if stage == "pretrain" else [cfg.pretrain.dataset, dataset_name]
-    data.datasets = [d for d in datasets if d]
-    return data
 
 
-def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
+def _health_images(cfg: Config, stage: Stage, dataset, parts: list[str],
                    holdout: int) -> tuple[Iterable[dict] | None, list[int]]:
     """Images the stage does not train on: pretraining's held-out identities, or the fine-tuning
-    source's query and gallery. Returns the loader and, for pretraining, the held-out indices."""
+    row's query and gallery. Returns the loader and, for pretraining, the held-out indices."""
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
     from dmf_core import paths
@@ -188,8 +213,8 @@ def _health_images(cfg: Config, stage: Stage, dataset, dataset_name: str | None,
         held_out = candidates[spread_subset(len(candidates))].tolist()
         images = Subset(ReidImageDataset(dataset.path, transform), held_out)
     else:
-        splits = [paths.lmdb_path(dataset_name, s) for s in ("query", "gallery")] if dataset_name else []
-        if not splits or not all(p.exists() for p in splits):
+        splits = [p for name in parts for p in (paths.lmdb_path(name, s) for s in ("query", "gallery")) if p.exists()]
+        if not splits:
             return None, held_out
         test = ConcatDataset([ReidImageDataset(p, transform) for p in splits])
         images = Subset(test, spread_subset(len(test)).tolist())
@@ -200,23 +225,24 @@ def train_stage(
     cfg: Config,
     stage: Stage,
     *,
-    train_lmdb: Path,
     out_dir: Path,
     metrics_path: Path,
     curve_path: Path,
     work_dir: Path,
+    train_lmdb: Path | None = None,
+    row_plan: dict | None = None,
     facts_path: Path | None = None,
     init_from: Path | None = None,
     captions_parquet: Path | None = None,
     caption_states: Path | None = None,
-    dataset_name: str | None = None,
 ) -> dict:
-    """Train one stage from the packed LMDB and write its outputs (rank 0); returns the record
-    :func:`train` returns. ``dataset_name`` is the fine-tuning source (its params enter the
-    resume fingerprint); ``caption_states`` the folder the ``encode_captions`` stage wrote."""
+    """Train one stage and write its outputs (rank 0); returns the record :func:`train` returns.
+    Pretraining reads ``train_lmdb``, fine-tuning the row's plan ``row_plan`` (its datasets'
+    params and content enter the resume fingerprint); ``caption_states`` is the folder the
+    ``encode_captions`` stage wrote."""
     dist = init_distributed()
     try:
-        data = build_stage_data(cfg, stage, Path(train_lmdb), captions_parquet, dist, dataset_name)
+        data = build_stage_data(cfg, stage, captions_parquet, dist, train_lmdb=train_lmdb, row_plan=row_plan)
         data.caption_states = Path(caption_states) if caption_states is not None else None
         return train(cfg, stage, data, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
                      curve_path=Path(curve_path), work_dir=Path(work_dir), facts_path=facts_path,

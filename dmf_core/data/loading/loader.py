@@ -293,86 +293,55 @@ class CaptionPicker:
 # ---------------------------------------------------------------------------------------------
 
 
-class ReidImageDataset(torch.utils.data.Dataset):
-    """One packed split. Item: ``{"image": float 3xHxW, "label", "pid", "camid", "index"}``
-    (+ ``"caption": str`` when a :class:`CaptionPicker` is given).
+class SeededImages(torch.utils.data.Dataset):
+    """Images with labels whose random transform is seeded per (seed, epoch, index): the item
+    assembly every training dataset shares. Subclasses set ``labels``, ``pids``, ``camids`` (numpy
+    int64) and implement :meth:`stored_bytes` and :meth:`image_name`.
 
-    With ``encoded=True`` (``transform`` a :class:`ReidTrainAugment`) an item has ``"encoded"``
-    (the stored bytes, uint8) and ``"augment"`` (its random choices, :meth:`AugmentDraw.as_tensor`)
-    instead of ``"image"``: :class:`~dmf_core.data.loading.device_augment.BatchAugment` decodes and
-    augments the batch on the training device.
+    Item: ``{"image": float 3xHxW, "label", "pid", "camid", "index"}``. With ``encoded=True``
+    (``transform`` a :class:`ReidTrainAugment`) an item has ``"encoded"`` (the stored bytes, uint8)
+    and ``"augment"`` (its random choices, :meth:`AugmentDraw.as_tensor`) instead of ``"image"``:
+    :class:`~dmf_core.data.loading.device_augment.BatchAugment` decodes and augments the batch on
+    the training device.
 
     With ``augment_seed``, the random transform of item ``i`` is seeded from
     ``(augment_seed, epoch, i)``: the same epoch gives the same augmented image whatever the number
     of workers, the rank or a resume (in the main process the global RNG state is left untouched).
     """
 
-    def __init__(self, lmdb_path: Path, transform, *, captions: CaptionPicker | None = None,
-                 expected_meta: dict | None = None, augment_seed: int | None = None, encoded: bool = False):
+    labels: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+
+    def __init__(self, transform, *, augment_seed: int | None = None, encoded: bool = False):
         if encoded and (augment_seed is None or not isinstance(transform, ReidTrainAugment)):
             raise ValueError("encoded items carry their augmentation draws: give augment_seed and a "
                              "ReidTrainAugment")
         self.augment_seed = augment_seed
         self.encoded = encoded
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self.reader = LmdbReader(Path(lmdb_path), expected_meta)
-        self.path = self.reader.path
         self.transform = transform
-        self.sidecar = self.reader.sidecar
-        self.labels = self.sidecar["label"].to_numpy(dtype=np.int64)
-        self.pids = self.sidecar["pid"].to_numpy(dtype=np.int64)
-        self.camids = self.sidecar["camid"].to_numpy(dtype=np.int64)
-        self._image_ids = self.sidecar["image_id"].to_numpy()  # names images in decode errors
-        self.captions = captions
-        if captions is not None:
-            if "caption_start" in self.sidecar.columns:
-                want = self.reader.meta.get("captions_sha1")
-                if want is not None and want != captions.digest:
-                    raise ValueError(f"{self.path}: packed against other captions than {captions.source} "
-                                     f"(digest {want[:12]} vs {captions.digest[:12]}); rerun the pack stage")
-                self._cap_start = self.sidecar["caption_start"].to_numpy(dtype=np.int64)
-                self._cap_count = self.sidecar["caption_count"].to_numpy(dtype=np.int64)
-            else:
-                # packed without caption references (the pipeline's default, so that re-captioning
-                # never re-packs images): resolve them here by image_id
-                self._cap_start, self._cap_count = caption_refs(self.sidecar["image_id"], captions.image_ids)
-                without = int((self._cap_count == 0).sum())
-                if without:
-                    raise ValueError(f"{self.path}: {without} of {len(self)} images have no caption in "
-                                     f"{captions.source} (first: {self.sidecar['image_id'][np.argmax(self._cap_count == 0)]})")
-            if len(self) and int((self._cap_start + self._cap_count).max()) > len(captions):
-                raise ValueError(f"{self.path}: caption references beyond the {len(captions)} rows of "
-                                 f"{captions.source}; rerun the pack stage")
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def stored_bytes(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def image_name(self, i: int) -> str:
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) and self.labels.max() >= 0 else 0
 
-    def caption_rows(self, i: int) -> range:
-        """The caption rows (of the picker) image ``i`` chooses from."""
-        start = int(self._cap_start[i])
-        return range(start, start + int(self._cap_count[i]))
-
-    def take_captions_of(self, source: np.ndarray) -> None:
-        """From now on image ``i`` reads the captions of image ``source[i]`` (the
-        shuffled-captions control)."""
-        source = np.asarray(source, dtype=np.int64)
-        if self.captions is None or source.shape != (len(self),):
-            raise ValueError(f"take_captions_of: expected {len(self)} source indices on a dataset with captions")
-        self._cap_start, self._cap_count = self._cap_start[source], self._cap_count[source]
-
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.labels)
 
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch for augmentation seeds and caption choice (shared with persistent workers)."""
+        """Epoch for augmentation seeds (shared with persistent workers)."""
         self._epoch[0] = int(epoch)
-        if self.captions is not None:
-            self.captions.set_epoch(epoch)
 
     def sample_seed(self, i: int) -> int:
         """The seed of item ``i``'s augmentation this epoch (63 bits)."""
@@ -396,15 +365,12 @@ class ReidImageDataset(torch.utils.data.Dataset):
     def load_image(self, i: int) -> torch.Tensor:
         """Decoded, untransformed uint8 3xHxW (an image over PIL's pixel limit raises
         DecompressionBombError naming the LMDB and the image_id)."""
-        return decode_to_tensor(self.reader.get_bytes(i), f"{self.path}: {self._image_ids[i]}")
-
-    def image_name(self, i: int) -> str:
-        return f"{self.path}: {self._image_ids[int(i)]}"
+        return decode_to_tensor(self.stored_bytes(i), self.image_name(i))
 
     def encoded_image(self, i: int) -> torch.Tensor:
         """The stored bytes of image ``i`` as a uint8 tensor, for decoding on the training device;
         the header is checked against PIL's pixel limit first, as for :meth:`load_image`."""
-        data = self.reader.get_bytes(i)
+        data = self.stored_bytes(i)
         open_checked(data, self.image_name(i))
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
@@ -419,7 +385,80 @@ class ReidImageDataset(torch.utils.data.Dataset):
             item = {"image": image.as_subclass(torch.Tensor)}
         item.update({"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]),
                      "index": i})
+        return item
+
+
+class ReidImageDataset(SeededImages):
+    """One packed split (:class:`SeededImages`' items, + ``"caption": str`` when a
+    :class:`CaptionPicker` is given)."""
+
+    def __init__(self, lmdb_path: Path, transform, *, captions: CaptionPicker | None = None,
+                 expected_meta: dict | None = None, augment_seed: int | None = None, encoded: bool = False):
+        super().__init__(transform, augment_seed=augment_seed, encoded=encoded)
+        self.reader = LmdbReader(Path(lmdb_path), expected_meta)
+        self.path = self.reader.path
+        self.sidecar = self.reader.sidecar
+        self.labels = self.sidecar["label"].to_numpy(dtype=np.int64)
+        self.pids = self.sidecar["pid"].to_numpy(dtype=np.int64)
+        self.camids = self.sidecar["camid"].to_numpy(dtype=np.int64)
+        self._image_ids = self.sidecar["image_id"].to_numpy()  # names images in decode errors
+        self.captions = captions
+        if captions is not None:
+            self._cap_start, self._cap_count = self._caption_refs(captions)
+
+    def _caption_refs(self, captions: CaptionPicker) -> tuple[np.ndarray, np.ndarray]:
+        if "caption_start" in self.sidecar.columns:
+            want = self.reader.meta.get("captions_sha1")
+            if want is not None and want != captions.digest:
+                raise ValueError(f"{self.path}: packed against other captions than {captions.source} "
+                                 f"(digest {want[:12]} vs {captions.digest[:12]}); rerun the pack stage")
+            start = self.sidecar["caption_start"].to_numpy(dtype=np.int64)
+            count = self.sidecar["caption_count"].to_numpy(dtype=np.int64)
+        else:
+            # packed without caption references (the pipeline's default, so that re-captioning
+            # never re-packs images): resolve them here by image_id
+            start, count = caption_refs(self.sidecar["image_id"], captions.image_ids)
+            without = int((count == 0).sum())
+            if without:
+                raise ValueError(f"{self.path}: {without} of {len(self)} images have no caption in "
+                                 f"{captions.source} (first: {self.sidecar['image_id'][np.argmax(count == 0)]})")
+        if len(self) and int((start + count).max()) > len(captions):
+            raise ValueError(f"{self.path}: caption references beyond the {len(captions)} rows of "
+                             f"{captions.source}; rerun the pack stage")
+        return start, count
+
+    def caption_rows(self, i: int) -> range:
+        """The caption rows (of the picker) image ``i`` chooses from."""
+        start = int(self._cap_start[i])
+        return range(start, start + int(self._cap_count[i]))
+
+    def take_captions_of(self, source: np.ndarray) -> None:
+        """From now on image ``i`` reads the captions of image ``source[i]`` (the
+        shuffled-captions control)."""
+        source = np.asarray(source, dtype=np.int64)
+        if self.captions is None or source.shape != (len(self),):
+            raise ValueError(f"take_captions_of: expected {len(self)} source indices on a dataset with captions")
+        self._cap_start, self._cap_count = self._cap_start[source], self._cap_count[source]
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch for augmentation seeds and caption choice (shared with persistent workers)."""
+        super().set_epoch(epoch)
         if self.captions is not None:
+            self.captions.set_epoch(epoch)
+
+    def stored_bytes(self, i: int) -> bytes:
+        return self.reader.get_bytes(i)
+
+    def image_name(self, i: int) -> str:
+        return f"{self.path}: {self._image_ids[int(i)]}"
+
+    def __getitem__(self, i) -> dict:
+        item = super().__getitem__(i)
+        if self.captions is not None:
+            i = int(i)
             item["caption"] = self.captions.pick(i, self._cap_start[i], self._cap_count[i])
         return item
 
@@ -460,17 +499,29 @@ def build_train_loader(
     :class:`~dmf_core.data.loading.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
-    transform = (ReidTrainAugment(height, width, cfg_augment.flip, cfg_augment.pad, cfg_augment.erasing,
-                                  cfg_augment.mean, cfg_augment.std) if encoded
-                 else build_train_transform(height, width, cfg_augment))
-    dataset = ReidImageDataset(lmdb_path, transform, captions=captions, expected_meta=expected_meta,
-                               augment_seed=seed, encoded=encoded)
+    dataset = ReidImageDataset(lmdb_path, train_augment(height, width, cfg_augment, encoded), captions=captions,
+                               expected_meta=expected_meta, augment_seed=seed, encoded=encoded)
     kept = dataset.num_classes - int(holdout_ids)
     if holdout_ids and kept < P:
         raise ValueError(f"{lmdb_path}: holding out {holdout_ids} of {dataset.num_classes} identities leaves "
                          f"{kept}, fewer than P={P}")
     sampler = PKSampler(dataset.labels, P, K, seed=seed, rank=rank, world_size=world_size,
                         exclude_from=kept if holdout_ids else None)
+    return pk_loader(dataset, sampler, seed, epoch=epoch, num_workers=num_workers, rank=rank,
+                     pin_memory=pin_memory)
+
+
+def train_augment(height: int, width: int, cfg_augment, encoded: bool):
+    """The training transform: the fused one whose draws travel with encoded items, else the v2 chain."""
+    if encoded:
+        return ReidTrainAugment(height, width, cfg_augment.flip, cfg_augment.pad, cfg_augment.erasing,
+                                cfg_augment.mean, cfg_augment.std)
+    return build_train_transform(height, width, cfg_augment)
+
+
+def pk_loader(dataset: SeededImages, sampler: PKSampler, seed: int, *, epoch: int = 0, num_workers: int = 0,
+              rank: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The DataLoader of a training dataset and its P x K sampler, both moved to ``epoch``."""
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     # own generator: creating an iterator draws a worker base seed, keep the global RNG out of it
@@ -478,7 +529,8 @@ def build_train_loader(
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, generator=generator,
-        prefetch_factor=4 if num_workers > 0 else None, collate_fn=collate_encoded if encoded else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+        collate_fn=collate_encoded if dataset.encoded else None,
     )
 
 

@@ -12,6 +12,11 @@ every rank:
 3. the global batches are shuffled, cut to a multiple of ``world_size``, and rank r takes
    batches ``r, r + world_size, ...``.
 
+With ``domains`` (the dataset of each identity, for a row of several datasets) and
+``balanced=True``, step 2 runs per dataset: each global batch takes ``P / D`` identities from each
+of the D datasets, as many batches as the scarcest dataset allows. Without it the identities of all
+datasets are one pool (uniform over identities, as torchreid and fast-reid train on a list of datasets).
+
 So every rank gets whole identity groups, ranks see disjoint groups within an epoch, all ranks
 yield the same number of batches, and the order is reproducible from (seed, epoch). A batch is
 ``P * K`` dataset indices, K consecutive indices per identity.
@@ -27,8 +32,10 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
     """Batch sampler yielding lists of ``P * K`` indices (pass as ``batch_sampler=``)."""
 
     def __init__(self, labels, P: int, K: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 exclude_from: int | None = None):
-        """``exclude_from``: labels >= this are never drawn (identities held out of training)."""
+                 exclude_from: int | None = None, domains=None):
+        """``exclude_from``: labels >= this are never drawn (identities held out of training).
+        ``domains``: per image, the index of its dataset; given, each batch takes ``P / D``
+        identities from each of the D datasets (P must divide evenly)."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1:
             raise ValueError(f"PKSampler: labels must be 1-D, got shape {labels.shape}")
@@ -49,6 +56,7 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         self._groups_per_id = np.maximum(1, counts // self.K)
         if len(ids) < self.P:
             raise ValueError(f"PKSampler: {len(ids)} identities, fewer than P={self.P}")
+        self._domain_ids = None if domains is None else self._split_domains(np.asarray(domains), order, starts)
         self.epoch = 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._num_batches = self._count_batches()
@@ -60,22 +68,42 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
 
     # -- plan -------------------------------------------------------------------------------------
 
-    def _count_batches(self) -> int:
-        """Batches per rank. Largest-first batching reaches the optimum: the largest t with
+    def _split_domains(self, domains: np.ndarray, order: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+        """Positions (in ``self._ids``) of each dataset's identities; refuses an identity in two."""
+        per_id = domains[order][starts]
+        mixed = [i for i, m in enumerate(self._members) if (domains[m] != per_id[i]).any()]
+        if mixed:
+            raise ValueError(f"PKSampler: identity {self._ids[mixed[0]]} has images in two datasets")
+        parts = [np.flatnonzero(per_id == d) for d in np.unique(per_id)]
+        if self.P % len(parts):
+            raise ValueError(f"PKSampler: P={self.P} cannot be split evenly over {len(parts)} datasets")
+        return parts
+
+    @staticmethod
+    def _optimal_batches(groups_per_id: np.ndarray, P: int) -> int:
+        """Largest-first batching reaches the optimum: the largest t with
         sum_i min(groups_i, t) >= P * t (no randomness needed)."""
-        c = self._groups_per_id
-        lo, hi = 0, int(c.sum()) // self.P
+        lo, hi = 0, int(groups_per_id.sum()) // P
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if int(np.minimum(c, mid).sum()) >= self.P * mid:
+            if int(np.minimum(groups_per_id, mid).sum()) >= P * mid:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo // self.world_size
+        return lo
 
-    def _global_plan(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch, 0x9E37])
-        K, P = self.K, self.P
+    def _global_count(self) -> int:
+        if self._domain_ids is None:
+            return self._optimal_batches(self._groups_per_id, self.P)
+        share = self.P // len(self._domain_ids)
+        return min(self._optimal_batches(self._groups_per_id[d], share) for d in self._domain_ids)
+
+    def _count_batches(self) -> int:
+        """Batches per rank."""
+        return self._global_count() // self.world_size
+
+    def _draw_groups(self, rng: np.random.Generator) -> list[list[np.ndarray]]:
+        K = self.K
         groups: list[list[np.ndarray]] = []
         for members, g in zip(self._members, self._groups_per_id):
             if len(members) < K:
@@ -83,17 +111,38 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
             else:
                 picked = rng.permutation(members)[: g * K]
             groups.append(list(picked.reshape(g, K)))
-        rem = self._groups_per_id.astype(np.float64)
-        next_group = np.zeros(len(groups), dtype=np.int64)
+        return groups
+
+    @staticmethod
+    def _largest_first(rng: np.random.Generator, groups_per_id: np.ndarray, P: int) -> list[np.ndarray]:
+        """Batches of P distinct identities (positions into ``groups_per_id``), each step taking
+        the P with the most groups left, each identity's groups used in order."""
+        rem = groups_per_id.astype(np.float64)
         batches = []
         while np.count_nonzero(rem) >= P:
             key = rem + rng.random(len(rem))  # random tie-break among equal remaining counts
             top = np.argpartition(-key, P - 1)[:P]
             top = top[rng.permutation(P)]
-            batch = np.concatenate([groups[i][next_group[i]] for i in top])
-            next_group[top] += 1
             rem[top] -= 1
-            batches.append(batch)
+            batches.append(top)
+        return batches
+
+    def _identity_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        if self._domain_ids is None:
+            return self._largest_first(rng, self._groups_per_id, self.P)
+        share, count = self.P // len(self._domain_ids), self._global_count()
+        per_domain = [[d[b] for b in self._largest_first(rng, self._groups_per_id[d], share)[:count]]
+                      for d in self._domain_ids]
+        return [np.concatenate(parts) for parts in zip(*per_domain)]
+
+    def _global_plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, 0x9E37])
+        groups = self._draw_groups(rng)
+        next_group = np.zeros(len(groups), dtype=np.int64)
+        batches = []
+        for top in self._identity_batches(rng):
+            batches.append(np.concatenate([groups[i][next_group[i]] for i in top]))
+            next_group[top] += 1
         order = rng.permutation(len(batches))
         usable = (len(batches) // self.world_size) * self.world_size
         return [batches[i] for i in order[:usable]]

@@ -202,19 +202,21 @@ def _train_holds_test(name: str, spec, entry: DatasetEntry | None) -> bool:
     return spec.layout == "msmt17" and name.lower().endswith("_all")  # parse_msmt17's default
 
 
-def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object]) -> str | None:
+def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object], *,
+                   test_splits_trained: bool = False) -> str | None:
     """Why fine-tuning on ``source`` and testing on ``target`` is no transfer result, or None.
 
     ``datasets_cfg`` is ``Config.datasets`` (name -> DatasetSpec). A source whose training set
-    holds its own query and gallery (MSMT17_all, QAConv's combine_all) leaks into every target
-    showing the same photos: the same registry photo collection (MSMT17 V1 / V2 / _all), or the
-    same archive or folder. Names missing from ``datasets_cfg`` (e.g. ``pretrain``) never leak.
+    holds its own query and gallery (MSMT17_all, QAConv's combine_all, or every source when
+    ``test_splits_trained``: Protocol-3's ``finetune.splits``) leaks into every target showing the
+    same photos: the same registry photo collection (MSMT17 V1 / V2 / _all), or the same archive
+    or folder. Names missing from ``datasets_cfg`` (e.g. ``pretrain``) never leak.
     """
     src, tgt = datasets_cfg.get(source), datasets_cfg.get(target)
     if src is None or tgt is None:
         return None
     src_entry, tgt_entry = _entry_of(source, src), _entry_of(target, tgt)
-    if not _train_holds_test(source, src, src_entry):
+    if not (test_splits_trained or _train_holds_test(source, src, src_entry)):
         return None
     same_photos = (src_entry is not None and tgt_entry is not None and src_entry.images is not None
                    and src_entry.images == tgt_entry.images)
@@ -223,6 +225,7 @@ def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object])
         return None
     why = (f"the same photo collection ({src_entry.images})" if same_photos
            else f"the same files ({src.location})" if same_files else "the same dataset")
-    return (f"{source} trains on train+query+gallery (combine_all) and {target} tests on {why}: "
+    how = "finetune.splits" if test_splits_trained else "combine_all"
+    return (f"{source} trains on train+query+gallery ({how}) and {target} tests on {why}: "
             f"{source}'s training images include {target}'s query and gallery, so this cell is not "
             "a transfer result")

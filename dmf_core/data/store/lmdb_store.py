@@ -573,3 +573,12 @@ class LmdbReader:
         if self._txn is not None and self._pid == os.getpid():
             self._txn.abort()
         self._txn = self._pid = None
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of a packed split's content: its embedded metadata (digests of rows, index and
+    captions, pack params) and its sidecar index (one sha1 per stored image). Reads no image."""
+    meta = LmdbReader(Path(path)).meta  # checked against the sidecar on construction
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    h.update(hashlib.sha256(sidecar_path(Path(path)).read_bytes()).hexdigest().encode())
+    return h.hexdigest()
