@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS = 1
 export CLEARML_OFFLINE_MODE = 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv constraints check-constraints repro test lint paper clean-run
+.PHONY: venv constraints check-constraints repro test lint paper profile clean-run
 
 # Everything the tests need (the tracking and export extras included), at the exact versions
 # of constraints.txt; re-installs when pyproject.toml or constraints.txt changes.
@@ -59,18 +59,25 @@ test: venv
 lint: venv
 	$(BIN)/ruff check dmf_core stages tests benchmarks
 
-# Switch to the paper profile (real datasets, ViT-B/16, GPU): see docs/datasets.md first.
+# Switch to a profile of configs/: P=paper (real datasets, ViT-B/16, GPU; `make paper`), protocol2 or
+# protocol3 (the multi-source DG protocols; docs/datasets.md#dg-protocols). See docs/datasets.md first.
 # The params.yaml it replaces is kept as params.yaml.bak-<YYYYmmdd-HHMMSS> (a -1, -2, ... suffix
 # when that name is taken: an earlier backup is never overwritten); the recipe prints the name.
 # Restore with `cp params.yaml.bak-<stamp> params.yaml`. Nothing is backed up when params.yaml
-# already equals configs/paper.yaml.
-paper:
+# already equals the profile.
+P ?= paper
+paper: P = paper
+paper: profile
+profile:
 	@set -e; \
-	if [ -f params.yaml ] && ! cmp -s params.yaml configs/paper.yaml; then \
+	if [ ! -f configs/$(P).yaml ]; then \
+	  echo "make profile: no configs/$(P).yaml; profiles: $$(cd configs && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; \
+	fi; \
+	if [ -f params.yaml ] && ! cmp -s params.yaml configs/$(P).yaml; then \
 	  backup=params.yaml.bak-$$(date +%Y%m%d-%H%M%S); base=$$backup; n=0; \
 	  while [ -e "$$backup" ] || [ -L "$$backup" ]; do n=$$((n + 1)); backup=$$base-$$n; done; \
 	  cp -p params.yaml "$$backup"; \
-	  echo "make paper: saved your previous params.yaml as $$backup (restore: cp $$backup params.yaml)"; \
+	  echo "make profile: saved your previous params.yaml as $$backup (restore: cp $$backup params.yaml)"; \
 	fi; \
-	cp configs/paper.yaml params.yaml; \
-	echo "make paper: params.yaml is now configs/paper.yaml"
+	cp configs/$(P).yaml params.yaml; \
+	echo "make profile: params.yaml is now configs/$(P).yaml"

@@ -122,6 +122,14 @@ def build_msmt17(dest: Path, version: str = "V1", train_ids: int = 3, test_ids: 
     return stats, stats_all
 
 
+def build_cuhksysu(dest: Path, ids: int = 3) -> dict:
+    """CUHK-SYSU crops as torchreid and fast-reid read them: ``cuhksysu/cropped_images/p<pid>_s<scene>_<n>.jpg``."""
+    for pid in range(1, ids + 1):
+        for n in (1, 2):
+            _put(dest / "cuhksysu" / "cropped_images" / f"p{pid}_s{3 * pid + n}_{n}.jpg")
+    return _stats(train=(ids, 2 * ids))
+
+
 def build_randperson(dest: Path, ids: int = 3) -> dict:
     base = dest / "randperson_subset"
     n = 0

@@ -19,12 +19,36 @@ from dmf_core.config import Config, ConfigError, DatasetSpec, SynthConfig, confi
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PROFILES = sorted(f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml"))
+
+
 def test_default_and_paper_profiles_load():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.fusion.mode == "shared"
     assert cfg.datasets["synthped"].layout == "finegpr"
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.model.image.dim == 768 and paper.model.image.height == 256
+    assert PROFILES == ["configs/paper.yaml", "configs/protocol2.yaml", "configs/protocol3.yaml"]
+
+
+@pytest.mark.parametrize("protocol, splits", [(2, ["train"]), (3, ["train", "query", "gallery"])])
+def test_protocol_profiles_leave_one_target_out_with_cuhksysu_always_a_source(protocol, splits):
+    """Three rows, each of CUHK-SYSU and two of Market-1501, MSMT17, CUHK03-NP, evaluated on the
+    third; the rest is the paper profile (DMF pretraining is Stage I of every row)."""
+    cfg = load_config(ROOT / "configs" / f"protocol{protocol}.yaml")
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    mine = yaml.safe_load((ROOT / "configs" / f"protocol{protocol}.yaml").read_text())
+    targets = {"market1501", "msmt17", "cuhk03np"}
+    assert set(cfg.evaluate.targets) == targets and cfg.finetune.splits == splits
+    left_out = []
+    for row in cfg.finetune.sources:
+        parts = row.split("+")
+        assert "cuhksysu" in parts and len(parts) == 3
+        left_out += list(targets - set(parts))
+    assert sorted(left_out) == sorted(targets)
+    assert cfg.datasets["cuhksysu"].layout == "cuhksysu"
+    for section in ("pretrain", "model", "fusion", "loss", "captions", "augment", "train"):
+        assert mine[section] == paper[section], section
 
 
 MAPPING_VALUES = {"captions.viewpoint_words"}  # one setting each, whose value is a mapping
@@ -48,9 +72,11 @@ def test_paper_profile_differs_only_in_values():
         return {k for k in _leaf_keys(tree) if not k.startswith("datasets.")
                 and not k.startswith(("synth.sp_market.", "synth.sp_cuhk.", "synth.sp_msmt."))}
 
-    demo, paper = keys(ROOT / "params.yaml"), keys(ROOT / "configs" / "paper.yaml")
-    assert not demo - paper, f"in params.yaml only: {sorted(demo - paper)}"
-    assert not paper - demo, f"in configs/paper.yaml only: {sorted(paper - demo)}"
+    demo = keys(ROOT / "params.yaml")
+    for profile in PROFILES:
+        other = keys(ROOT / profile)
+        assert not demo - other, f"in params.yaml only, not in {profile}: {sorted(demo - other)}"
+        assert not other - demo, f"in {profile} only: {sorted(other - demo)}"
 
 
 # What a profile may leave out, and what leaving it out means: a dataset entry's optional keys and
@@ -101,7 +127,7 @@ def _schema_gaps(cls, data, prefix: str = "") -> tuple[list[str], list[str]]:
     return missing, unknown
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "configs/paper.yaml"])
+@pytest.mark.parametrize("profile", ["params.yaml", *PROFILES])
 def test_every_config_field_is_set_in_the_profile(profile):
     """Every leaf of the schema is spelled out in both profiles, and they hold no key it lacks."""
     missing, unknown = _schema_gaps(Config, yaml.safe_load((ROOT / profile).read_text()))
@@ -130,7 +156,7 @@ def test_no_default_that_could_differ_from_the_profiles():
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     named = {f"{cls.__name__}.{name}": value for (cls, name), value in defaults.items()}
     assert defaults == OPTIONAL_FIELDS, f"defaults in dmf_core/config.py: {named}"
-    for profile in ("params.yaml", "configs/paper.yaml"):  # the profiles load those values
+    for profile in ("params.yaml", *PROFILES):  # the profiles load those values
         cfg = load_config(ROOT / profile)
         for name, spec in cfg.datasets.items():
             given = yaml.safe_load((ROOT / profile).read_text())["datasets"][name]

@@ -235,3 +235,15 @@ def test_make_paper_dry_run_names_the_backup():
     proc = subprocess.run(["make", "-n", "paper"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "params.yaml.bak-" in proc.stdout and "cp configs/paper.yaml params.yaml" in proc.stdout
+
+
+def test_make_profile_switches_to_a_dg_protocol_and_refuses_an_unknown_one(paper_project):
+    shutil.copy(ROOT / "configs" / "protocol3.yaml", paper_project / "configs" / "protocol3.yaml")
+    make = ["make", "-s", "profile"]
+    proc = subprocess.run([*make, "P=protocol3"], cwd=paper_project, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    protocol3 = (paper_project / "configs" / "protocol3.yaml").read_text()
+    assert (paper_project / "params.yaml").read_text() == protocol3
+    proc = subprocess.run([*make, "P=nope"], cwd=paper_project, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no configs/nope.yaml" in proc.stderr and "protocol3" in proc.stderr
+    assert (paper_project / "params.yaml").read_text() == protocol3  # nothing replaced

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from _archives import (
     build_cuhk03np,
+    build_cuhksysu,
     build_finegpr,
     build_market,
     build_msmt17,
@@ -65,8 +66,8 @@ def _archives(src: Path, archives: Path) -> None:
     write_attributes(attrs, archives / "FineGPR_attributes.csv")
 
 
-def _miniature_paper_params(archives: Path) -> dict:
-    params = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+def _miniature_paper_params(archives: Path, profile: str = "paper") -> dict:
+    params = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
     for spec in params["datasets"].values():
         spec["sha256"] = hashlib.sha256((archives.parent.parent / spec["location"]).read_bytes()).hexdigest()
         spec["allow_partial"] = True  # miniature: the official statistics cannot match
@@ -132,3 +133,45 @@ def test_paper_profile_stages_on_miniature_real_layouts(tmp_path, monkeypatch):
                 for key in ("rank1", "mAP", "mINP"):
                     assert 0.0 <= record[key] <= 100.0 and math.isfinite(record[key])
     assert Path("reports/eval_matrix.md").read_text().count("market1501") >= 2
+
+
+def test_protocol3_profile_on_miniature_real_layouts(tmp_path, monkeypatch):
+    """configs/protocol3.yaml as shipped, sizes cut: three rows of three datasets, CUHK-SYSU in
+    each, trained on the sources' train, query and gallery images from the DMF Stage I model; each
+    row's cross-domain mean is the one target it leaves out."""
+    src, archives = tmp_path / "src", tmp_path / "data" / "archives"
+    _archives(src, archives)
+    build_msmt17(src / "msmt17_v2", version="V2", train_ids=4, test_ids=3)
+    make_tar(src / "msmt17_v2", archives / "MSMT17_V2.tar.gz")
+    build_cuhksysu(src / "cuhksysu", ids=3)
+    make_zip(src / "cuhksysu", archives / "cuhksysu.zip")
+    params = _miniature_paper_params(archives, "protocol3")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("params.yaml")
+    for name in params["datasets"]:
+        _stage("download").main(cfg, name)
+        _stage("pack").main(cfg, name)
+    _stage("captions").main(cfg)
+    _stage("encode_captions").main(cfg)
+    _stage("pretrain").main(cfg)
+    for row in cfg.evaluate.rows:
+        if row != "pretrain":
+            _stage("compose").main(cfg, row)
+            _stage("finetune").main(cfg, row)
+        for target in cfg.evaluate.targets:
+            _stage("evaluate").main(cfg, row, target)
+    _stage("report").main(cfg)
+
+    # market1501: 4 train + 3 test identities (distractors and junk out); msmt17: 4 + 3; cuhksysu: 3
+    ids = {"market1501": 7, "msmt17": 7, "cuhk03np": 4 + 3, "cuhksysu": 3}
+    matrix = json.loads(Path("reports/eval_matrix.json").read_text())
+    for row in cfg.finetune.sources:
+        meta = json.loads(Path(f"models/{row}/meta.json").read_text())
+        assert meta["num_classes"] == sum(ids[p] for p in row.split("+")), row
+        (left_out,) = set(cfg.evaluate.targets) - set(row.split("+"))
+        assert matrix["cross_domain"][row]["mAP"] == round(matrix["cells"][row][left_out]["mAP"], 2)
+        plan = json.loads(Path(f"data/rows/{row}.json").read_text())
+        assert {p["dataset"]: p["absent"] for p in plan["parts"]}["cuhksysu"] == ["query", "gallery"]
+    assert sorted(matrix["sources"][1:]) == sorted(cfg.finetune.sources)
+
