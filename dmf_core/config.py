@@ -470,7 +470,7 @@ def _check_targets(cfg: Config) -> None:
 
 def _check_finetune_rows(cfg: Config) -> None:
     """Each fine-tuning row names configured datasets once each; no two rows train on the same
-    set; balanced sampling splits P evenly over a row's parts; the splits include train."""
+    set; balanced sampling splits P evenly over a row's parts; the splits are a protocol's."""
     seen: dict[frozenset, str] = {}
     for i, row in enumerate(cfg.finetune.sources):
         problem = row_problem(row, cfg.datasets)
@@ -484,10 +484,9 @@ def _check_finetune_rows(cfg: Config) -> None:
         if cfg.finetune.sampler == "balanced" and cfg.finetune.P % len(parts):
             raise ConfigError(f"finetune.P: {cfg.finetune.P} identities per batch cannot be split evenly over "
                               f"the {len(parts)} datasets of {row!r} (finetune.sampler: balanced)")
-    splits = cfg.finetune.splits
-    if "train" not in splits or len(set(splits)) != len(splits):
-        raise ConfigError(f"finetune.splits: expected 'train' and, for Protocol-3, 'query' and 'gallery', "
-                          f"each once; got {splits}")
+    if sorted(cfg.finetune.splits) not in (["train"], ["gallery", "query", "train"]):
+        raise ConfigError(f"finetune.splits: expected [train] (Protocol-2) or [train, query, gallery] "
+                          f"(Protocol-3), got {cfg.finetune.splits}")
 
 
 def _check_consistency(cfg: Config) -> None:

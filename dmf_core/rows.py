@@ -18,10 +18,6 @@ def row_parts(row: str) -> list[str]:
     return row.split(SEPARATOR)
 
 
-def row_name(parts: list[str]) -> str:
-    return SEPARATOR.join(parts)
-
-
 def trains_on(row: str, target: str) -> bool:
     """Whether ``row`` trains on ``target``'s training images (in-domain); never for ``pretrain``."""
     return row != PRETRAIN_ROW and target in row_parts(row)

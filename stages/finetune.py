@@ -14,25 +14,20 @@ from dmf_core.config import Config
 from dmf_core.runtime import StageError, run_stage
 
 
-def check_listed(cfg: Config, row: str) -> None:
-    """Refuse a row that is not in the matrix (a stage run by hand). A pre-run check: it reads
-    finetune.sources without its being this stage's param, since adding a row must not re-run
-    the others (tests/test_stage_params.py)."""
-    if row not in cfg.finetune.sources:
-        raise StageError(f"{row!r} is not a row of finetune.sources {cfg.finetune.sources}")
-
-
 def main(cfg: Config, row: str) -> None:
-    from dmf_core.data.loading.row_plan import read_row_plan
+    from dmf_core.data.loading.row_plan import check_listed, check_plan, read_row_plan
+    from dmf_core.data.loading.union import row_training
     from dmf_core.train.loop import train_stage
 
-    check_listed(cfg, row)
     try:
+        check_listed(cfg, row)
         plan = read_row_plan(paths.row_plan_json(row), row)
+        check_plan(cfg, plan)
     except (FileNotFoundError, ValueError) as exc:
         raise StageError(str(exc)) from None
     train_stage(cfg, "finetune",
-                row_plan=plan,
+                training_set=lambda rank, world_size, pin_memory: row_training(
+                    plan, cfg, rank=rank, world_size=world_size, pin_memory=pin_memory),
                 init_from=paths.pretrain_model_dir(),
                 out_dir=paths.finetune_model_dir(row),
                 metrics_path=paths.train_metrics_json("finetune", row),

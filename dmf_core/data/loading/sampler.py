@@ -12,8 +12,8 @@ every rank:
 3. the global batches are shuffled, cut to a multiple of ``world_size``, and rank r takes
    batches ``r, r + world_size, ...``.
 
-With ``domains`` (the dataset of each identity, for a row of several datasets) and
-``balanced=True``, step 2 runs per dataset: each global batch takes ``P / D`` identities from each
+With ``domains`` (per image, the index of its dataset, for a row of several datasets), step 2
+runs per dataset: each global batch takes ``P / D`` identities from each
 of the D datasets, as many batches as the scarcest dataset allows. Without it the identities of all
 datasets are one pool (uniform over identities, as torchreid and fast-reid train on a list of datasets).
 

@@ -202,6 +202,24 @@ def _train_holds_test(name: str, spec, entry: DatasetEntry | None) -> bool:
     return spec.layout == "msmt17" and name.lower().endswith("_all")  # parse_msmt17's default
 
 
+def shared_photos(source: str, target: str, datasets_cfg: Mapping[str, object]) -> str | None:
+    """What ``source`` and ``target`` share, or None: the same dataset, the same registry photo
+    collection (MSMT17 V1 / V2 / _all) or the same archive or folder. Names missing from
+    ``datasets_cfg`` (e.g. ``pretrain``) share nothing."""
+    src, tgt = datasets_cfg.get(source), datasets_cfg.get(target)
+    if src is None or tgt is None:
+        return None
+    src_entry, tgt_entry = _entry_of(source, src), _entry_of(target, tgt)
+    if source == target:
+        return "the same dataset"
+    if src_entry is not None and tgt_entry is not None and src_entry.images is not None \
+            and src_entry.images == tgt_entry.images:
+        return f"the same photo collection ({src_entry.images})"
+    if src.location and src.location == tgt.location:
+        return f"the same files ({src.location})"
+    return None
+
+
 def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object], *,
                    test_splits_trained: bool = False) -> str | None:
     """Why fine-tuning on ``source`` and testing on ``target`` is no transfer result, or None.
@@ -209,23 +227,19 @@ def leakage_reason(source: str, target: str, datasets_cfg: Mapping[str, object],
     ``datasets_cfg`` is ``Config.datasets`` (name -> DatasetSpec). A source whose training set
     holds its own query and gallery (MSMT17_all, QAConv's combine_all, or every source when
     ``test_splits_trained``: Protocol-3's ``finetune.splits``) leaks into every target showing the
-    same photos: the same registry photo collection (MSMT17 V1 / V2 / _all), or the same archive
-    or folder. Names missing from ``datasets_cfg`` (e.g. ``pretrain``) never leak.
+    same photos (:func:`shared_photos`). A source showing the same photos as a target under
+    another name (MSMT17 V2 against V1) trains in the target's domain: in-domain, not transfer.
     """
-    src, tgt = datasets_cfg.get(source), datasets_cfg.get(target)
-    if src is None or tgt is None:
+    why = shared_photos(source, target, datasets_cfg)
+    if why is None:
         return None
-    src_entry, tgt_entry = _entry_of(source, src), _entry_of(target, tgt)
-    if not (test_splits_trained or _train_holds_test(source, src, src_entry)):
-        return None
-    same_photos = (src_entry is not None and tgt_entry is not None and src_entry.images is not None
-                   and src_entry.images == tgt_entry.images)
-    same_files = bool(src.location) and src.location == tgt.location
-    if not (same_photos or same_files or source == target):
-        return None
-    why = (f"the same photo collection ({src_entry.images})" if same_photos
-           else f"the same files ({src.location})" if same_files else "the same dataset")
-    how = "finetune.splits" if test_splits_trained else "combine_all"
-    return (f"{source} trains on train+query+gallery ({how}) and {target} tests on {why}: "
-            f"{source}'s training images include {target}'s query and gallery, so this cell is not "
-            "a transfer result")
+    src = datasets_cfg[source]
+    if test_splits_trained or _train_holds_test(source, src, _entry_of(source, src)):
+        how = "finetune.splits" if test_splits_trained else "combine_all"
+        return (f"{source} trains on train+query+gallery ({how}) and {target} tests on {why}: "
+                f"{source}'s training images include {target}'s query and gallery, so this cell is not "
+                "a transfer result")
+    if source == target:
+        return None  # the in-domain cell: out of the cross-domain mean already, and no leak
+    return (f"{source} and {target} are {why}: training on {source} is training in {target}'s domain, "
+            "so this cell is in-domain, not a transfer result")
