@@ -19,7 +19,10 @@ changes `captions.*`), and records from
 the ``pretrain`` row and of the fine-tuned rows, caption->image retrieval mAP on held-out
 identities, and the feature health. The JSON is rewritten after every run, and runs already in
 it are skipped, so a sweep can span sessions. The summary gives per arm the mean +- sd and the
-paired difference to ``image_only`` (same world and seed) with its 95 % t interval.
+paired difference to ``image_only`` (same world, settings and seed, run on the same CPU: pairs
+across CPUs are left out and counted) with its 95 % t interval, the SD of the paired
+differences, the difference they detect at 80 % power and the seeds a 2.5-point one needs.
+Worlds 0 and 1 are dev worlds (designs are chosen there), 2 and 3 test worlds (only confirmed).
 
     python benchmarks/compare_modes.py --json docs/results/compare_arms_world0.json
     python benchmarks/compare_modes.py --world 1 --json docs/results/compare_arms_world1.json
@@ -48,13 +51,26 @@ ARMS: dict[str, list[str]] = {
     "shared_person": ["fusion.mode=shared", "captions.content=person"],
 }
 BASELINE = "image_only"
-# two-sided 95 % quantiles of Student's t, by degrees of freedom
+# Designs and knobs are chosen on the dev worlds; the test worlds confirm, and nothing is chosen on them.
+DEV_WORLDS, TEST_WORLDS = (0, 1), (2, 3)
+# Quantiles of Student's t by degrees of freedom: two-sided 95 % (the interval) and one-sided 80 % (power)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883,
+       10: 0.879, 15: 0.866, 20: 0.860, 30: 0.854, 60: 0.848, 120: 0.845}
+TARGET_EFFECT = 2.5  # mAP points a sweep should be able to detect on the pretrain row
+
+
+def _quantile(table: dict[int, float], df: int) -> float:
+    return table.get(df) or table[max(k for k in table if k <= df)]
 
 
 def t975(df: int) -> float:
-    return T975.get(df) or T975[max(k for k in T975 if k <= df)]
+    return _quantile(T975, df)
+
+
+def world_role(world: int) -> str:
+    return "dev" if world in DEV_WORLDS else "test" if world in TEST_WORLDS else "other"
 
 
 def _mean_of_rows(matrix: dict, rows: list[str], key: str) -> float:
@@ -78,7 +94,8 @@ def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) ->
     pretrain = json.loads(Path("metrics/pretrain.json").read_text())
     finetuned = [r for r in matrix["sources"] if r != "pretrain"]
     return {
-        "world": world, "arm": arm, "seed": seed, "set": sets, "wall_s": round(wall_s, 1),
+        "world": world, "role": world_role(world), "arm": arm, "seed": seed, "set": sets,
+        "wall_s": round(wall_s, 1),
         "cpu": cpu_name(),
         "pretrain_mAP": matrix["cross_domain"]["pretrain"]["mAP"],
         "pretrain_rank1": matrix["cross_domain"]["pretrain"]["rank1"],
@@ -106,19 +123,38 @@ def run_experiment(world: int, arm: str, seed: int, extra: list[str]) -> dict:
     return read_run(world, arm, seed, sets, time.perf_counter() - t0)
 
 
-def paired(runs: list[dict], arm: str, key: str) -> list[float]:
-    """arm - baseline per (world, seed) that both have."""
-    base = {(r["world"], r["seed"]): r[key] for r in runs if r["arm"] == BASELINE}
-    return [r[key] - base[(r["world"], r["seed"])] for r in runs
-            if r["arm"] == arm and (r["world"], r["seed"]) in base]
+def settings(run: dict) -> tuple[str, ...]:
+    """The run's ``-S`` overrides other than its seed, its world and its arm's own: runs pair only
+    when these are equal."""
+    own = set(ARMS[run["arm"]])
+    return tuple(sorted(s for s in run["set"] if s not in own and not s.startswith(("seed=", "synth.seed="))))
 
 
-def cross_cpu_pairs(runs: list[dict], arm: str) -> int:
-    """How many of ``arm``'s pairs were run on another CPU than their baseline (float results,
-    hence trajectories, differ between CPUs: such a pair is two seeds, not one)."""
-    base = {(r["world"], r["seed"]): r.get("cpu") for r in runs if r["arm"] == BASELINE}
-    return sum(1 for r in runs if r["arm"] == arm and (r["world"], r["seed"]) in base
-               and base[(r["world"], r["seed"])] != r.get("cpu"))
+def check_unique(runs: list[dict]) -> None:
+    """One run per (world, arm, settings, seed, CPU): a second would be silently averaged in."""
+    keys = [(r["world"], r["arm"], settings(r), r["seed"], r.get("cpu")) for r in runs]
+    twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+    if twice:
+        raise SystemExit(f"more than one run of (world, arm, settings, seed, cpu): {twice}")
+
+
+def paired(runs: list[dict], arm: str, key: str) -> tuple[list[float], int]:
+    """arm - baseline per (world, settings, seed) run on the same CPU, and how many of the arm's
+    runs had their baseline only on another CPU (float results, hence trajectories, differ
+    between CPUs: such a pair is two seeds, not one, and stays out of the intervals)."""
+    check_unique(runs)
+    base = {(r["world"], settings(r), r["seed"], r.get("cpu")): r[key] for r in runs if r["arm"] == BASELINE}
+    anywhere = {k[:3] for k in base}
+    diffs, cross = [], 0
+    for r in runs:
+        if r["arm"] != arm:
+            continue
+        k = (r["world"], settings(r), r["seed"])
+        if (*k, r.get("cpu")) in base:
+            diffs.append(r[key] - base[(*k, r.get("cpu"))])
+        elif k in anywhere:
+            cross += 1
+    return diffs, cross
 
 
 def interval(diffs: list[float]) -> str:
@@ -127,6 +163,26 @@ def interval(diffs: list[float]) -> str:
     m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
     half = t975(len(diffs) - 1) * sd / len(diffs) ** 0.5
     return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+def detectable(sd: float, n: int) -> float:
+    """The smallest true paired difference a two-sided 5 % paired t-test detects with 80 % power
+    over ``n`` pairs whose differences have standard deviation ``sd``."""
+    return (t975(n - 1) + _quantile(T80, n - 1)) * sd / n ** 0.5
+
+
+def seeds_needed(sd: float, effect: float = TARGET_EFFECT, most: int = 200) -> int | None:
+    """Paired seeds for ``effect`` to be detectable at 80 % power (None: more than ``most``)."""
+    return next((n for n in range(2, most + 1) if detectable(sd, n) <= effect), None)
+
+
+def power(diffs: list[float]) -> str:
+    """SD of the paired differences, what they can detect, and the seeds a 2.5-point effect needs."""
+    if len(diffs) < 2:
+        return "- | - | -"
+    sd = statistics.stdev(diffs)
+    need = seeds_needed(sd)
+    return f"{sd:.2f} | {detectable(sd, len(diffs)):.2f} | {need if need else '> 200'}"
 
 
 def _ms(values: list[float]) -> str:
@@ -138,26 +194,30 @@ def _ms(values: list[float]) -> str:
 
 
 def summary(runs: list[dict]) -> str:
-    lines = ["| world | arm | seeds | pretrain row mAP | pretrain row rank-1 | fine-tuned mAP | fine-tuned rank-1 | "
-             "pretrain mAP - image_only [95 % CI] | fine-tuned mAP - image_only [95 % CI] | caption->image mAP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Per (world, arm): means +- SD, the paired difference to ``image_only`` with its 95 % interval
+    and, for the pretrain row, the SD of the paired differences, the difference those pairs detect
+    at 80 % power and the seeds a 2.5-point difference needs."""
+    lines = ["| world | arm | seeds | pretrain row mAP | fine-tuned mAP | pretrain mAP - image_only [95 % CI] | "
+             "paired SD | detectable (80 %) | seeds for 2.5 | fine-tuned mAP - image_only [95 % CI] | "
+             "caption->image mAP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    crossed = []
     for world in sorted({r["world"] for r in runs}):
         at = [r for r in runs if r["world"] == world]
         for arm in [a for a in ARMS if any(r["arm"] == a for r in at)]:
             rs = [r for r in at if r["arm"] == arm]
-            diff = arm != BASELINE
+            base = arm == BASELINE
+            pre, n_cross = ([], 0) if base else paired(at, arm, "pretrain_mAP")
+            fine = [] if base else paired(at, arm, "finetuned_mAP")[0]
+            if n_cross:
+                crossed.append(f"{arm} (world {world}): {n_cross}")
             lines.append(
-                f"| {world} | {arm} | {len(rs)} | {_ms([r['pretrain_mAP'] for r in rs])} | "
-                f"{_ms([r['pretrain_rank1'] for r in rs])} | {_ms([r['finetuned_mAP'] for r in rs])} | "
-                f"{_ms([r['finetuned_rank1'] for r in rs])} | "
-                f"{interval(paired(at, arm, 'pretrain_mAP')) if diff else '-'} | "
-                f"{interval(paired(at, arm, 'finetuned_mAP')) if diff else '-'} | "
+                f"| {world} ({world_role(world)}) | {arm} | {len(rs)} | {_ms([r['pretrain_mAP'] for r in rs])} | "
+                f"{_ms([r['finetuned_mAP'] for r in rs])} | {'-' if base else interval(pre)} | "
+                f"{'- | - | -' if base else power(pre)} | {'-' if base else interval(fine)} | "
                 f"{_ms([r['caption_to_image_mAP'] for r in rs])} |")
-    mixed = [f"{arm} (world {w}): {n}" for w in sorted({r["world"] for r in runs})
-             for arm in ARMS if arm != BASELINE
-             for n in [cross_cpu_pairs([r for r in runs if r["world"] == w], arm)] if n]
-    if mixed:
-        lines.append("\nPairs whose two runs ran on different CPUs: " + ", ".join(mixed))
+    if crossed:
+        lines.append("\nLeft out of the intervals, their baseline ran on another CPU: " + ", ".join(crossed))
     return "\n".join(lines)
 
 
@@ -175,7 +235,8 @@ def compare_files(a: list[dict], b: list[dict]) -> str:
     first = {(r["world"], r["arm"], r["seed"]): r for r in a}
     for world, arm in sorted({(r["world"], r["arm"]) for r in b}):
         pairs = [(first[(world, arm, r["seed"])], r) for r in b
-                 if r["world"] == world and r["arm"] == arm and (world, arm, r["seed"]) in first]
+                 if r["world"] == world and r["arm"] == arm and (world, arm, r["seed"]) in first
+                 and first[(world, arm, r["seed"])].get("cpu") == r.get("cpu")]  # one CPU per pair
         if not pairs:
             continue
         cols = [f"{world}", arm, str(len(pairs))]
@@ -215,7 +276,8 @@ def main() -> None:
         return
 
     runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
-    done = {(r["world"], r["arm"], r["seed"], tuple(r["set"])) for r in runs}
+    here = cpu_name()  # a run on another CPU pairs with nothing run here: run it again
+    done = {(r["world"], r["arm"], r["seed"], tuple(r["set"])) for r in runs if r.get("cpu") == here}
     command = "python benchmarks/compare_modes.py " + " ".join(
         [f"--world {args.world}", *(f"--set {s}" for s in args.set)])
     # the method and its baseline first, seed-major (a stopped sweep leaves complete pairs), then the controls

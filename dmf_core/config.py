@@ -153,6 +153,11 @@ class LossConfig:
     # Batch-hard triplet on L2-normalised f: hinge max(0, d_ap - d_an + margin), or the soft
     # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "What collapsed, and the fix").
     triplet_margin: float | None
+    # What the triplet compares: L2-normalised f, whose component shared by every image keeps
+    # all distances far below the margin (no triplet is ever satisfied, yet its gradient does
+    # work), or f less its batch mean first, where triplets are satisfied (docs/training.md,
+    # "The triplet at its margin").
+    triplet_feature: Literal["f", "centred"]
     label_smoothing: float
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
     # a caption names its identity, so an unbounded share lets the classifier read captions.

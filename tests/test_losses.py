@@ -14,9 +14,9 @@ from dmf_core.train.losses import align_loss, dmf_losses, id_loss, triplet_loss
 from dmf_core.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
-def brute_triplet(x, y, margin):
-    """Batch-hard triplet on L2-normalised features, one anchor at a time."""
-    x = F.normalize(x, dim=1)
+def brute_triplet(x, y, margin, centred=False):
+    """Batch-hard triplet on L2-normalised features (less their mean), one anchor at a time."""
+    x = F.normalize(x - x.mean(0) if centred else x, dim=1)
     total, satisfied, n = 0.0, 0, 0
     for i in range(len(y)):
         pos = [torch.dist(x[i], x[j]) for j in range(len(y)) if j != i and y[j] == y[i]]
@@ -30,15 +30,16 @@ def brute_triplet(x, y, margin):
     return total / n, satisfied / n
 
 
+@pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("margin", [None, 0.3, 1.5])
-def test_batch_hard_triplet_matches_brute_force(params_dict, margin):
+def test_batch_hard_triplet_matches_brute_force(params_dict, margin, centred):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, generator=g)
     x[:3] += 3.0  # identity 0 well separated: some anchors satisfy the margin
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 5])  # 4 and 5: anchors without a positive
-    want, want_satisfied = brute_triplet(x, y, margin)
-    assert torch.allclose(triplet_loss(x, y, margin), want, atol=1e-5)
-    params_dict["loss"]["triplet_margin"] = margin
+    want, want_satisfied = brute_triplet(x, y, margin, centred)
+    assert torch.allclose(triplet_loss(x, y, margin, centred), want, atol=1e-5)
+    params_dict["loss"].update(triplet_margin=margin, triplet_feature="centred" if centred else "f")
     out = ModelOutput(image=Branch(x, torch.randn(12, 5, generator=g), torch.randn(12, 6, generator=g)))
     assert float(dmf_losses(out, y, config_from_dict(params_dict))["triplets_satisfied"]) == pytest.approx(want_satisfied)
 
@@ -48,6 +49,20 @@ def test_triplet_is_scale_free():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 4, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     assert torch.allclose(triplet_loss(x, y), triplet_loss(1e-3 * x, y), atol=1e-5)
+
+
+def test_a_shared_component_pins_the_triplet_on_f_at_its_margin_but_not_the_centred_one():
+    """Every image's f = one large common vector + a small identity part (what pretraining's f
+    became): normalised f puts every point together, the loss sits at its margin and no triplet
+    is satisfied; less the batch mean, the identities separate."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    identity = torch.randn(4, 16, generator=g)[y] + 0.05 * torch.randn(8, 16, generator=g)
+    f = 100.0 * torch.randn(1, 16, generator=g) + identity
+    params = {"margin": 0.3}
+    pinned = triplet_loss(f, y, **params)
+    assert pinned == pytest.approx(0.3, abs=0.02)
+    assert triplet_loss(f, y, centred=True, **params) == 0.0  # every anchor past its margin
 
 
 def test_triplet_gradient_is_finite_with_duplicate_features():

@@ -272,3 +272,30 @@ def test_trainable_text_encoder_is_part_of_the_model(params_dict):
     trainable = [n for n, p in model.text_encoder.named_parameters() if p.requires_grad]
     assert trainable and all(
         p.grad is not None for n, p in model.text_encoder.named_parameters() if p.requires_grad)
+
+
+def test_every_arm_starts_from_the_same_image_path(params_dict):
+    """One seed, one image path at step 0, whatever else an arm builds (captions' projection and
+    position embeddings, the attribute head): the arms of a comparison are paired in their weights.
+    Another seed starts elsewhere, and the global RNG is left where it was."""
+    from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    arms = {
+        "image_only": build_model(_cfg(params_dict, mode="image_only"), num_classes=5),
+        "shared": build_model(_cfg(params_dict, mode="shared"), num_classes=5, text_dim=12),
+        "attributes": build_model(_cfg(params_dict, mode="attributes"), num_classes=5,
+                                  attribute_classes=ATTRIBUTE_CLASSES),
+    }
+    assert torch.equal(torch.random.get_rng_state(), before)
+    base = arms["image_only"].state_dict()
+    for name, model in arms.items():
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in base.items()), name
+        extra = set(state) - set(base)
+        assert extra <= {k for k in state if k.startswith(("text_proj.", "fusion.text_pos", "head.text_bnneck.",
+                                                           "attribute_head."))}, name
+    params_dict["seed"] += 1
+    other = build_model(_cfg(params_dict, mode="image_only"), num_classes=5).state_dict()
+    assert not torch.equal(other["image_proj.weight"], base["image_proj.weight"])

@@ -9,6 +9,8 @@ caption ─► text encoder ─► tokens ─► text_proj ──┘      (share
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,27 @@ log = logging.getLogger(__name__)
 # Parameters that are specific to one training stage and never carried into the next one.
 CLASSIFIER_PREFIX = "head.classifier."
 TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos", "head.text_bnneck.", "attribute_head.")
+
+
+@contextlib.contextmanager
+def module_rng(seed: int | None, name: str):
+    """Inside, the CPU RNG is seeded by (``seed``, ``name``); the RNG state outside is untouched.
+    ``seed=None``: no effect. One stream per module, so adding or dropping a module (the text
+    path of one arm) changes no other module's initial weights: arms are paired by seed."""
+    if seed is None:
+        yield
+        return
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        yield
+
+
+def _projection(in_dim: int, out_dim: int) -> nn.Linear:
+    proj = nn.Linear(in_dim, out_dim)
+    nn.init.trunc_normal_(proj.weight, std=0.02)
+    nn.init.zeros_(proj.bias)
+    return proj
 
 
 class DMFModel(nn.Module):
@@ -48,24 +71,28 @@ class DMFModel(nn.Module):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         attribute_classes: Sequence[int] | None = None,
+        init_seed: int | None = None,
     ) -> None:
+        """``init_seed``: each module this creates draws its initial weights from its own stream,
+        seeded by (``init_seed``, its name) (:func:`module_rng`), so that models with and without
+        the text path or the attribute head start with the same image path."""
         super().__init__()
         self.text_dim = int(text_dim) if text_dim else None
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
         self.image_encoder = image_encoder
-        self.image_proj = nn.Linear(image_encoder.dim, fusion.dim)
-        self.text_proj = nn.Linear(text_dim, fusion.dim) if text_dim else None
+        with module_rng(init_seed, "image_proj"):
+            self.image_proj = _projection(image_encoder.dim, fusion.dim)
+        with module_rng(init_seed, "text_proj"):
+            self.text_proj = _projection(text_dim, fusion.dim) if text_dim else None
         # Registered only when trainable (model.text.freeze=false); a frozen encoder lives in the
         # training loop's caption cache and is not part of the weights.
         self.text_encoder = text_encoder
         self.fusion = fusion
-        self.head = BNNeckHead(fusion.dim, num_classes, with_text=bool(text_dim))
-        self.attribute_head = AttributeHead(fusion.dim, list(attribute_classes)) if attribute_classes else None
-        for proj in (self.image_proj, self.text_proj):
-            if proj is not None:
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                nn.init.zeros_(proj.bias)
+        with module_rng(init_seed, "head"):
+            self.head = BNNeckHead(fusion.dim, num_classes, with_text=bool(text_dim))
+        with module_rng(init_seed, "attribute_head"):
+            self.attribute_head = AttributeHead(fusion.dim, list(attribute_classes)) if attribute_classes else None
 
     @property
     def has_text(self) -> bool:
@@ -178,14 +205,16 @@ def build_model(
     evaluation build without it. ``text_dim`` is the width of the caption token states when the
     caller knows it (default: read from the text encoder's config). ``pretrained`` loads
     ``model.image.pretrained`` into the ViT when set. ``attribute_classes`` adds the attribute
-    head (the attribute-head control of pretraining).
+    head (the attribute-head control of pretraining). Every module's initial weights come from its
+    own stream seeded by (``seed``, its name): one seed starts every arm's image path alike.
     A trainable text encoder (``model.text.freeze: false``) is built into the model (imports transformers).
     """
     img = cfg.model.image
-    vit = VisionTransformer(
-        height=img.height, width=img.width, patch=img.patch, stride=img.stride,
-        dim=img.dim, depth=img.depth, heads=img.heads, drop_path=img.drop_path,
-    )
+    with module_rng(cfg.seed, "image_encoder"):
+        vit = VisionTransformer(
+            height=img.height, width=img.width, patch=img.patch, stride=img.stride,
+            dim=img.dim, depth=img.depth, heads=img.heads, drop_path=img.drop_path,
+        )
     if pretrained and img.pretrained:
         load_pretrained(vit, img.pretrained)
     if with_text is None:
@@ -199,11 +228,12 @@ def build_model(
         text_dim = text_dim or text_hidden_size(cfg.model.text.name)
         if not cfg.model.text.freeze:
             text_encoder = TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=False)
-    fusion = FusionEncoder(
-        dim=cfg.fusion.dim, layers=cfg.fusion.layers, heads=cfg.fusion.heads, mlp_ratio=cfg.fusion.mlp_ratio,
-        image_tokens=vit.num_tokens, text_tokens=cfg.model.text.max_length if with_text else None,
-        dropout=cfg.fusion.dropout, drop_path=cfg.fusion.drop_path,
-    )
+    with module_rng(cfg.seed, "fusion"):
+        fusion = FusionEncoder(
+            dim=cfg.fusion.dim, layers=cfg.fusion.layers, heads=cfg.fusion.heads, mlp_ratio=cfg.fusion.mlp_ratio,
+            image_tokens=vit.num_tokens, text_tokens=cfg.model.text.max_length if with_text else None,
+            dropout=cfg.fusion.dropout, drop_path=cfg.fusion.drop_path,
+        )
     return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
                     image_mean=cfg.augment.mean, image_std=cfg.augment.std,
-                    attribute_classes=attribute_classes)
+                    attribute_classes=attribute_classes, init_seed=cfg.seed)

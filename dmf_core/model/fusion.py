@@ -45,9 +45,9 @@ class FusionEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for p in (self.cls_token, self.cls_pos, self.image_pos, self.type_embed):
             nn.init.trunc_normal_(p, std=0.02)
-        if self.text_pos is not None:
-            nn.init.trunc_normal_(self.text_pos, std=0.02)
         self.apply(init_weights)
+        if self.text_pos is not None:  # drawn last: with or without it, the rest starts the same
+            nn.init.trunc_normal_(self.text_pos, std=0.02)
 
     def forward(self, tokens: torch.Tensor, modality: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens`` (B, L, dim) already projected; ``mask`` bool (B, L), True on real tokens."""

@@ -37,10 +37,16 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def batch_hard(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per anchor the hardest positive and hardest negative distance on L2-normalised ``feats``,
-    and which anchors have both in the batch."""
-    dist = pairwise_distance(F.normalize(feats.float(), dim=1))
+def batch_hard(feats: torch.Tensor, labels: torch.Tensor, centred: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per anchor the hardest positive and hardest negative distance on L2-normalised ``feats``
+    (``centred``: less their batch mean first), and which anchors have both in the batch."""
+    feats = feats.float()
+    if centred:
+        # the component every image shares carries no identity; left in, it shrinks every
+        # distance after normalisation, and the loss sits at its margin (all points together)
+        feats = feats - feats.mean(0, keepdim=True)
+    dist = pairwise_distance(F.normalize(feats, dim=1))
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos, neg = same & ~eye, ~same
@@ -50,15 +56,17 @@ def batch_hard(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return d_ap, d_an, valid
 
 
-def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3) -> torch.Tensor:
-    """Batch-hard triplet on L2-normalised features: max(0, d_ap - d_an + margin), or the soft
-    margin log(1 + exp(d_ap - d_an)) with ``margin=None``. Anchors without a positive or a
-    negative in the batch are left out."""
-    return _triplet(feats, labels, margin)[0]
+def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3,
+                 centred: bool = False) -> torch.Tensor:
+    """Batch-hard triplet on L2-normalised features (``centred``: less their batch mean):
+    max(0, d_ap - d_an + margin), or the soft margin log(1 + exp(d_ap - d_an)) with
+    ``margin=None``. Anchors without a positive or a negative in the batch are left out."""
+    return _triplet(feats, labels, margin, centred)[0]
 
 
-def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    d_ap, d_an, valid = batch_hard(feats, labels)
+def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None,
+             centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    d_ap, d_an, valid = batch_hard(feats, labels, centred)
     diff = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
     n = valid.float().sum().clamp_min(1.0)
@@ -106,7 +114,7 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
         ident = (1 - share) * ident + share * id_loss(out.text.logits, labels, lc.label_smoothing)
         if cfg.fusion.align_weight > 0:
             align = align_loss(out.image.neck, out.text.neck, labels, cfg.fusion.align_temperature)
-    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin)
+    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature == "centred")
     attr = zero
     if out.attributes is not None:
         if attributes is None:

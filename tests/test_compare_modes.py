@@ -1,0 +1,46 @@
+"""The sweep driver's statistics: pairs by (world, settings, seed) on one CPU, refuses duplicates,
+says how many pairs crossed CPUs, and states the power of the comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare_modes", ROOT / "benchmarks" / "compare_modes.py")
+cm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cm)
+
+
+def _run(arm: str, seed: int, mAP: float, *, world: int = 0, cpu: str = "A", extra: tuple = ()) -> dict:
+    sets = [f"seed={seed}", f"synth.seed={world}", *cm.ARMS[arm], *extra]
+    return {"world": world, "arm": arm, "seed": seed, "set": sets, "cpu": cpu, "pretrain_mAP": mAP,
+            "finetuned_mAP": mAP - 5, "caption_to_image_mAP": None}
+
+
+def test_pairs_share_world_settings_seed_and_cpu():
+    runs = [_run("image_only", 0, 70.0), _run("shared", 0, 72.0),
+            _run("image_only", 1, 60.0, cpu="B"), _run("shared", 1, 90.0),         # baseline on another CPU
+            _run("image_only", 2, 50.0, extra=("fusion.dim=512",)), _run("shared", 2, 99.0),  # other settings
+            _run("image_only", 3, 65.0, world=1), _run("shared", 3, 10.0)]        # other world
+    diffs, crossed = cm.paired(runs, "shared", "pretrain_mAP")
+    assert diffs == [2.0] and crossed == 1
+
+
+def test_a_duplicate_run_is_refused_not_averaged():
+    runs = [_run("image_only", 0, 70.0), _run("shared", 0, 72.0), _run("shared", 0, 73.0)]
+    with pytest.raises(SystemExit, match="more than one run"):
+        cm.paired(runs, "shared", "pretrain_mAP")
+    cm.paired([*runs[:2], _run("shared", 0, 73.0, cpu="B")], "shared", "pretrain_mAP")  # another CPU: fine
+
+
+def test_power_of_paired_differences():
+    # (t975(4) + t80(4)) * 3.42 / sqrt(5) = (2.776 + 0.941) * 1.5295
+    assert cm.detectable(3.42, 5) == pytest.approx(5.685, abs=0.01)
+    assert cm.seeds_needed(3.42) == 17 and cm.seeds_needed(1.0) == 4  # 2.5 points at 80 % power
+    assert cm.detectable(1.0, cm.seeds_needed(1.0)) <= 2.5 < cm.detectable(1.0, cm.seeds_needed(1.0) - 1)
+    table = cm.summary([_run("image_only", s, 70.0 + s) for s in range(5)]
+                       + [_run("shared", s, 71.0 + s + (s % 2)) for s in range(5)])
+    assert "| 0 (dev) | shared | 5 |" in table and "| 0.55 | 0.91 | 3 |" in table
