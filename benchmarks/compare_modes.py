@@ -11,6 +11,8 @@ Arms (each a set of `dvc exp run -S` overrides):
   (does caption content matter?);
 * ``shared_person`` -- the method with captions of the person only (attributes and viewpoint, no
   weather, time of day or scene): which content should teach?
+* ``shared_head`` -- the method with the image<->caption term on a projection head per modality
+  (``fusion.align_on: head``), so the retrieval feature is not the aligned feature.
 
 For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
 current DVC project (the data stages re-run for a new world, and the captions stage when an arm
@@ -49,6 +51,7 @@ ARMS: dict[str, list[str]] = {
     "attributes": ["fusion.mode=attributes"],
     "shuffled": ["fusion.mode=shared", "fusion.captions=shuffled"],
     "shared_person": ["fusion.mode=shared", "captions.content=person"],
+    "shared_head": ["fusion.mode=shared", "fusion.align_on=head"],
 }
 BASELINE = "image_only"
 # Designs and knobs are chosen on the dev worlds; the test worlds confirm, and nothing is chosen on them.

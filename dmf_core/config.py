@@ -142,6 +142,9 @@ class FusionConfig:
     # identity is a positive of an image): what pulls an image toward its identity's captions.
     align_weight: float
     align_temperature: float
+    # What that term aligns: BN(f) of each modality, the retrieval feature itself (neck), or a
+    # two-layer projection of it per modality (head), so the retrieval feature is not the aligned one.
+    align_on: Literal["neck", "head"]
     # Whose captions an identity reads: its own, or another identity's (the shuffled-captions control).
     captions: Literal["own", "shuffled"]
 

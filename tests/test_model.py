@@ -299,3 +299,25 @@ def test_every_arm_starts_from_the_same_image_path(params_dict):
     params_dict["seed"] += 1
     other = build_model(_cfg(params_dict, mode="image_only"), num_classes=5).state_dict()
     assert not torch.equal(other["image_proj.weight"], base["image_proj.weight"])
+
+
+def test_the_alignment_head_takes_the_contrastive_term_off_the_retrieval_feature(params_dict, tmp_path):
+    """fusion.align_on: head: the image<->caption term sees a projection per modality, its gradient
+    reaches the head; the head is pretraining's alone (saved, reloaded, left out of fine-tuning)."""
+    from dmf_core.model.pretrained import load_init_weights, load_model, save_model
+    from dmf_core.train.losses import dmf_losses
+
+    params_dict["fusion"]["align_on"] = "head"
+    cfg = _cfg(params_dict, mode="shared")
+    model = build_model(cfg, num_classes=4, text_dim=12).train()
+    y = torch.tensor([0, 0, 1, 1])
+    out = model(torch.randn(4, 3, 32, 16), torch.randn(4, 5, 12), torch.ones(4, 5, dtype=torch.bool))
+    assert out.image.aligned.shape == out.image.neck.shape and not torch.equal(out.image.aligned, out.image.neck)
+    dmf_losses(out, y, cfg)["align_loss"].backward()
+    assert model.align_head.image[0].weight.grad.abs().sum() > 0 and model.align_head.text[0].weight.grad.abs().sum() > 0
+    save_model(model, tmp_path / "pre", cfg=cfg, num_classes=4, stage="pretrain")
+    again, _ = load_model(tmp_path / "pre")
+    assert again.align_head is not None
+    finetune = build_model(cfg, num_classes=3, with_text=False)
+    assert finetune.align_head is None
+    assert any(k.startswith("align_head.") for k in load_init_weights(finetune, tmp_path / "pre"))

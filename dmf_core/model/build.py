@@ -20,7 +20,7 @@ from torch import nn
 
 from dmf_core.config import Config
 from dmf_core.model.fusion import IMAGE, TEXT, FusionEncoder
-from dmf_core.model.heads import AttributeHead, BNNeckHead
+from dmf_core.model.heads import AlignHead, AttributeHead, BNNeckHead
 from dmf_core.model.outputs import Branch, ModelOutput
 from dmf_core.model.vit import VisionTransformer, load_pretrained
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 # Parameters that are specific to one training stage and never carried into the next one.
 CLASSIFIER_PREFIX = "head.classifier."
-TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos", "head.text_bnneck.", "attribute_head.")
+TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos", "head.text_bnneck.", "attribute_head.",
+                 "align_head.")
 
 
 @contextlib.contextmanager
@@ -72,6 +73,7 @@ class DMFModel(nn.Module):
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         attribute_classes: Sequence[int] | None = None,
         init_seed: int | None = None,
+        align_head: bool = False,
     ) -> None:
         """``init_seed``: each module this creates draws its initial weights from its own stream,
         seeded by (``init_seed``, its name) (:func:`module_rng`), so that models with and without
@@ -93,6 +95,8 @@ class DMFModel(nn.Module):
             self.head = BNNeckHead(fusion.dim, num_classes, with_text=bool(text_dim))
         with module_rng(init_seed, "attribute_head"):
             self.attribute_head = AttributeHead(fusion.dim, list(attribute_classes)) if attribute_classes else None
+        with module_rng(init_seed, "align_head"):  # fusion.align_on: head, with the text path only
+            self.align_head = AlignHead(fusion.dim) if align_head and text_dim else None
 
     @property
     def has_text(self) -> bool:
@@ -123,6 +127,7 @@ class DMFModel(nn.Module):
             "text_dim": self.text_dim,
             "attribute_classes": (list(self.attribute_head.classes_per_attribute)
                                   if self.attribute_head is not None else None),
+            "align_head": self.align_head is not None,
             "image_encoder": dict(vit),
             "fusion": dict(self.fusion.init_kwargs),
             "text_encoder": dict(text) if text is not None else None,
@@ -185,6 +190,9 @@ class DMFModel(nn.Module):
         if text_states is not None:
             text_feat = self.encode_text_states(text_states, text_mask)
             out.text = Branch(text_feat, *self.head(text_feat, text=True))
+            if self.align_head is not None:
+                out.image.aligned = self.align_head(out.image.neck)
+                out.text.aligned = self.align_head(out.text.neck, text=True)
         if self.attribute_head is not None:
             out.attributes = self.attribute_head(out.image.neck)
         return out
@@ -236,4 +244,5 @@ def build_model(
         )
     return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
                     image_mean=cfg.augment.mean, image_std=cfg.augment.std,
-                    attribute_classes=attribute_classes, init_seed=cfg.seed)
+                    attribute_classes=attribute_classes, init_seed=cfg.seed,
+                    align_head=with_text and cfg.fusion.align_on == "head")

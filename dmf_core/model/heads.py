@@ -64,3 +64,24 @@ class AttributeHead(nn.Module):
 
     def forward(self, neck: torch.Tensor) -> list[torch.Tensor]:
         return list(self.linear(neck).split(self.classes_per_attribute, dim=1))
+
+
+class AlignHead(nn.Module):
+    """A two-layer projection per modality for the image<->caption contrastive term
+    (``fusion.align_on: head``): the term shapes g(BN(f)), so the retrieval feature BN(f) is not
+    itself the aligned feature (the head can absorb what only alignment needs)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.image, self.text = _mlp(dim), _mlp(dim)
+
+    def forward(self, neck: torch.Tensor, text: bool = False) -> torch.Tensor:
+        return (self.text if text else self.image)(neck)
+
+
+def _mlp(dim: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    for layer in (mlp[0], mlp[2]):
+        nn.init.trunc_normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    return mlp

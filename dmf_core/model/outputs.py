@@ -10,11 +10,14 @@ import torch
 @dataclass
 class Branch:
     """One modality of a batch: ``feat`` f (the fusion CLS), ``neck`` BN(f) of its own modality's
-    BNNeck (the retrieval feature and what the metric losses see), ``logits`` the identity logits."""
+    BNNeck (the retrieval feature and what the metric losses see), ``logits`` the identity logits;
+    ``aligned`` the alignment head's projection of ``neck`` (``fusion.align_on: head``), which the
+    image<->caption term then sees instead of ``neck``."""
 
     feat: torch.Tensor
     neck: torch.Tensor
     logits: torch.Tensor
+    aligned: torch.Tensor | None = None
 
 
 @dataclass

@@ -183,7 +183,8 @@ def model_from_config(config: dict, where: str | Path = CONFIG_FILE) -> nn.Modul
     try:
         model = DMFModel(vit, fusion, int(config["num_classes"]), text_dim=config.get("text_dim"),
                          text_encoder=text_encoder, image_mean=config["image_mean"],
-                         image_std=config["image_std"], attribute_classes=config.get("attribute_classes"))
+                         image_std=config["image_std"], attribute_classes=config.get("attribute_classes"),
+                         align_head=bool(config.get("align_head")))
     except KeyError as exc:
         raise ValueError(f"{where}: no {exc} (expected the keys DMFModel.config() writes)") from None
     size = model.config()["image_size"]

@@ -113,7 +113,9 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
         share = lc.caption_id_share
         ident = (1 - share) * ident + share * id_loss(out.text.logits, labels, lc.label_smoothing)
         if cfg.fusion.align_weight > 0:
-            align = align_loss(out.image.neck, out.text.neck, labels, cfg.fusion.align_temperature)
+            image, text = (out.image.neck, out.text.neck) if out.text.aligned is None else (
+                out.image.aligned, out.text.aligned)
+            align = align_loss(image, text, labels, cfg.fusion.align_temperature)
     triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature == "centred")
     attr = zero
     if out.attributes is not None:
