@@ -292,3 +292,24 @@ def test_a_two_source_row_on_synthped(project, tiny_params, monkeypatch):
     both = [matrix["cells"][row][t]["mAP"] for t in ("sp_market", "sp_cuhk")]
     assert matrix["in_domain"][row]["mAP"] == round(float(np.mean(both)), 2)
     assert f"| {row} |" in Path("reports/eval_matrix.md").read_text()
+
+
+def test_a_resume_needs_the_same_sampler_and_the_same_splits(project, params_dict):
+    """The resume fingerprint of fine-tuning covers finetune.sampler and every split the row reads."""
+    from dmf_core.train.fingerprint import training_fingerprint
+
+    _two_datasets()
+    plan = compose_row("a+b", ["train"], {"a": "market", "b": "market"})
+    params_dict["finetune"]["P"] = 4
+
+    def fingerprint(sampler: str, row_plan: dict) -> str:
+        params_dict["finetune"]["sampler"] = sampler
+        cfg = config_from_dict(params_dict)
+        row = row_training(row_plan, cfg)
+        return training_fingerprint(cfg, "finetune", datasets=row.datasets, inputs=row.inputs,
+                                    num_classes=6, num_images=12, world_size=1)
+
+    base = fingerprint("uniform", plan)
+    assert fingerprint("uniform", plan) == base and fingerprint("balanced", plan) != base
+    _pack("b", "train", [1, 1, 2, 2, 3, 5], [0, 1, 0, 1, 0, 1])
+    assert fingerprint("uniform", compose_row("a+b", ["train"], {"a": "market", "b": "market"})) != base
