@@ -111,6 +111,10 @@ def test_a_plan_refuses_what_changed_or_is_missing(project):
     Path("a.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match="not of 'a'"):
         read_row_plan(Path("a.json"), "a")
+    for bad in ("{ truncated", "[1, 2]"):
+        Path("a.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"a\.json: not a plan"):
+            read_row_plan(Path("a.json"), "a")
 
 
 def test_health_images_are_the_untrained_test_splits_with_namespaced_identities(project):

@@ -86,6 +86,10 @@ def read_row_plan(path: Path, row: str) -> dict:
         plan = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; run `dvc repro compose@{row}` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a plan ({exc}); rerun `dvc repro compose@{row}`") from None
+    if not isinstance(plan, dict):
+        raise ValueError(f"{path}: not a plan (a JSON {type(plan).__name__}); rerun `dvc repro compose@{row}`")
     if plan.get("format") != PLAN_FORMAT or plan.get("row") != row:
         raise ValueError(f"{path}: a plan of row {plan.get('row')!r} (format {plan.get('format')}), "
                          f"not of {row!r}; rerun `dvc repro compose@{row}`")
