@@ -91,20 +91,28 @@ def cpu_name() -> str:
     return f"{model} ({' '.join(isa) or 'no avx2'}), {os.cpu_count()} cores"
 
 
-def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) -> dict:
-    """What one finished experiment left in the workspace."""
-    matrix = json.loads(Path("reports/eval_matrix.json").read_text())
+def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float, rows: str = "all") -> dict:
+    """What one finished experiment left in the workspace (``rows="pretrain"``: the pretrain
+    row's cells only, the fine-tuned rows were not run)."""
     pretrain = json.loads(Path("metrics/pretrain.json").read_text())
+    record = {"world": world, "role": world_role(world), "arm": arm, "seed": seed, "set": sets, "rows": rows,
+              "wall_s": round(wall_s, 1), "cpu": cpu_name(),
+              "caption_to_image_mAP": pretrain.get("health", {}).get("caption_to_image_mAP")}
+    if rows == "pretrain":
+        cells = {t: json.loads(Path(f"reports/eval/pretrain__{t}.json").read_text()) for t in eval_targets()}
+        return {**record, "pretrain_mAP": round(statistics.fmean(c["mAP"] for c in cells.values()), 2),
+                "pretrain_rank1": round(statistics.fmean(c["rank1"] for c in cells.values()), 2),
+                "finetuned_mAP": None, "finetuned_rank1": None,
+                "health": {"pretrain": pretrain.get("health", {})},
+                "cells": {t: {"mAP": c["mAP"], "rank1": c["rank1"]} for t, c in cells.items()}}
+    matrix = json.loads(Path("reports/eval_matrix.json").read_text())
     finetuned = [r for r in matrix["sources"] if r != "pretrain"]
     return {
-        "world": world, "role": world_role(world), "arm": arm, "seed": seed, "set": sets,
-        "wall_s": round(wall_s, 1),
-        "cpu": cpu_name(),
+        **record,
         "pretrain_mAP": matrix["cross_domain"]["pretrain"]["mAP"],
         "pretrain_rank1": matrix["cross_domain"]["pretrain"]["rank1"],
         "finetuned_mAP": _mean_of_rows(matrix, finetuned, "mAP"),
         "finetuned_rank1": _mean_of_rows(matrix, finetuned, "rank1"),
-        "caption_to_image_mAP": pretrain.get("health", {}).get("caption_to_image_mAP"),
         "health": {"pretrain": pretrain.get("health", {}),
                    **{r: json.loads(Path(f"metrics/finetune/{r}.json").read_text()).get("health", {})
                       for r in finetuned}},
@@ -112,25 +120,34 @@ def read_run(world: int, arm: str, seed: int, sets: list[str], wall_s: float) ->
     }
 
 
-def run_experiment(world: int, arm: str, seed: int, extra: list[str]) -> dict:
+def eval_targets() -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(Path("params.yaml").read_text())["evaluate"]["targets"])
+
+
+def run_experiment(world: int, arm: str, seed: int, extra: list[str], rows: str = "all") -> dict:
     sets = [f"seed={seed}", f"synth.seed={world}", *ARMS[arm], *extra]
     cmd = ["dvc", "exp", "run", *(arg for s in sets for arg in ("-S", s))]
     # `-S` edits the workspace's params.yaml, which still holds the previous experiment's values:
     # without this an arm would inherit the knobs of the arm before it (fusion.captions=shuffled
     # into the attribute control, captions.content=person into the next world)
     subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], check=True)
+    if rows == "pretrain":  # only what the pretrain row's cells need: no fine-tuning
+        cmd += [f"evaluate@pretrain-{t}" for t in eval_targets()]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return read_run(world, arm, seed, sets, time.perf_counter() - t0)
+    return read_run(world, arm, seed, sets, time.perf_counter() - t0, rows)
 
 
 def settings(run: dict) -> tuple[str, ...]:
     """The run's ``-S`` overrides other than its seed, its world and its arm's own: runs pair only
     when these are equal."""
     own = set(ARMS[run["arm"]])
-    return tuple(sorted(s for s in run["set"] if s not in own and not s.startswith(("seed=", "synth.seed="))))
+    sets = sorted(s for s in run["set"] if s not in own and not s.startswith(("seed=", "synth.seed=")))
+    return (*sets, f"rows={run.get('rows', 'all')}")
 
 
 def check_unique(runs: list[dict]) -> None:
@@ -146,11 +163,12 @@ def paired(runs: list[dict], arm: str, key: str) -> tuple[list[float], int]:
     runs had their baseline only on another CPU (float results, hence trajectories, differ
     between CPUs: such a pair is two seeds, not one, and stays out of the intervals)."""
     check_unique(runs)
-    base = {(r["world"], settings(r), r["seed"], r.get("cpu")): r[key] for r in runs if r["arm"] == BASELINE}
+    base = {(r["world"], settings(r), r["seed"], r.get("cpu")): r[key] for r in runs
+            if r["arm"] == BASELINE and r[key] is not None}
     anywhere = {k[:3] for k in base}
     diffs, cross = [], 0
     for r in runs:
-        if r["arm"] != arm:
+        if r["arm"] != arm or r[key] is None:
             continue
         k = (r["world"], settings(r), r["seed"])
         if (*k, r.get("cpu")) in base:
@@ -197,16 +215,17 @@ def _ms(values: list[float]) -> str:
 
 
 def summary(runs: list[dict]) -> str:
-    """Per (world, arm): means +- SD, the paired difference to ``image_only`` with its 95 % interval
-    and, for the pretrain row, the SD of the paired differences, the difference those pairs detect
-    at 80 % power and the seeds a 2.5-point difference needs."""
-    lines = ["| world | arm | seeds | pretrain row mAP | fine-tuned mAP | pretrain mAP - image_only [95 % CI] | "
-             "paired SD | detectable (80 %) | seeds for 2.5 | fine-tuned mAP - image_only [95 % CI] | "
+    """Per (world, settings, arm): means +- SD, the paired difference to ``image_only`` with its
+    95 % interval and, for the pretrain row, the SD of the paired differences, the difference
+    those pairs detect at 80 % power and the seeds a 2.5-point difference needs."""
+    check_unique(runs)
+    lines = ["| world | settings | arm | seeds | pretrain row mAP | fine-tuned mAP | pretrain mAP - image_only "
+             "[95 % CI] | paired SD | detectable (80 %) | seeds for 2.5 | fine-tuned mAP - image_only [95 % CI] | "
              "caption->image mAP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     crossed = []
-    for world in sorted({r["world"] for r in runs}):
-        at = [r for r in runs if r["world"] == world]
+    for world, kept in sorted({(r["world"], settings(r)) for r in runs}):
+        at = [r for r in runs if r["world"] == world and settings(r) == kept]
         for arm in [a for a in ARMS if any(r["arm"] == a for r in at)]:
             rs = [r for r in at if r["arm"] == arm]
             base = arm == BASELINE
@@ -215,7 +234,8 @@ def summary(runs: list[dict]) -> str:
             if n_cross:
                 crossed.append(f"{arm} (world {world}): {n_cross}")
             lines.append(
-                f"| {world} ({world_role(world)}) | {arm} | {len(rs)} | {_ms([r['pretrain_mAP'] for r in rs])} | "
+                f"| {world} ({world_role(world)}) | {' '.join(kept)} | {arm} | {len(rs)} | "
+                f"{_ms([r['pretrain_mAP'] for r in rs])} | "
                 f"{_ms([r['finetuned_mAP'] for r in rs])} | {'-' if base else interval(pre)} | "
                 f"{'- | - | -' if base else power(pre)} | {'-' if base else interval(fine)} | "
                 f"{_ms([r['caption_to_image_mAP'] for r in rs])} |")
@@ -266,12 +286,15 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=0, help="synth.seed: which generated SynthPed world")
     ap.add_argument("--set", action="append", default=[], help="extra -S override for every run")
     ap.add_argument("--json", type=Path, default=None, help="results so far; runs in it are skipped")
-    ap.add_argument("--summary", type=Path, default=None, help="only print the table of this JSON")
+    ap.add_argument("--rows", choices=["all", "pretrain"], default="all",
+                    help="pretrain: pretraining and the pretrain row only (no fine-tuning): a cheaper screen")
+    ap.add_argument("--summary", type=Path, nargs="+", default=None,
+                    help="only print the table of these JSON files (e.g. the parts of a sweep run in two clones)")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
                     help="only print B minus A, paired by (world, arm, seed), for two sweeps' JSON")
     args = ap.parse_args()
     if args.summary:
-        print(summary(json.loads(args.summary.read_text())["runs"]))
+        print(summary([r for path in args.summary for r in json.loads(path.read_text())["runs"]]))
         return
     if args.compare:
         a, b = (json.loads(path.read_text())["runs"] for path in args.compare)
@@ -280,20 +303,21 @@ def main() -> None:
 
     runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
     here = cpu_name()  # a run on another CPU pairs with nothing run here: run it again
-    done = {(r["world"], r["arm"], r["seed"], tuple(r["set"])) for r in runs if r.get("cpu") == here}
+    done = {(r["world"], r["arm"], r["seed"], tuple(r["set"]), r.get("rows", "all")) for r in runs
+            if r.get("cpu") == here}
     command = "python benchmarks/compare_modes.py " + " ".join(
-        [f"--world {args.world}", *(f"--set {s}" for s in args.set)])
+        [f"--world {args.world}", f"--rows {args.rows}", *(f"--set {s}" for s in args.set)])
     # the method and its baseline first, seed-major (a stopped sweep leaves complete pairs), then the controls
     plan = [(seed, arm) for seed in args.seeds for arm in args.arms if arm in (BASELINE, "shared")]
     plan += [(seed, arm) for seed in args.control_seeds for arm in args.arms if arm not in (BASELINE, "shared")]
     for seed, arm in plan:
         sets = [f"seed={seed}", f"synth.seed={args.world}", *ARMS[arm], *args.set]
-        if (args.world, arm, seed, tuple(sets)) in done:
+        if (args.world, arm, seed, tuple(sets), args.rows) in done:
             continue
-        r = run_experiment(args.world, arm, seed, args.set)
+        r = run_experiment(args.world, arm, seed, args.set, args.rows)
         runs.append(r)
         print(f"world {args.world} seed {seed} {arm}: pretrain row {r['pretrain_mAP']:.2f} mAP, fine-tuned "
-              f"{r['finetuned_mAP']:.2f} mAP, caption->image {r['caption_to_image_mAP']} in {r['wall_s']:.0f} s",
+              f"{r['finetuned_mAP']} mAP, caption->image {r['caption_to_image_mAP']} in {r['wall_s']:.0f} s",
               flush=True)
         if args.json:
             _save(args.json, runs, command)

@@ -209,6 +209,8 @@ class StageTrainConfig:
     momentum: float  # SGD only
     # End of the cosine schedule, a share of the base lr (timm's lr_min = min_lr_ratio x lr).
     min_lr_ratio: float
+    # Decay of the exponential moving average of the weights the stage saves (0: the last weights).
+    ema: float
 
 
 @dataclass(frozen=True)
@@ -429,6 +431,8 @@ def _check_positive(cfg: Config) -> None:
         "fusion.drop_path": cfg.fusion.drop_path,
         "model.image.drop_path": cfg.model.image.drop_path,
         "loss.label_smoothing": cfg.loss.label_smoothing,
+        "pretrain.ema": cfg.pretrain.ema,
+        "finetune.ema": cfg.finetune.ema,
     }.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}: expected a rate in [0, 1), got {value!r}")

@@ -43,4 +43,14 @@ def test_power_of_paired_differences():
     assert cm.detectable(1.0, cm.seeds_needed(1.0)) <= 2.5 < cm.detectable(1.0, cm.seeds_needed(1.0) - 1)
     table = cm.summary([_run("image_only", s, 70.0 + s) for s in range(5)]
                        + [_run("shared", s, 71.0 + s + (s % 2)) for s in range(5)])
-    assert "| 0 (dev) | shared | 5 |" in table and "| 0.55 | 0.91 | 3 |" in table
+    assert "| 0 (dev) | rows=all | shared | 5 |" in table and "| 0.55 | 0.91 | 3 |" in table
+
+
+def test_pretrain_only_runs_pair_only_with_pretrain_only_runs():
+    full = [_run("image_only", s, 70.0 + s) for s in range(3)]
+    screen = [{**_run("image_only", s, 60.0), "rows": "pretrain", "finetuned_mAP": None} for s in range(3)]
+    screen += [{**_run("shared", s, 62.0 + s % 2), "rows": "pretrain", "finetuned_mAP": None} for s in range(3)]
+    table = cm.summary(full + screen)
+    # the shared screen pairs with the image_only screen (+2, +3, +2), never with the full runs
+    assert "| 0 (dev) | rows=pretrain | shared | 3 | 62.33 +- 0.58 | - | +2.33 [" in table
+    assert "| 0 (dev) | rows=all | image_only | 3 |" in table

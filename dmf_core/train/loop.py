@@ -49,6 +49,7 @@ from dmf_core.train.distributed import (
     seed_everything,
     set_rank_settings,
 )
+from dmf_core.train.ema import WeightAverage
 from dmf_core.train.losses import STATS, TERMS
 from dmf_core.train.precision import cpu_bf16_flags, resolve_precision
 from dmf_core.train.schedule import build_optimizer, build_scheduler
@@ -288,6 +289,12 @@ class Run:
     curve: list = field(default_factory=list)
     totals: dict = field(default_factory=lambda: {"images": 0, "train_s": 0.0})
     batch_size: int | None = None
+    ema: WeightAverage | None = None  # <stage>.ema > 0: the average of the weights, what is saved
+
+    @property
+    def result(self) -> nn.Module:
+        """The model the stage hands on: the weight average when there is one."""
+        return self.ema.shadow if self.ema is not None else self.model
 
 
 def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from: Path | None,
@@ -316,7 +323,7 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     run = Run(cfg=cfg, stage=stage, st=st, data=data, dist=dist, work_dir=Path(work_dir), model=model,
               optimizer=optimizer, scheduler=build_scheduler(optimizer, st, steps_per_epoch),
               steps_per_epoch=steps_per_epoch, precision=resolve_precision(cfg.train.precision, dist.device),
-              with_text=with_text)
+              with_text=with_text, ema=WeightAverage(model, st.ema) if st.ema else None)
     if dist.is_main:
         inputs = {**data.inputs, **model_input_digests(cfg, init_from=init_from, with_text=with_text)}
         run.fingerprint = training_fingerprint(
@@ -350,6 +357,8 @@ def resume(run: Run) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     run.start_epoch, run.curve, run.totals = state["epoch"], list(state["curve"]), dict(state["totals"])
     log.info("resuming %s from %s at epoch %d/%d", run.stage, path, run.start_epoch, run.st.epochs)
 
@@ -425,6 +434,8 @@ def train_one_epoch(run: Run, epoch: int, ddp_model: nn.Module, step: nn.Module,
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update(run.model)
         sums += torch.stack([losses[k].detach().float() for k in CURVE_VALUES])
         n_batches += 1
         n_images += len(images)
@@ -468,6 +479,7 @@ def end_epoch(run: Run, row: dict, curve_path: Path, tracker: Tracker) -> None:
             "fingerprint": run.fingerprint, "epoch": epoch, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "curve": run.curve, "totals": run.totals,
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         })
 
 
@@ -509,7 +521,7 @@ def measure_health(run: Run) -> dict:
 
     if not run.dist.is_main or run.data.health is None:
         return {}
-    model, device = run.model, run.dist.device
+    model, device = run.result, run.dist.device
     model.eval()
     feats, pids = embed(model.embed_images, run.data.health, device)
     out = cosine_statistics(feats, pids)
@@ -538,7 +550,7 @@ def finalise(run: Run, metrics: dict, tracker: Tracker, *, out_dir: Path, metric
     stage for) can take it for done."""
     if not run.dist.is_main:
         return
-    unwrap(run.model).save_pretrained(out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
+    unwrap(run.result).save_pretrained(out_dir, cfg=run.cfg, num_classes=run.data.num_classes, stage=run.stage,
                                       extra={"epochs": run.st.epochs, "init_from": str(init_from) if init_from else None})
     write_tsv(curve_path, run.curve, CURVE_COLUMNS)
     write_metrics(metrics_path, {k: metrics[k] for k in metric_names(run)})
@@ -599,6 +611,6 @@ def train(
     finally:
         tracker.close()
     if on_end is not None:
-        on_end(run.model)
+        on_end(run.result)
     barrier()
     return metrics
