@@ -12,7 +12,13 @@ Arms (each a set of `dvc exp run -S` overrides):
 * ``shared_person`` -- the method with captions of the person only (attributes and viewpoint, no
   weather, time of day or scene): which content should teach?
 * ``shared_head`` -- the method with the image<->caption term on a projection head per modality
-  (``fusion.align_on: head``), so the retrieval feature is not the aligned feature.
+  (``fusion.align_on: head``), so the retrieval feature is not the aligned feature;
+* ``prototypes`` -- language as a teacher: a second identity classifier whose class weights are
+  projections of each identity's mean caption embedding (``fusion.mode: prototypes``);
+* ``phrases`` -- language as the attribute teacher: attribute-value logits as cosines with the
+  projected embeddings of the value phrases (``fusion.mode: phrases``);
+* ``prototypes_learned`` / ``phrases_learned`` -- their no-language twins: the same heads with
+  learned vectors in place of the text embeddings (``fusion.teacher: learned``).
 
 For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
 current DVC project (the data stages re-run for a new world, and the captions stage when an arm
@@ -52,6 +58,10 @@ ARMS: dict[str, list[str]] = {
     "shuffled": ["fusion.mode=shared", "fusion.captions=shuffled"],
     "shared_person": ["fusion.mode=shared", "captions.content=person"],
     "shared_head": ["fusion.mode=shared", "fusion.align_on=head"],
+    "prototypes": ["fusion.mode=prototypes"],
+    "prototypes_learned": ["fusion.mode=prototypes", "fusion.teacher=learned"],
+    "phrases": ["fusion.mode=phrases"],
+    "phrases_learned": ["fusion.mode=phrases", "fusion.teacher=learned"],
 }
 BASELINE = "image_only"
 # Designs and knobs are chosen on the dev worlds; the test worlds confirm, and nothing is chosen on them.

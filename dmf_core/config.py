@@ -136,8 +136,10 @@ class FusionConfig:
     dropout: float
     drop_path: float
     # shared: images + captions through one encoder (the method); image_only: the baseline;
-    # attributes: the attribute-head control (the captions' attributes as labels, no language).
-    mode: Literal["shared", "image_only", "attributes"]
+    # attributes: the attribute-head control (the captions' attributes as labels, no language);
+    # prototypes / phrases: language as a teacher (dmf_core/model/teacher.py): the identities'
+    # caption embeddings as class prototypes / the attribute values' phrases as attribute classes.
+    mode: Literal["shared", "image_only", "attributes", "prototypes", "phrases"]
     # Weight of the identity-aware image<->caption contrastive term (every caption of the same
     # identity is a positive of an image): what pulls an image toward its identity's captions.
     align_weight: float
@@ -147,6 +149,11 @@ class FusionConfig:
     align_on: Literal["neck", "head"]
     # Whose captions an identity reads: its own, or another identity's (the shuffled-captions control).
     captions: Literal["own", "shuffled"]
+    # The teacher head's vectors (prototypes / phrases): the text encoder's embeddings, or learned
+    # vectors of the same shape (the no-language twin); its loss weight and cosine temperature.
+    teacher: Literal["text", "learned"]
+    teacher_weight: float
+    teacher_temperature: float
 
 
 @dataclass(frozen=True)
@@ -405,6 +412,7 @@ def _check_positive(cfg: Config) -> None:
         "evaluate.max_rank": cfg.evaluate.max_rank,
         "evaluate.ranked_list_queries": cfg.evaluate.ranked_list_queries,
         "fusion.align_temperature": cfg.fusion.align_temperature,
+        "fusion.teacher_temperature": cfg.fusion.teacher_temperature,
     }
     for stage in ("pretrain", "finetune"):
         st = getattr(cfg, stage)
@@ -421,6 +429,7 @@ def _check_positive(cfg: Config) -> None:
         "finetune.weight_decay": cfg.finetune.weight_decay,
         "fusion.align_weight": cfg.fusion.align_weight,
         "loss.attribute_weight": cfg.loss.attribute_weight,
+        "fusion.teacher_weight": cfg.fusion.teacher_weight,
         "pretrain.holdout_ids": cfg.pretrain.holdout_ids,
     }
     for key, value in non_negative.items():

@@ -279,6 +279,7 @@ def test_every_arm_starts_from_the_same_image_path(params_dict):
     position embeddings, the attribute head): the arms of a comparison are paired in their weights.
     Another seed starts elsewhere, and the global RNG is left where it was."""
     from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES
+    from dmf_core.train.teacher import teacher_spec
 
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
@@ -288,6 +289,10 @@ def test_every_arm_starts_from_the_same_image_path(params_dict):
         "attributes": build_model(_cfg(params_dict, mode="attributes"), num_classes=5,
                                   attribute_classes=ATTRIBUTE_CLASSES),
     }
+    for mode in ("prototypes", "phrases"):  # the teachers and their no-language twins
+        for vectors in ("text", "learned"):
+            cfg = _cfg(params_dict, mode=mode, teacher=vectors)
+            arms[f"{mode}/{vectors}"] = build_model(cfg, num_classes=5, teacher=teacher_spec(cfg, 5, 12))
     assert torch.equal(torch.random.get_rng_state(), before)
     base = arms["image_only"].state_dict()
     for name, model in arms.items():
@@ -295,7 +300,7 @@ def test_every_arm_starts_from_the_same_image_path(params_dict):
         assert all(torch.equal(state[k], v) for k, v in base.items()), name
         extra = set(state) - set(base)
         assert extra <= {k for k in state if k.startswith(("text_proj.", "fusion.text_pos", "head.text_bnneck.",
-                                                           "attribute_head."))}, name
+                                                           "attribute_head.", "teacher_head."))}, name
     params_dict["seed"] += 1
     other = build_model(_cfg(params_dict, mode="image_only"), num_classes=5).state_dict()
     assert not torch.equal(other["image_proj.weight"], base["image_proj.weight"])

@@ -22,6 +22,7 @@ from dmf_core.config import Config
 from dmf_core.model.fusion import IMAGE, TEXT, FusionEncoder
 from dmf_core.model.heads import AlignHead, AttributeHead, BNNeckHead
 from dmf_core.model.outputs import Branch, ModelOutput
+from dmf_core.model.teacher import TeacherHead
 from dmf_core.model.vit import VisionTransformer, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 # Parameters that are specific to one training stage and never carried into the next one.
 CLASSIFIER_PREFIX = "head.classifier."
 TEXT_PREFIXES = ("text_proj.", "text_encoder.", "fusion.text_pos", "head.text_bnneck.", "attribute_head.",
-                 "align_head.")
+                 "align_head.", "teacher_head.")
 
 
 @contextlib.contextmanager
@@ -74,10 +75,12 @@ class DMFModel(nn.Module):
         attribute_classes: Sequence[int] | None = None,
         init_seed: int | None = None,
         align_head: bool = False,
+        teacher: dict | None = None,
     ) -> None:
         """``init_seed``: each module this creates draws its initial weights from its own stream,
         seeded by (``init_seed``, its name) (:func:`module_rng`), so that models with and without
-        the text path or the attribute head start with the same image path."""
+        the text path or the attribute head start with the same image path. ``teacher``: the
+        :class:`~dmf_core.model.teacher.TeacherHead`'s arguments (``fusion.mode: prototypes | phrases``)."""
         super().__init__()
         self.text_dim = int(text_dim) if text_dim else None
         self.image_mean = [float(v) for v in image_mean]
@@ -97,6 +100,8 @@ class DMFModel(nn.Module):
             self.attribute_head = AttributeHead(fusion.dim, list(attribute_classes)) if attribute_classes else None
         with module_rng(init_seed, "align_head"):  # fusion.align_on: head, with the text path only
             self.align_head = AlignHead(fusion.dim) if align_head and text_dim else None
+        with module_rng(init_seed, "teacher_head"):
+            self.teacher_head = TeacherHead(fusion.dim, **teacher) if teacher else None
 
     @property
     def has_text(self) -> bool:
@@ -128,6 +133,7 @@ class DMFModel(nn.Module):
             "attribute_classes": (list(self.attribute_head.classes_per_attribute)
                                   if self.attribute_head is not None else None),
             "align_head": self.align_head is not None,
+            "teacher": dict(self.teacher_head.init_kwargs) if self.teacher_head is not None else None,
             "image_encoder": dict(vit),
             "fusion": dict(self.fusion.init_kwargs),
             "text_encoder": dict(text) if text is not None else None,
@@ -195,6 +201,9 @@ class DMFModel(nn.Module):
                 out.text.aligned = self.align_head(out.text.neck, text=True)
         if self.attribute_head is not None:
             out.attributes = self.attribute_head(out.image.neck)
+        if self.teacher_head is not None:
+            logits = self.teacher_head(out.image.neck)
+            out.teacher = self.teacher_head.split(logits) if self.teacher_head.groups else logits
         return out
 
 
@@ -206,6 +215,7 @@ def build_model(
     pretrained: bool = True,
     text_dim: int | None = None,
     attribute_classes: Sequence[int] | None = None,
+    teacher: dict | None = None,
 ) -> DMFModel:
     """The model described by ``cfg``.
 
@@ -213,7 +223,8 @@ def build_model(
     evaluation build without it. ``text_dim`` is the width of the caption token states when the
     caller knows it (default: read from the text encoder's config). ``pretrained`` loads
     ``model.image.pretrained`` into the ViT when set. ``attribute_classes`` adds the attribute
-    head (the attribute-head control of pretraining). Every module's initial weights come from its
+    head (the attribute-head control of pretraining), ``teacher`` the teacher head's arguments
+    (:func:`dmf_core.train.teacher.teacher_spec`). Every module's initial weights come from its
     own stream seeded by (``seed``, its name): one seed starts every arm's image path alike.
     A trainable text encoder (``model.text.freeze: false``) is built into the model (imports transformers).
     """
@@ -245,4 +256,4 @@ def build_model(
     return DMFModel(vit, fusion, num_classes, text_dim=text_dim, text_encoder=text_encoder,
                     image_mean=cfg.augment.mean, image_std=cfg.augment.std,
                     attribute_classes=attribute_classes, init_seed=cfg.seed,
-                    align_head=with_text and cfg.fusion.align_on == "head")
+                    align_head=with_text and cfg.fusion.align_on == "head", teacher=teacher)

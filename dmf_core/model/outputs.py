@@ -23,8 +23,10 @@ class Branch:
 @dataclass
 class ModelOutput:
     """``image`` always; ``text`` with captions (fusion.mode=shared); ``attributes`` (one logits
-    tensor per attribute) with the attribute-head control (fusion.mode=attributes)."""
+    tensor per attribute) with the attribute-head control (fusion.mode=attributes); ``teacher``
+    the teacher head's logits (fusion.mode=prototypes | phrases)."""
 
     image: Branch
     text: Branch | None = None
     attributes: list[torch.Tensor] | None = None
+    teacher: torch.Tensor | list[torch.Tensor] | None = None  # per attribute with phrases

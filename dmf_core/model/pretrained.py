@@ -184,7 +184,7 @@ def model_from_config(config: dict, where: str | Path = CONFIG_FILE) -> nn.Modul
         model = DMFModel(vit, fusion, int(config["num_classes"]), text_dim=config.get("text_dim"),
                          text_encoder=text_encoder, image_mean=config["image_mean"],
                          image_std=config["image_std"], attribute_classes=config.get("attribute_classes"),
-                         align_head=bool(config.get("align_head")))
+                         align_head=bool(config.get("align_head")), teacher=config.get("teacher"))
     except KeyError as exc:
         raise ValueError(f"{where}: no {exc} (expected the keys DMFModel.config() writes)") from None
     size = model.config()["image_size"]

@@ -79,8 +79,11 @@ def caption_states_key(cfg: Config, captions: list[str]) -> str:
 
 def nothing_to_encode(cfg: Config) -> str | None:
     """Why pretraining reads no cached states under ``cfg`` (None: it does)."""
-    if cfg.fusion.mode != "shared":
+    prototypes = cfg.fusion.mode == "prototypes" and cfg.fusion.teacher == "text"
+    if cfg.fusion.mode != "shared" and not prototypes:
         return f"fusion.mode is {cfg.fusion.mode!r}: pretraining encodes no caption"
+    if prototypes:  # the teacher's prototypes pool a frozen encoder's states, whatever model.text.freeze says
+        return None
     if not cfg.model.text.freeze:
         return "model.text.freeze is false: the text encoder trains, so its states are computed per batch"
     return None

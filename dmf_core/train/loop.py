@@ -54,6 +54,7 @@ from dmf_core.train.losses import STATS, TERMS
 from dmf_core.train.precision import cpu_bf16_flags, resolve_precision
 from dmf_core.train.schedule import build_optimizer, build_scheduler
 from dmf_core.train.step import CAPTION_PAD_MULTIPLE, compiles, loss_step
+from dmf_core.train.teacher import reads_text, teacher_spec, teacher_texts, teacher_vectors, uses_teacher
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class StageData:
     health_captions: list[str] | None = None
     batch_augment: Any = None  # train.decode=device: batch of bytes + augment draws -> images on the device
     caption_states: Path | None = None  # the encode_captions stage's output (None: encode the captions)
+    teacher_texts: list[list[str]] | None = None  # per teacher vector, the texts it is the mean embedding of
 
 
 def stage_config(cfg: Config, stage: Stage) -> StageTrainConfig:
@@ -108,7 +110,8 @@ def uses_captions(cfg: Config, stage: Stage) -> bool:
 
 
 def uses_attributes(cfg: Config, stage: Stage) -> bool:
-    return stage == "pretrain" and cfg.fusion.mode == "attributes"
+    """Whether the batches carry attribute targets: the attribute head's, or the phrase teacher's."""
+    return stage == "pretrain" and cfg.fusion.mode in ("attributes", "phrases")
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -138,7 +141,7 @@ def build_stage_data(cfg: Config, stage: Stage, captions_parquet: Path | None, d
         data.datasets = [cfg.pretrain.dataset, *row.datasets]
         return data
     picker = None
-    if uses_captions(cfg, stage) or uses_attributes(cfg, stage):
+    if uses_captions(cfg, stage) or uses_attributes(cfg, stage) or uses_teacher(cfg, stage):
         if captions_parquet is None:
             raise ValueError(f"fusion.mode={cfg.fusion.mode}: pretraining needs the captions parquet "
                              "(captions_parquet=None)")
@@ -184,7 +187,13 @@ def _pretrain_loader(cfg: Config, dist: DistInfo, picker, train_lmdb: Path):
 
 
 def _add_caption_data(cfg: Config, data: StageData, dataset, picker, held_out: list[int]) -> None:
-    """What pretraining reads of the captions: the attribute targets, or the captions themselves."""
+    """What pretraining reads of the captions: the attribute targets, the teacher's texts, or the
+    captions themselves."""
+    if uses_teacher(cfg, "pretrain"):
+        data.teacher_texts = teacher_texts(cfg, dataset, picker, data.num_classes)
+        if reads_text(cfg, "pretrain") and cfg.fusion.mode == "prototypes":
+            # every caption, as the encode_captions stage stored them (its key is this set)
+            data.captions = [picker.text(i) for i in range(len(picker))]
     if uses_attributes(cfg, "pretrain"):
         from dmf_core.data.captions.controls import attribute_targets
 
@@ -307,11 +316,16 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     st = stage_config(cfg, stage)
     with_text = uses_captions(cfg, stage)
     seed_everything(cfg.seed)
-    attribute_classes = None
-    if data.attribute_table is not None:
+    attribute_classes, teacher = None, None
+    if stage == "pretrain" and cfg.fusion.mode == "attributes":
         from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES as attribute_classes
+    if uses_teacher(cfg, stage):
+        from dmf_core.model.text import text_hidden_size
+
+        teacher = teacher_spec(cfg, data.num_classes, text_hidden_size(cfg.model.text.name))
     model = build_model(cfg, data.num_classes, with_text=with_text,
-                        pretrained=stage == "pretrain" or init_from is None, attribute_classes=attribute_classes)
+                        pretrained=stage == "pretrain" or init_from is None, attribute_classes=attribute_classes,
+                        teacher=teacher)
     if stage == "finetune" and init_from is not None:
         load_init_weights(model, init_from)
     model.to(dist.device)
@@ -323,19 +337,25 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     run = Run(cfg=cfg, stage=stage, st=st, data=data, dist=dist, work_dir=Path(work_dir), model=model,
               optimizer=optimizer, scheduler=build_scheduler(optimizer, st, steps_per_epoch),
               steps_per_epoch=steps_per_epoch, precision=resolve_precision(cfg.train.precision, dist.device),
-              with_text=with_text, ema=WeightAverage(model, st.ema) if st.ema else None)
+              with_text=with_text)
     if dist.is_main:
-        inputs = {**data.inputs, **model_input_digests(cfg, init_from=init_from, with_text=with_text)}
+        inputs = {**data.inputs, **model_input_digests(cfg, init_from=init_from,
+                                                       with_text=with_text or reads_text(cfg, stage))}
         run.fingerprint = training_fingerprint(
             cfg, stage, datasets=data.datasets, inputs=inputs, num_classes=data.num_classes,
             num_images=data.num_images, world_size=dist.world_size)
-    if with_text and cfg.model.text.freeze:
+    if (with_text and cfg.model.text.freeze) or reads_text(cfg, stage):
         from dmf_core.model.text import CaptionStateCache, TextEncoder
 
         def encoder() -> TextEncoder:  # built only when a caption is not in the on-disk cache
             return TextEncoder(cfg.model.text.name, cfg.model.text.max_length, freeze=True).to(dist.device)
 
         run.cache = CaptionStateCache(encoder)
+    if reads_text(cfg, stage):  # the teacher's vectors, before the weight average copies the model
+        if data.captions:
+            warm_caption_states(run, data.captions)
+        model.teacher_head.set_vectors(teacher_vectors(run.cache, data.teacher_texts, dist.device))
+    run.ema = WeightAverage(model, st.ema) if st.ema else None
     return run
 
 
@@ -537,8 +557,10 @@ def measure_health(run: Run) -> dict:
 def metric_names(run: Run) -> tuple[str, ...]:
     """What goes into the DVC metric: the final losses of the terms that took part, and the health."""
     unused = {"align_loss"} if not run.with_text else set()
-    if run.data.attribute_table is None:
+    if unwrap(run.model).attribute_head is None:
         unused.add("attribute_loss")
+    if unwrap(run.model).teacher_head is None:
+        unused.add("teacher_loss")
     return (*(k for k in LOSS_NAMES if k not in unused), "health")
 
 
@@ -592,7 +614,7 @@ def train(
     step = loss_step(ddp_model, cfg, cfg.train.compile, dist.device, dist.distributed)
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if run.precision == "bf16"
                 else contextlib.nullcontext())
-    if run.cache is not None and data.captions and run.start_epoch < run.st.epochs:
+    if run.with_text and run.cache is not None and data.captions and run.start_epoch < run.st.epochs:
         warm_caption_states(run, data.captions)
 
     tracker = Tracker(cfg.tracking.clearml, cfg.tracking.project, stage, enabled=dist.is_main,

@@ -21,7 +21,7 @@ from dmf_core.model.outputs import ModelOutput
 #: What :func:`dmf_losses` returns besides the total ``loss``; ``triplets_satisfied`` is a
 #: statistic (share of anchors whose hardest negative is farther than the hardest positive plus
 #: the margin), not a loss term.
-TERMS = ("id_loss", "triplet_loss", "align_loss", "attribute_loss")
+TERMS = ("id_loss", "triplet_loss", "align_loss", "attribute_loss", "teacher_loss")
 STATS = ("triplets_satisfied",)
 
 
@@ -104,7 +104,8 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
 
     The triplet runs over the images' f. With captions the ID loss is (1 - s) CE(images) +
     s CE(captions), s = ``loss.caption_id_share``, and the contrastive term links each image to
-    the captions of its identity. With the attribute head, ``attributes`` holds its targets.
+    the captions of its identity. With the attribute head, ``attributes`` holds its targets (the
+    phrase teacher's too); the teacher head's term is weighted by ``fusion.teacher_weight``.
     """
     lc, zero = cfg.loss, out.image.feat.new_zeros(())
     ident = id_loss(out.image.logits, labels, lc.label_smoothing)
@@ -122,7 +123,14 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
         if attributes is None:
             raise ValueError("the model has an attribute head but the batch holds no attribute targets")
         attr = attribute_loss(out.attributes, attributes)
+    teacher = zero
+    if isinstance(out.teacher, list):  # phrases: one softmax over its values' phrases per attribute
+        if attributes is None:
+            raise ValueError("the model's teacher scores attribute values but the batch holds no attribute targets")
+        teacher = attribute_loss(out.teacher, attributes)
+    elif out.teacher is not None:  # prototypes: the identities' caption embeddings as classes
+        teacher = id_loss(out.teacher, labels, lc.label_smoothing)
     total = (lc.id_weight * ident + lc.triplet_weight * triplet + cfg.fusion.align_weight * align
-             + lc.attribute_weight * attr)
+             + lc.attribute_weight * attr + cfg.fusion.teacher_weight * teacher)
     return {"loss": total, "id_loss": ident, "triplet_loss": triplet, "align_loss": align,
-            "attribute_loss": attr, "triplets_satisfied": satisfied}
+            "attribute_loss": attr, "teacher_loss": teacher, "triplets_satisfied": satisfied}
