@@ -167,7 +167,7 @@ class LossConfig:
     # all distances far below the margin (no triplet is ever satisfied, yet its gradient does
     # work), or f less its batch mean first, where triplets are satisfied (docs/training.md,
     # "The triplet at its margin").
-    triplet_feature: Literal["f", "centred"]
+    triplet_feature: Literal["f", "centred", "raw"]
     label_smoothing: float
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
     # a caption names its identity, so an unbounded share lets the classifier read captions.

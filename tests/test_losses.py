@@ -14,9 +14,10 @@ from dmf_core.train.losses import align_loss, dmf_losses, id_loss, triplet_loss
 from dmf_core.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
-def brute_triplet(x, y, margin, centred=False):
-    """Batch-hard triplet on L2-normalised features (less their mean), one anchor at a time."""
-    x = F.normalize(x - x.mean(0) if centred else x, dim=1)
+def brute_triplet(x, y, margin, feature="f"):
+    """Batch-hard triplet on L2-normalised features (less their mean) or raw ones, one anchor at a time."""
+    if feature != "raw":
+        x = F.normalize(x - x.mean(0) if feature == "centred" else x, dim=1)
     total, satisfied, n = 0.0, 0, 0
     for i in range(len(y)):
         pos = [torch.dist(x[i], x[j]) for j in range(len(y)) if j != i and y[j] == y[i]]
@@ -30,16 +31,16 @@ def brute_triplet(x, y, margin, centred=False):
     return total / n, satisfied / n
 
 
-@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("feature", ["f", "centred", "raw"])
 @pytest.mark.parametrize("margin", [None, 0.3, 1.5])
-def test_batch_hard_triplet_matches_brute_force(params_dict, margin, centred):
+def test_batch_hard_triplet_matches_brute_force(params_dict, margin, feature):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, generator=g)
     x[:3] += 3.0  # identity 0 well separated: some anchors satisfy the margin
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 5])  # 4 and 5: anchors without a positive
-    want, want_satisfied = brute_triplet(x, y, margin, centred)
-    assert torch.allclose(triplet_loss(x, y, margin, centred), want, atol=1e-5)
-    params_dict["loss"].update(triplet_margin=margin, triplet_feature="centred" if centred else "f")
+    want, want_satisfied = brute_triplet(x, y, margin, feature)
+    assert torch.allclose(triplet_loss(x, y, margin, feature), want, atol=1e-5)
+    params_dict["loss"].update(triplet_margin=margin, triplet_feature=feature)
     out = ModelOutput(image=Branch(x, torch.randn(12, 5, generator=g), torch.randn(12, 6, generator=g)))
     assert float(dmf_losses(out, y, config_from_dict(params_dict))["triplets_satisfied"]) == pytest.approx(want_satisfied)
 
@@ -62,7 +63,9 @@ def test_a_shared_component_pins_the_triplet_on_f_at_its_margin_but_not_the_cent
     params = {"margin": 0.3}
     pinned = triplet_loss(f, y, **params)
     assert pinned == pytest.approx(0.3, abs=0.02)
-    assert triplet_loss(f, y, centred=True, **params) == 0.0  # every anchor past its margin
+    assert triplet_loss(f, y, feature="centred", **params) == 0.0  # every anchor past its margin
+    # unnormalised, the common vector cancels out of every distance: the identities' own scale decides
+    assert triplet_loss(f, y, feature="raw", **params) == 0.0
 
 
 def test_triplet_gradient_is_finite_with_duplicate_features():

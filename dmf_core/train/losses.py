@@ -37,16 +37,17 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def batch_hard(feats: torch.Tensor, labels: torch.Tensor, centred: bool = False
+def batch_hard(feats: torch.Tensor, labels: torch.Tensor, feature: str = "f"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per anchor the hardest positive and hardest negative distance on L2-normalised ``feats``
-    (``centred``: less their batch mean first), and which anchors have both in the batch."""
+    """Per anchor the hardest positive and hardest negative distance, and which anchors have
+    both in the batch. ``feature``: ``f`` L2-normalised; ``centred`` less the batch mean, then
+    normalised; ``raw`` as they are (BoT's triplet: distances in f's own scale)."""
     feats = feats.float()
-    if centred:
+    if feature == "centred":
         # the component every image shares carries no identity; left in, it shrinks every
         # distance after normalisation, and the loss sits at its margin (all points together)
         feats = feats - feats.mean(0, keepdim=True)
-    dist = pairwise_distance(F.normalize(feats, dim=1))
+    dist = pairwise_distance(feats if feature == "raw" else F.normalize(feats, dim=1))
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos, neg = same & ~eye, ~same
@@ -57,16 +58,16 @@ def batch_hard(feats: torch.Tensor, labels: torch.Tensor, centred: bool = False
 
 
 def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3,
-                 centred: bool = False) -> torch.Tensor:
-    """Batch-hard triplet on L2-normalised features (``centred``: less their batch mean):
-    max(0, d_ap - d_an + margin), or the soft margin log(1 + exp(d_ap - d_an)) with
-    ``margin=None``. Anchors without a positive or a negative in the batch are left out."""
-    return _triplet(feats, labels, margin, centred)[0]
+                 feature: str = "f") -> torch.Tensor:
+    """Batch-hard triplet (``feature``: see :func:`batch_hard`): max(0, d_ap - d_an + margin), or
+    the soft margin log(1 + exp(d_ap - d_an)) with ``margin=None``. Anchors without a positive
+    or a negative in the batch are left out."""
+    return _triplet(feats, labels, margin, feature)[0]
 
 
 def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None,
-             centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    d_ap, d_an, valid = batch_hard(feats, labels, centred)
+             feature: str = "f") -> tuple[torch.Tensor, torch.Tensor]:
+    d_ap, d_an, valid = batch_hard(feats, labels, feature)
     diff = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
     n = valid.float().sum().clamp_min(1.0)
@@ -117,7 +118,7 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
             image, text = (out.image.neck, out.text.neck) if out.text.aligned is None else (
                 out.image.aligned, out.text.aligned)
             align = align_loss(image, text, labels, cfg.fusion.align_temperature)
-    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature == "centred")
+    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature)
     attr = zero
     if out.attributes is not None:
         if attributes is None:
