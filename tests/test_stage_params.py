@@ -239,7 +239,9 @@ def stage_params(tiny: dict, profile: str = "tiny") -> dict:
     of both, balanced, on their train, query and gallery images (Protocol-3), packed
     images resized to the model's input, captions without the conditions, the attribute-head
     control (whose code runs all that ``image_only`` runs and more), decoding on the training
-    device, re-ranking and flipped features at evaluation."""
+    device, re-ranking and flipped features at evaluation. ``teachers``: ``controls`` with language
+    as a teacher (the identities' caption prototypes, whose states the encode_captions stage
+    writes) instead of the attribute head."""
     p = copy.deepcopy(tiny)
     names = ("synthped", "sp_market", "sp_cuhk") if profile == "tiny" else ("synthped", "sp_market")
     p["datasets"] = {k: p["datasets"][k] for k in names}
@@ -257,13 +259,13 @@ def stage_params(tiny: dict, profile: str = "tiny") -> dict:
         p["pack"]["resize"] = [p["model"]["image"]["height"], p["model"]["image"]["width"]]
         p["evaluate"].update(rerank=True, flip=True)
         p["train"]["decode"] = "device"
-        p["fusion"]["mode"] = "attributes"
+        p["fusion"]["mode"] = "attributes" if profile == "controls" else "prototypes"
         p["captions"]["content"] = "person"
     return p
 
 
 # Each runs every stage instance its params give: the branches a stage takes depend on them.
-PROFILES = ("tiny", "controls")
+PROFILES = ("tiny", "controls", "teachers")
 
 
 def test_every_dvc_stage_has_a_runner(params_dict):
