@@ -317,9 +317,11 @@ def main() -> None:
             if r.get("cpu") == here}
     command = "python benchmarks/compare_modes.py " + " ".join(
         [f"--world {args.world}", f"--rows {args.rows}", *(f"--set {s}" for s in args.set)])
-    # the method and its baseline first, seed-major (a stopped sweep leaves complete pairs), then the controls
-    plan = [(seed, arm) for seed in args.seeds for arm in args.arms if arm in (BASELINE, "shared")]
-    plan += [(seed, arm) for seed in args.control_seeds for arm in args.arms if arm not in (BASELINE, "shared")]
+    # seed-major, every arm of a seed before the next seed: a stopped sweep leaves complete pairs
+    def seeds_of(arm: str) -> list[int]:
+        return args.seeds if arm in (BASELINE, "shared") else args.control_seeds
+    plan = [(seed, arm) for seed in sorted({*args.seeds, *args.control_seeds}) for arm in args.arms
+            if seed in seeds_of(arm)]
     for seed, arm in plan:
         sets = [f"seed={seed}", f"synth.seed={args.world}", *ARMS[arm], *args.set]
         if (args.world, arm, seed, tuple(sets), args.rows) in done:
