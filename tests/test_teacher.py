@@ -93,31 +93,17 @@ def test_prototype_texts_are_every_caption_of_each_training_identity(params_dict
 
 def _pack_template_toy(tmp_path, ids: int = 6, per_id: int = 4):
     """A packed LMDB whose captions come from the attribute templates (what the phrases read back)."""
-    from PIL import Image
-
     from dmf_core.data.captions.generate import generate_captions
-    from dmf_core.data.store.lmdb_store import pack_split
+    from tests.test_train import pack_toy, toy_images
 
     rng = np.random.default_rng(0)
-    root, rows, manifest = tmp_path / "raw", [], []
+    root, rows = toy_images(tmp_path, ids, per_id)
     attrs = [{"pid": pid + 1, **{c: int(rng.choice(list(ATTRIBUTE_CODES[c]))) for c in ATTRIBUTE_COLUMNS}}
              for pid in range(ids)]
-    for pid in range(ids):
-        colour = rng.integers(0, 255, 3)
-        for n in range(per_id):
-            rel = f"{pid + 1:04d}/{pid + 1:04d}_c{n + 1:02d}.jpg"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            arr = np.clip(colour + rng.normal(0, 20, (32, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / rel, quality=90)
-            rows.append({"image_id": rel, "split": "train", "pid": pid + 1, "camid": n, "dataset": "toy"})
-            manifest.append({"image_id": rel, "pid": pid + 1, "viewpoint": 28, "weather": 1, "illumination": 3,
-                             "scene": 1})
-    caps = generate_captions(pd.DataFrame(manifest), pd.DataFrame(attrs), per_image=2, seed=0).captions
-    caps_path = tmp_path / "captions.parquet"
-    caps.to_parquet(caps_path)
-    lmdb = tmp_path / "lmdb" / "toy-train.lmdb"
-    pack_split(pd.DataFrame(rows), root, lmdb, captions=caps, relabel=True)
-    return lmdb, caps_path
+    manifest = pd.DataFrame([{"image_id": r["image_id"], "pid": r["pid"], "viewpoint": 28, "weather": 1,
+                              "illumination": 3, "scene": 1} for r in rows])
+    caps = generate_captions(manifest, pd.DataFrame(attrs), per_image=2, seed=0).captions
+    return pack_toy(tmp_path, rows, root, caps)
 
 
 @pytest.mark.parametrize("mode,vectors", [("prototypes", "text"), ("phrases", "text"), ("prototypes", "learned")])

@@ -479,16 +479,13 @@ def test_shared_mode_trains_on_images_and_captions(params_dict, tmp_path):
     assert first.keys() == reread.keys() and all(torch.equal(first[k], reread[k]) for k in first)
 
 
-def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
+def toy_images(tmp_path: Path, ids: int = 6, per_id: int = 4) -> tuple[Path, list[dict]]:
+    """Identity-coloured JPEGs under ``tmp_path/raw`` and their manifest rows (one train split)."""
     import numpy as np
-    import pandas as pd
     from PIL import Image
 
-    from dmf_core.data.store.lmdb_store import pack_split
-
     rng = np.random.default_rng(0)
-    root = tmp_path / "raw"
-    rows, caps = [], []
+    root, rows = tmp_path / "raw", []
     for pid in range(ids):
         colour = rng.integers(0, 255, 3)
         for n in range(per_id):
@@ -497,13 +494,29 @@ def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
             arr = np.clip(colour + rng.normal(0, 20, (32, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / rel, quality=90)
             rows.append({"image_id": rel, "split": "train", "pid": pid + 1, "camid": n, "dataset": "toy"})
-            caps += [{"image_id": rel, "caption_idx": j, "caption": f"a {COLOURS[pid]} person, view {j}"}
-                     for j in range(2)]
+    return root, rows
+
+
+def pack_toy(tmp_path: Path, rows: list[dict], root: Path, caps):
+    """Pack ``rows`` with the caption frame ``caps``: the LMDB and the captions parquet."""
+    import pandas as pd
+
+    from dmf_core.data.store.lmdb_store import pack_split
+
     caps_path = tmp_path / "captions.parquet"
-    pd.DataFrame(caps).to_parquet(caps_path)
+    caps.to_parquet(caps_path)
     lmdb = tmp_path / "lmdb" / "toy-train.lmdb"
-    pack_split(pd.DataFrame(rows), root, lmdb, captions=pd.DataFrame(caps), relabel=True)
+    pack_split(pd.DataFrame(rows), root, lmdb, captions=caps, relabel=True)
     return lmdb, caps_path
+
+
+def _pack_toy(tmp_path: Path, ids: int = 6, per_id: int = 4):
+    import pandas as pd
+
+    root, rows = toy_images(tmp_path, ids, per_id)
+    caps = [{"image_id": r["image_id"], "caption_idx": j, "caption": f"a {COLOURS[r['pid'] - 1]} person, view {j}"}
+            for r in rows for j in range(2)]
+    return pack_toy(tmp_path, rows, root, pd.DataFrame(caps))
 
 
 def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_path):
