@@ -18,7 +18,9 @@ Arms (each a set of `dvc exp run -S` overrides):
 * ``phrases`` -- language as the attribute teacher: attribute-value logits as cosines with the
   projected embeddings of the value phrases (``fusion.mode: phrases``);
 * ``prototypes_learned`` / ``phrases_learned`` -- their no-language twins: the same heads with
-  learned vectors in place of the text embeddings (``fusion.teacher: learned``).
+  learned vectors in place of the text embeddings (``fusion.teacher: learned``);
+* ``prototypes_shuffled`` -- control: the text prototypes, each given to another identity (the
+  same vectors and geometry, untrue of the identity).
 
 For every (world, arm, seed) it runs `dvc exp run -S seed=<s> -S synth.seed=<world> ...` in the
 current DVC project (the data stages re-run for a new world, and the captions stage when an arm
@@ -60,6 +62,7 @@ ARMS: dict[str, list[str]] = {
     "shared_head": ["fusion.mode=shared", "fusion.align_on=head"],
     "prototypes": ["fusion.mode=prototypes"],
     "prototypes_learned": ["fusion.mode=prototypes", "fusion.teacher=learned"],
+    "prototypes_shuffled": ["fusion.mode=prototypes", "fusion.captions=shuffled"],
     "phrases": ["fusion.mode=phrases"],
     "phrases_learned": ["fusion.mode=phrases", "fusion.teacher=learned"],
 }

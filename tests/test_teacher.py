@@ -87,6 +87,11 @@ def test_prototype_texts_are_every_caption_of_each_training_identity(params_dict
         ["caption 0", "caption 1", "caption 3", "caption 4"], ["caption 2"]]  # label 2 held out
     with pytest.raises(ValueError, match="no caption"):
         teacher_texts(cfg, _Toy([1], [range(0, 1)]), _Picker(), num_classes=2)
+    # the shuffled control: the same prototypes, each taught to another identity
+    shuffled = config_from_dict({**params_dict, "fusion": {**params_dict["fusion"], "mode": "prototypes",
+                                                          "captions": "shuffled"}})
+    assert teacher_texts(shuffled, toy, _Picker(), num_classes=2) == [["caption 2"],
+                                                                       ["caption 0", "caption 1", "caption 3", "caption 4"]]
     phrases = config_from_dict({**params_dict, "fusion": {**params_dict["fusion"], "mode": "phrases"}})
     assert teacher_texts(phrases, toy, _Picker(), 2) == [[p] for p in value_phrases()]
 

@@ -187,6 +187,8 @@ def model_from_config(config: dict, where: str | Path = CONFIG_FILE) -> nn.Modul
                          align_head=bool(config.get("align_head")), teacher=config.get("teacher"))
     except KeyError as exc:
         raise ValueError(f"{where}: no {exc} (expected the keys DMFModel.config() writes)") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot build the model ({exc.__class__.__name__}: {exc})") from None
     size = model.config()["image_size"]
     if "image_size" in config and list(config["image_size"]) != size:
         raise ValueError(f"{where}: image_size {config['image_size']} disagrees with the image_encoder's "

@@ -11,8 +11,10 @@ Two designs share it (docs/training.md, "Language as a teacher"):
   projected phrases.
 
 ``fusion.teacher: learned`` is the no-language twin: the same head with learned vectors in place
-of the text embeddings (is it the language, or the head?). The image side is a linear projection
-of BN(f), so the teacher shapes the retrieval feature only through that projection.
+of the text embeddings (is it the language, or the head?); ``fusion.captions: shuffled`` gives
+each identity another one's prototype (the same vectors, untrue of the identity). The image side
+is a linear projection P of BN(f): the teacher's gradient reaches BN(f) and the backbone through
+P, which can absorb what only the teacher needs.
 """
 
 from __future__ import annotations

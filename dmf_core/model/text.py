@@ -135,6 +135,16 @@ class CaptionStateCache:
     def encoder_built(self) -> bool:
         return isinstance(self._encoder, nn.Module)
 
+    def release(self) -> None:
+        """Drop every stored state and the encoder (nothing reads a caption again); the counts stay."""
+        self.states.clear()
+        self.nbytes = 0
+
+        def released() -> TextEncoder:
+            raise RuntimeError("this caption cache was released: it encodes no more captions")
+
+        self._encoder = released
+
     @torch.no_grad()
     def _compute(self, captions: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

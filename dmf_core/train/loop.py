@@ -79,7 +79,8 @@ class StageData:
     ``caption`` (list of B str); ``set_epoch(epoch)`` moves sampler order and caption choice.
     ``datasets`` names the datasets it was built from and ``inputs`` holds content digests of
     what it read (LMDB, captions): both go into the resume fingerprint. ``attribute_table``
-    (num_classes, 13) holds the attribute-head control's targets. ``health`` loads images the
+    (num_classes, 13) holds the attribute targets (of the attribute-head control, or of the phrase
+    teacher). ``health`` loads images the
     stage does not train on (test transforms) for :mod:`dmf_core.train.health`, with one caption
     per image in ``health_captions`` when the stage reads captions.
     """
@@ -355,6 +356,9 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
         if data.captions:
             warm_caption_states(run, data.captions)
         model.teacher_head.set_vectors(teacher_vectors(run.cache, data.teacher_texts, dist.device))
+        if not with_text:  # nothing reads a caption after this: free the states (GBs at paper scale)
+            run.cache.release()
+            data.captions = data.teacher_texts = None
     run.ema = WeightAverage(model, st.ema) if st.ema else None
     return run
 
@@ -542,6 +546,7 @@ def measure_health(run: Run) -> dict:
     if not run.dist.is_main or run.data.health is None:
         return {}
     model, device = run.result, run.dist.device
+    was_training = model.training
     model.eval()
     feats, pids = embed(model.embed_images, run.data.health, device)
     out = cosine_statistics(feats, pids)
@@ -550,7 +555,7 @@ def measure_health(run: Run) -> dict:
             states, mask = run.cache.encode(run.data.health_captions, device)
             text = model.embed_text_states(states, mask).float().cpu()
         out["caption_to_image_mAP"] = retrieval_map(text, pids, feats, pids, own_image_out=True)
-    model.train()
+    model.train(was_training)
     return out
 
 
@@ -600,7 +605,8 @@ def train(
     losses: a DVC metric) and, when given, ``facts_path`` (the rest of the record). Returns the
     whole record (:func:`stage_metrics`: losses, ``images_per_s``, counts, ``run`` facts).
 
-    ``on_end(model)`` is called on every rank with the trained (unwrapped) model (tests, benchmarks).
+    ``on_end(model)`` is called on every rank with the model the stage saves: the trained
+    (unwrapped) model, or its weight average with ``<stage>.ema > 0`` (tests, benchmarks).
     """
     started = time.perf_counter()
     dist = dist or init_distributed()

@@ -30,11 +30,14 @@ def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix (N, N), clamped away from 0 so the sqrt has a finite gradient."""
-    x = x.float()
-    sq = x.pow(2).sum(1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
-    return d2.clamp_min(1e-12).sqrt()
+    """Euclidean distance matrix (N, N) in fp32 even under autocast (with f's shared component
+    the distances are far below bf16's rounding of the Gram matrix), clamped away from 0 so the
+    sqrt has a finite gradient."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        sq = x.pow(2).sum(1)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
+        return d2.clamp_min(1e-12).sqrt()
 
 
 def batch_hard(feats: torch.Tensor, labels: torch.Tensor, feature: str = "f"

@@ -1,5 +1,8 @@
 """What the teacher head (:mod:`dmf_core.model.teacher`) is built from, and its vectors.
 
+``fusion.captions: shuffled`` with prototypes: every identity gets another identity's prototype
+(a seeded derangement), the control that keeps the vectors and changes only what they say.
+
 ``fusion.mode: prototypes``: one vector per training identity, the mean sentence embedding (the
 frozen encoder's token states, mean-pooled over the real tokens and L2-normalised, as
 all-MiniLM-L6-v2 is meant to be read) of every caption of the identity's images.
@@ -51,6 +54,12 @@ def teacher_texts(cfg: Config, dataset, picker, num_classes: int) -> list[list[s
     empty = [c for c, t in enumerate(texts) if not t]
     if empty:
         raise ValueError(f"fusion.mode=prototypes: identities {empty[:5]} have no caption to build a prototype from")
+    if cfg.fusion.captions == "shuffled":
+        # the control: each identity is taught by another one's prototype, the same set of
+        # vectors (the same geometry) with the language no longer true of the identity
+        from dmf_core.data.captions.controls import derangement
+
+        texts = [texts[j] for j in derangement(num_classes, cfg.seed)]
     return texts
 
 
@@ -58,19 +67,21 @@ def teacher_texts(cfg: Config, dataset, picker, num_classes: int) -> list[list[s
 def sentence_embeddings(cache, texts: list[str], device: torch.device) -> torch.Tensor:
     """(N, D) mean-pooled, L2-normalised sentence embeddings of ``texts`` from the frozen
     encoder's token states (``cache``: a :class:`~dmf_core.model.text.CaptionStateCache`)."""
-    out = []
-    for start in range(0, len(texts), _CHUNK):
-        states, mask = cache.encode(texts[start:start + _CHUNK], device)
-        weights = mask.unsqueeze(-1).to(states.dtype)
-        out.append(F.normalize((states * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=1))
-    return torch.cat(out)
+    states, mask = cache.encode(texts, device)
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return F.normalize((states * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=1)
 
 
+@torch.no_grad()
 def teacher_vectors(cache, groups: list[list[str]], device: torch.device) -> torch.Tensor:
-    """(len(groups), D): per group of texts, the normalised mean of their sentence embeddings."""
-    flat = [t for g in groups for t in g]
-    emb = sentence_embeddings(cache, flat, device)
-    sizes = torch.tensor([len(g) for g in groups], device=emb.device)
-    owner = torch.repeat_interleave(torch.arange(len(groups), device=emb.device), sizes)
-    sums = torch.zeros(len(groups), emb.shape[1], device=emb.device).index_add_(0, owner, emb)
-    return F.normalize(sums / sizes[:, None], dim=1)
+    """(len(groups), D): per group of texts, the normalised mean of their sentence embeddings,
+    summed chunk by chunk (a paper-scale caption set never holds all its embeddings at once)."""
+    flat = [(g, t) for g, texts in enumerate(groups) for t in texts]
+    sums, sizes = None, torch.tensor([len(g) for g in groups], device=device, dtype=torch.float32)
+    for start in range(0, len(flat), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        emb = sentence_embeddings(cache, [t for _, t in chunk], device)
+        if sums is None:
+            sums = torch.zeros(len(groups), emb.shape[1], device=emb.device)
+        sums.index_add_(0, torch.tensor([g for g, _ in chunk], device=emb.device), emb)
+    return F.normalize(sums / sizes.to(sums.device)[:, None], dim=1)
