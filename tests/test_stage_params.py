@@ -253,7 +253,7 @@ def stage_params(tiny: dict, profile: str = "tiny") -> dict:
     p["finetune"].update(sources=[row], optimizer="sgd")
     p["evaluate"].update(rows=["pretrain", row], targets=[n for n in names if n != "synthped"])
     if profile == "tiny":
-        p["fusion"]["captions"] = "shuffled"
+        p["fusion"].update(mode="shared", captions="shuffled")
     else:
         p["finetune"].update(sampler="balanced", splits=["train", "query", "gallery"])
         p["pack"]["resize"] = [p["model"]["image"]["height"], p["model"]["image"]["width"]]
