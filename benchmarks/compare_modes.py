@@ -278,7 +278,7 @@ def compare_files(a: list[dict], b: list[dict]) -> str:
         cols = [f"{world}", arm, str(len(pairs))]
         for key in ("pretrain_mAP", "finetuned_mAP"):
             cols += [_ms([x[key] for x, _ in pairs]), _ms([y[key] for _, y in pairs]),
-                     interval([y[key] - x[key] for x, y in pairs])]
+                     interval([y[key] - x[key] for x, y in pairs if None not in (x[key], y[key])])]
         cols += [_ms([x["wall_s"] for x, _ in pairs]), _ms([y["wall_s"] for _, y in pairs])]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
