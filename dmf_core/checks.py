@@ -166,11 +166,17 @@ def archive_requirements(cfg, root: Path, skip: tuple[str, ...] = ()) -> list[Re
     return out
 
 
+def text_encoder_needed(cfg) -> bool:
+    """Captions through the fusion encoder (``shared``), or a teacher built from their embeddings."""
+    teacher = cfg.fusion.mode in ("prototypes", "phrases") and cfg.fusion.teacher == "text"
+    return cfg.fusion.mode == "shared" or teacher
+
+
 def requirements(cfg, root: str | Path = ".", skip: tuple[str, ...] = ()) -> list[Requirement]:
     """Everything the params need that is not made by the pipeline itself (``skip``: datasets left out)."""
     root = Path(root)
     needs = [pretrained_requirement(cfg.model.image.pretrained, root), attributes_requirement(cfg, root)]
-    if cfg.fusion.mode == "shared":  # only the method reads captions through the text encoder
+    if text_encoder_needed(cfg):
         needs.insert(0, text_encoder_requirement(cfg.model.text.name))
     return needs + archive_requirements(cfg, root, skip)
 

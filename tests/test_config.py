@@ -24,7 +24,7 @@ PROFILES = sorted(f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")
 
 def test_default_and_paper_profiles_load():
     cfg = load_config(ROOT / "params.yaml")
-    assert cfg.fusion.mode == "shared"
+    assert cfg.fusion.mode == "prototypes" and cfg.fusion.teacher == "text"  # the default design
     assert cfg.datasets["synthped"].layout == "finegpr"
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.model.image.dim == 768 and paper.model.image.height == 256
