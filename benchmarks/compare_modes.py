@@ -171,13 +171,13 @@ def check_unique(runs: list[dict]) -> None:
         raise SystemExit(f"more than one run of (world, arm, settings, seed, cpu): {twice}")
 
 
-def paired(runs: list[dict], arm: str, key: str) -> tuple[list[float], int]:
+def paired(runs: list[dict], arm: str, key: str, baseline: str = BASELINE) -> tuple[list[float], int]:
     """arm - baseline per (world, settings, seed) run on the same CPU, and how many of the arm's
     runs had their baseline only on another CPU (float results, hence trajectories, differ
     between CPUs: such a pair is two seeds, not one, and stays out of the intervals)."""
     check_unique(runs)
     base = {(r["world"], settings(r), r["seed"], r.get("cpu")): r[key] for r in runs
-            if r["arm"] == BASELINE and r[key] is not None}
+            if r["arm"] == baseline and r[key] is not None}
     anywhere = {k[:3] for k in base}
     diffs, cross = [], 0
     for r in runs:
@@ -227,13 +227,13 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} +- {sd:.2f}"
 
 
-def summary(runs: list[dict]) -> str:
-    """Per (world, settings, arm): means +- SD, the paired difference to ``image_only`` with its
+def summary(runs: list[dict], baseline: str = BASELINE) -> str:
+    """Per (world, settings, arm): means +- SD, the paired difference to ``baseline`` with its
     95 % interval and, for the pretrain row, the SD of the paired differences, the difference
     those pairs detect at 80 % power and the seeds a 2.5-point difference needs."""
     check_unique(runs)
-    lines = ["| world | settings | arm | seeds | pretrain row mAP | fine-tuned mAP | pretrain mAP - image_only "
-             "[95 % CI] | paired SD | detectable (80 %) | seeds for 2.5 | fine-tuned mAP - image_only [95 % CI] | "
+    lines = [f"| world | settings | arm | seeds | pretrain row mAP | fine-tuned mAP | pretrain mAP - {baseline} "
+             f"[95 % CI] | paired SD | detectable (80 %) | seeds for 2.5 | fine-tuned mAP - {baseline} [95 % CI] | "
              "caption->image mAP |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     crossed = []
@@ -241,9 +241,9 @@ def summary(runs: list[dict]) -> str:
         at = [r for r in runs if r["world"] == world and settings(r) == kept]
         for arm in [a for a in ARMS if any(r["arm"] == a for r in at)]:
             rs = [r for r in at if r["arm"] == arm]
-            base = arm == BASELINE
-            pre, n_cross = ([], 0) if base else paired(at, arm, "pretrain_mAP")
-            fine = [] if base else paired(at, arm, "finetuned_mAP")[0]
+            base = arm == baseline
+            pre, n_cross = ([], 0) if base else paired(at, arm, "pretrain_mAP", baseline)
+            fine = [] if base else paired(at, arm, "finetuned_mAP", baseline)[0]
             if n_cross:
                 crossed.append(f"{arm} (world {world}): {n_cross}")
             lines.append(
@@ -301,13 +301,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="results so far; runs in it are skipped")
     ap.add_argument("--rows", choices=["all", "pretrain"], default="all",
                     help="pretrain: pretraining and the pretrain row only (no fine-tuning): a cheaper screen")
+    ap.add_argument("--baseline", default=BASELINE, choices=list(ARMS),
+                    help="the arm the summary's differences are taken to (default image_only)")
     ap.add_argument("--summary", type=Path, nargs="+", default=None,
                     help="only print the table of these JSON files (e.g. the parts of a sweep run in two clones)")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
                     help="only print B minus A, paired by (world, arm, seed), for two sweeps' JSON")
     args = ap.parse_args()
     if args.summary:
-        print(summary([r for path in args.summary for r in json.loads(path.read_text())["runs"]]))
+        print(summary([r for path in args.summary for r in json.loads(path.read_text())["runs"]], args.baseline))
         return
     if args.compare:
         a, b = (json.loads(path.read_text())["runs"] for path in args.compare)

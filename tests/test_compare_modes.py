@@ -54,3 +54,14 @@ def test_pretrain_only_runs_pair_only_with_pretrain_only_runs():
     # the shared screen pairs with the image_only screen (+2, +3, +2), never with the full runs
     assert "| 0 (dev) | rows=pretrain | shared | 3 | 62.33 +- 0.58 | - | +2.33 [" in table
     assert "| 0 (dev) | rows=all | image_only | 3 |" in table
+
+
+def test_the_summary_takes_differences_to_any_arm():
+    runs = [_run("image_only", s, 70.0) for s in range(3)] + [_run("shared", s, 60.0 + s) for s in range(3)]
+    runs += [{**_run("image_only", s, 0.0), "arm": "prototypes", "set": [f"seed={s}", "synth.seed=0",
+                                                                        *cm.ARMS["prototypes"]]} for s in range(3)]
+    for r in runs[6:]:
+        r["pretrain_mAP"] = 63.0 + r["seed"]
+    table = cm.summary(runs, baseline="prototypes")
+    assert "pretrain mAP - prototypes" in table
+    assert "| shared | 3 | 61.00 +- 1.00 | 56.00 +- 1.00 | -3.00 [-3.00, -3.00] |" in table  # 60-63, 61-64, 62-65
