@@ -34,3 +34,23 @@ def test_no_function_in_dmf_core_is_over_80_lines():
                 for path in files for name, n in _function_lengths(path) if n > MAX_FUNCTION_LINES]
     assert not too_long, (f"{len(too_long)} function(s) over {MAX_FUNCTION_LINES} lines; split them into "
                           "helpers with one job each:\n" + "\n".join(too_long))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names
+
+
+def test_tests_import_helpers_as_pytest_puts_them_on_the_path():
+    """``make test`` runs pytest with ``tests/`` (not the repository root) on ``sys.path``: a test that
+    imports ``tests.<module>`` or another test module passes under PYTHONPATH=. and fails in CI.
+    Shared helpers live in ``tests/_<name>.py``."""
+    offenders = sorted(
+        f"{path.name}: {name}"
+        for path in (ROOT / "tests").glob("*.py")
+        for name in _imported_modules(path)
+        if name == "tests" or name.startswith("tests.") or name.startswith("test_")
+    )
+    assert not offenders, offenders

