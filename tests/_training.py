@@ -83,6 +83,7 @@ def outputs(tmp: Path, name: str) -> dict:
     return {"out_dir": base / "model", "metrics_path": base / "metrics.json", "facts_path": base / "facts.json",
             "curve_path": base / "curve.tsv", "work_dir": base / "work"}
 
+
 class StopTraining(RuntimeError):
     """Raised from ``set_epoch`` to leave a checkpoint behind, as a killed run would."""
 
@@ -97,6 +98,7 @@ def stop_at(data: StageData, epoch: int) -> StageData:
 
     data.set_epoch = set_epoch
     return data
+
 
 def toy_images(tmp_path: Path, ids: int = 6, per_id: int = 4) -> tuple[Path, list[dict]]:
     """Identity-coloured JPEGs under ``tmp_path/raw`` and their manifest rows (one train split)."""
