@@ -4,8 +4,9 @@ The `pretrain` row is the mean mAP over the targets' query sets, each a sample o
 (64 a target in the demo). Resampling a target's query identities with replacement (the gallery
 stays whole) gives the standard error that sample alone puts on the row, for one model and for
 the difference of two models scored on the same resample (a paired bootstrap). Set beside the SD
-of paired differences across training seeds, it says whether more test identities would narrow
-the intervals or whether training's seed-to-seed spread dominates.
+of paired differences across training seeds, it says how much of the uncertainty is the test
+identities': the part each seed's difference carries of its own, and the part every seed shares
+(the same identities score every seed), which more seeds never average away.
 
     python benchmarks/eval_noise.py --data data/raw --targets sp_market sp_cuhk sp_msmt \\
         --pair models_a/pretrain models_b/pretrain [--pair ...]
@@ -72,7 +73,7 @@ def main() -> None:
     draws = {t: [rng.choice(np.unique(q[1]), size=len(np.unique(q[1]))) for _ in range(args.draws)]
              for t, (q, _g) in splits.items()}
     print("| A | B | row A | row B | B - A | SE of row A | SE of B - A |\n|---|---|---:|---:|---:|---:|---:|")
-    ses, diff_ses = [], []
+    ses, diffs = [], []
     for a, b in args.pair:
         rows = {}
         for model in (a, b):
@@ -80,12 +81,16 @@ def main() -> None:
                           for t, (q, g) in splits.items()]
             rows[model] = np.mean(per_target, axis=0)  # the row: the mean over targets, per draw
         diff = rows[b] - rows[a]
+        diffs.append(diff)
         ses.append(float(rows[a][1:].std(ddof=1)))
-        diff_ses.append(float(diff[1:].std(ddof=1)))
         print(f"| {a} | {b} | {rows[a][0]:.2f} | {rows[b][0]:.2f} | {diff[0]:+.2f} | {ses[-1]:.2f} | "
-              f"{diff_ses[-1]:.2f} |")
-    print(f"\nmean SE of one row {statistics.fmean(ses):.2f} mAP; of a paired difference "
-          f"{statistics.fmean(diff_ses):.2f} mAP ({args.draws} draws of the query identities)")
+              f"{diff[1:].std(ddof=1):.2f} |")
+    # Every seed is scored on the same identities: what they add to the mean over seeds is the
+    # spread, over draws, of the mean difference (the draws are shared by all pairs).
+    mean_diff = np.mean(diffs, axis=0)
+    print(f"\nmean SE of row A {statistics.fmean(ses):.2f} mAP; mean SE of one pair's B - A "
+          f"{statistics.fmean(float(d[1:].std(ddof=1)) for d in diffs):.2f} mAP; SE of the mean B - A over "
+          f"the {len(diffs)} pairs {mean_diff[1:].std(ddof=1):.2f} mAP ({args.draws} draws of the query identities)")
 
 
 if __name__ == "__main__":
