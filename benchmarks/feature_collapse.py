@@ -5,11 +5,12 @@ field; junk and distractors, pids <= 0, left out), reports for f (the fusion CLS
 triplet trains) and BN(f) (the test-time feature):
 
 * ``cos other`` / ``cos same``: mean cosine between images of different / of the same identity;
-* ``shared``: the share of f's mean squared norm that is the mean f, ||mean f||^2 / mean ||f||^2
-  (1: every image is the same vector; ~0: no component common to all images);
-* ``satisfied``: batch-hard triplets on L2-normalised features, over P x K batches drawn from the
-  folder: the share of anchors whose hardest negative is farther than their hardest positive by
-  the margin (as ``triplets_satisfied`` in training, on images the model never trained on).
+* ``shared``: the share of the features' mean squared norm that is their mean, ||mean f||^2 /
+  mean ||f||^2, on the raw features (1: every image is the same vector; ~0: nothing common);
+* ``satisfied``: training's batch-hard triplet (``dmf_core.train.losses.batch_hard``; L2-normalised,
+  or centred with ``--triplet-feature centred``) over P x K batches drawn from the folder: the share
+  of anchors whose hardest negative is at least the margin farther than their hardest positive
+  (``triplets_satisfied`` of training, on images the model never trained on).
 
     python benchmarks/feature_collapse.py models/pretrain --images data/raw/sp_msmt/bounding_box_test
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dmf_core.extractor import FeatureExtractor
+from dmf_core.train.losses import batch_hard
 
 
 def market_images(folder: Path) -> tuple[list[Path], np.ndarray]:
@@ -40,15 +42,20 @@ def market_images(folder: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def f_and_neck(model_dir: Path, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """f and BN(f) of every image (no flip), captured around the model's BNNeck."""
+    """f and BN(f) of every image (no flip, not normalised), captured around the model's BNNeck."""
     extractor = FeatureExtractor.from_pretrained(model_dir, flip=False)
-    captured: list[torch.Tensor] = []
-    hook = extractor.model.head.bnneck.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].cpu()))
+    f, neck = [], []
+
+    def capture(_module, inputs, output) -> None:
+        f.append(inputs[0].cpu())
+        neck.append(output.cpu())
+
+    hook = extractor.model.head.bnneck.register_forward_hook(capture)
     try:
-        neck = extractor([str(p) for p in paths], progress=False)
+        extractor([str(p) for p in paths], progress=False)
     finally:
         hook.remove()
-    return torch.cat(captured).double(), neck.double()
+    return torch.cat(f).double(), torch.cat(neck).double()
 
 
 def cosines(feats: torch.Tensor, pids: np.ndarray) -> tuple[float, float]:
@@ -65,23 +72,20 @@ def shared_share(feats: torch.Tensor) -> float:
 
 
 def satisfied(feats: torch.Tensor, pids: np.ndarray, P: int, K: int, margin: float, batches: int,
-              seed: int = 0) -> float:
-    """Share of anchors satisfied by batch-hard mining over ``batches`` random P x K batches."""
+              feature: str = "f", seed: int = 0) -> float:
+    """Share of anchors training's batch-hard triplet (``batch_hard``, ``feature`` as
+    ``loss.triplet_feature``) counts as satisfied, over ``batches`` random P x K batches."""
     rng = np.random.default_rng(seed)
-    f = F.normalize(feats, dim=1)
     by_pid = {pid: np.flatnonzero(pids == pid) for pid in np.unique(pids)}
     eligible = [pid for pid, idx in by_pid.items() if len(idx) >= 2]
     hits = total = 0
     for _ in range(batches):
         chosen = rng.choice(eligible, size=min(P, len(eligible)), replace=False)
-        idx = np.concatenate([rng.choice(by_pid[pid], size=K, replace=len(by_pid[pid]) < K) for pid in chosen])
-        x, lab = f[idx], torch.as_tensor(pids[idx])
-        dist = torch.cdist(x, x)
-        same = lab[:, None] == lab[None, :]
-        hardest_pos = dist.masked_fill(~same, float("-inf")).amax(1)
-        hardest_neg = dist.masked_fill(same, float("inf")).amin(1)
-        hits += int((hardest_neg > hardest_pos + margin).sum())
-        total += len(idx)
+        idx = np.concatenate([rng.choice(by_pid[pid], size=min(K, len(by_pid[pid])), replace=False)
+                              for pid in chosen])
+        d_ap, d_an, valid = batch_hard(feats[idx], torch.as_tensor(pids[idx]), feature)
+        hits += int(((d_an >= d_ap + margin) & valid).sum())
+        total += int(valid.sum())
     return hits / total
 
 
@@ -93,6 +97,8 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--margin", type=float, default=0.3)
     ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--triplet-feature", choices=["f", "centred", "raw"], default="f",
+                    help="as loss.triplet_feature: what the triplet measures distances on")
     args = ap.parse_args()
     torch.set_num_threads(1)
     paths, pids = market_images(args.images)
@@ -102,7 +108,7 @@ def main() -> None:
     for model_dir in args.models:
         for name, feats in zip(("f", "BN(f)"), f_and_neck(model_dir, paths)):
             other, same = cosines(feats, pids)
-            sat = satisfied(feats, pids, args.P, args.K, args.margin, args.batches)
+            sat = satisfied(feats, pids, args.P, args.K, args.margin, args.batches, args.triplet_feature)
             print(f"| {model_dir} | {name} | {other:.4f} | {same:.4f} | {shared_share(feats):.4f} | {sat:.3f} |")
 
 
