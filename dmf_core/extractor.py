@@ -7,8 +7,8 @@ extract = FeatureExtractor.from_pretrained("models/sp_market")   # device: CUDA 
 feats = extract(["a.jpg", "b.png"])          # torch.Tensor (2, D), rows of unit length
 ```
 
-The feature is the evaluation's: f, the fusion CLS output before BNNeck, L2-normalised
-(optionally flip-averaged), with the evaluation's preprocessing. Two kinds of input:
+The feature is the evaluation's: BN(f), the BNNeck output (running statistics) of f, the fusion
+CLS output, L2-normalised (optionally flip-averaged), with the evaluation's preprocessing. Two kinds of input:
 
 - **images**: a list (or one) of file paths, PIL images or H x W x 3 uint8 arrays. Each goes
   through the evaluation's test transform (:func:`~dmf_core.data.loading.loader.build_test_transform`:
@@ -57,8 +57,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class TestTimeEncoder(nn.Module):
-    """(N, 3, H, W) float in [0, 1] -> (N, D) L2-normalised f: normalise with the model's mean/std,
-    ``embed_images`` (+ the mirrored image's f with ``flip``), L2-normalise. The exported graph."""
+    """(N, 3, H, W) float in [0, 1] -> (N, D) L2-normalised BN(f): normalise with the model's
+    mean/std, ``embed_images`` (+ the mirrored image's with ``flip``), L2-normalise. The exported graph."""
 
     def __init__(self, model: nn.Module, flip: bool = False) -> None:
         super().__init__()
@@ -160,7 +160,7 @@ def _batch_images(batch) -> torch.Tensor:
 
 
 class FeatureExtractor:
-    """Callable: images (see the module docstring) -> ``torch.Tensor`` (N, D) of L2-normalised f.
+    """Callable: images (see the module docstring) -> ``torch.Tensor`` (N, D) of L2-normalised BN(f).
 
     ``from_pretrained(model_dir)`` reads a model folder (``model.safetensors`` + ``config.json``;
     older folders with only ``meta.json`` load too). ``batch_size`` images per forward pass,
