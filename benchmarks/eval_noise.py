@@ -15,18 +15,16 @@ identities': the part each seed's difference carries of its own, and the part ev
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dmf_core.data.sources.layouts import MARKET_RE
 from dmf_core.eval.distances import cosine_distance
 from dmf_core.eval.ranking import evaluate_rank
 from dmf_core.extractor import FeatureExtractor
-
-NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def market_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -34,7 +32,7 @@ def market_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     out, as the Market protocol (and the pipeline's manifests) do."""
     paths, pids, cams = [], [], []
     for path in sorted(folder.glob("*.jpg")):
-        match = NAME.match(path.name)
+        match = MARKET_RE.match(path.name)
         if match is None:
             raise SystemExit(f"{path}: not a Market-style name (<pid>_c<cam>...)")
         if int(match.group(1)) == -1:

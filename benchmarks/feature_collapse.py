@@ -23,25 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from eval_noise import market_split  # benchmarks/, on the path when run as a script
 
 from dmf_core.extractor import FeatureExtractor
 from dmf_core.train.losses import batch_hard
 
 
-def market_images(folder: Path) -> tuple[list[Path], np.ndarray]:
-    """Sorted images of ``folder`` whose pid (the name's first field) is positive, and their pids."""
-    paths, pids = [], []
-    for path in sorted(folder.glob("*.jpg")):
-        pid = int(path.name.split("_", 1)[0])
-        if pid > 0:
-            paths.append(path)
-            pids.append(pid)
-    if not paths:
+def market_images(folder: Path) -> tuple[list[str], np.ndarray]:
+    """The folder's images with a person's pid (> 0: distractors out too), as the evaluation names them."""
+    paths, pids, _cams = market_split(folder)
+    keep = pids > 0
+    if not keep.any():
         raise SystemExit(f"{folder}: no Market-style images (<pid>_c<cam>...jpg)")
-    return paths, np.asarray(pids)
+    return [p for p, k in zip(paths, keep) if k], pids[keep]
 
 
-def f_and_neck(model_dir: Path, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+def f_and_neck(model_dir: Path, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """f and BN(f) of every image (no flip, not normalised), captured around the model's BNNeck."""
     extractor = FeatureExtractor.from_pretrained(model_dir, flip=False)
     f, neck = [], []
@@ -52,7 +49,7 @@ def f_and_neck(model_dir: Path, paths: list[Path]) -> tuple[torch.Tensor, torch.
 
     hook = extractor.model.head.bnneck.register_forward_hook(capture)
     try:
-        extractor([str(p) for p in paths], progress=False)
+        extractor(paths, progress=False)
     finally:
         hook.remove()
     return torch.cat(f).double(), torch.cat(neck).double()
