@@ -168,6 +168,11 @@ class LossConfig:
     # work), or f less its batch mean first, where triplets are satisfied (docs/training.md,
     # "The triplet at its margin").
     triplet_feature: Literal["f", "centred", "raw"]
+    # How the margin compares the hardest positive and negative distance: additive, d_ap - d_an +
+    # margin; or ratio, log d_ap - log d_an + margin, which no uniform shrinking of the distances
+    # can lower, so the collapse of f toward one shared vector earns the loss nothing
+    # (docs/training.md, "The ratio triplet").
+    triplet_margin_type: Literal["additive", "ratio"]
     label_smoothing: float
     # Share of the captions in the ID loss, (1 - s) CE(images) + s CE(captions), at most 0.5:
     # a caption names its identity, so an unbounded share lets the classifier read captions.

@@ -61,16 +61,19 @@ def batch_hard(feats: torch.Tensor, labels: torch.Tensor, feature: str = "f"
 
 
 def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3,
-                 feature: str = "f") -> torch.Tensor:
-    """Batch-hard triplet (``feature``: see :func:`batch_hard`): max(0, d_ap - d_an + margin), or
-    the soft margin log(1 + exp(d_ap - d_an)) with ``margin=None``. Anchors without a positive
-    or a negative in the batch are left out."""
-    return _triplet(feats, labels, margin, feature)[0]
+                 feature: str = "f", margin_type: str = "additive") -> torch.Tensor:
+    """Batch-hard triplet (``feature``: see :func:`batch_hard`): max(0, g + margin), or the soft
+    margin log(1 + exp(g)) with ``margin=None``, where g = d_ap - d_an (``additive``) or
+    log d_ap - log d_an (``ratio``). Anchors without a positive or a negative in the batch are
+    left out."""
+    return _triplet(feats, labels, margin, feature, margin_type)[0]
 
 
 def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None,
-             feature: str = "f") -> tuple[torch.Tensor, torch.Tensor]:
+             feature: str = "f", margin_type: str = "additive") -> tuple[torch.Tensor, torch.Tensor]:
     d_ap, d_an, valid = batch_hard(feats, labels, feature)
+    if margin_type == "ratio":  # pairwise_distance keeps every distance >= 1e-6, so the log is finite
+        d_ap, d_an = d_ap.clamp_min(1e-6).log(), d_an.clamp_min(1e-6).log()
     diff = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
     n = valid.float().sum().clamp_min(1.0)
@@ -121,7 +124,8 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
             image, text = (out.image.neck, out.text.neck) if out.text.aligned is None else (
                 out.image.aligned, out.text.aligned)
             align = align_loss(image, text, labels, cfg.fusion.align_temperature)
-    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature)
+    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature,
+                                  lc.triplet_margin_type)
     attr = zero
     if out.attributes is not None:
         if attributes is None:
