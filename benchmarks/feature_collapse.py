@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from eval_noise import market_split  # benchmarks/, on the path when run as a script
 
 from dmf_core.extractor import FeatureExtractor
-from dmf_core.train.losses import batch_hard
+from dmf_core.train.losses import batch_hard, triplet_gap
 
 
 def market_images(folder: Path) -> tuple[list[str], np.ndarray]:
@@ -69,9 +69,10 @@ def shared_share(feats: torch.Tensor) -> float:
 
 
 def satisfied(feats: torch.Tensor, pids: np.ndarray, P: int, K: int, margin: float, batches: int,
-              feature: str = "f", seed: int = 0) -> float:
+              feature: str = "f", margin_type: str = "additive", seed: int = 0) -> float:
     """Share of anchors training's batch-hard triplet (``batch_hard``, ``feature`` as
-    ``loss.triplet_feature``) counts as satisfied, over ``batches`` random P x K batches."""
+    ``loss.triplet_feature``, ``margin_type`` as ``loss.triplet_margin_type``) counts as
+    satisfied, over ``batches`` random P x K batches."""
     rng = np.random.default_rng(seed)
     by_pid = {pid: np.flatnonzero(pids == pid) for pid in np.unique(pids)}
     eligible = [pid for pid, idx in by_pid.items() if len(idx) >= 2]
@@ -81,7 +82,7 @@ def satisfied(feats: torch.Tensor, pids: np.ndarray, P: int, K: int, margin: flo
         idx = np.concatenate([rng.choice(by_pid[pid], size=min(K, len(by_pid[pid])), replace=False)
                               for pid in chosen])
         d_ap, d_an, valid = batch_hard(feats[idx], torch.as_tensor(pids[idx]), feature)
-        hits += int(((d_an >= d_ap + margin) & valid).sum())
+        hits += int(((triplet_gap(d_ap, d_an, margin_type) + margin <= 0) & valid).sum())
         total += int(valid.sum())
     return hits / total
 
@@ -96,16 +97,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--triplet-feature", choices=["f", "centred", "raw"], default="f",
                     help="as loss.triplet_feature: what the triplet measures distances on")
+    ap.add_argument("--margin-type", choices=["additive", "ratio"], default="additive",
+                    help="as loss.triplet_margin_type: the margin on distances or on their logs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     paths, pids = market_images(args.images)
     print(f"{len(paths)} images of {len(np.unique(pids))} identities in {args.images}; "
-          f"batch-hard over {args.batches} batches of {args.P} x {args.K}, margin {args.margin}\n")
+          f"batch-hard over {args.batches} batches of {args.P} x {args.K}, {args.margin_type} margin {args.margin}\n")
     print("| model | feature | cos other | cos same | shared | satisfied |\n|---|---|---:|---:|---:|---:|")
     for model_dir in args.models:
         for name, feats in zip(("f", "BN(f)"), f_and_neck(model_dir, paths)):
             other, same = cosines(feats, pids)
-            sat = satisfied(feats, pids, args.P, args.K, args.margin, args.batches, args.triplet_feature)
+            sat = satisfied(feats, pids, args.P, args.K, args.margin, args.batches, args.triplet_feature,
+                            args.margin_type)
             print(f"| {model_dir} | {name} | {other:.4f} | {same:.4f} | {shared_share(feats):.4f} | {sat:.3f} |")
 
 

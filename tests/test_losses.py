@@ -14,8 +14,9 @@ from dmf_core.train.losses import align_loss, dmf_losses, id_loss, triplet_loss
 from dmf_core.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
-def brute_triplet(x, y, margin, feature="f"):
-    """Batch-hard triplet on L2-normalised features (less their mean) or raw ones, one anchor at a time."""
+def brute_triplet(x, y, margin, feature="f", margin_type="additive"):
+    """Batch-hard triplet on L2-normalised features (less their mean) or raw ones, one anchor at a
+    time; the ratio form compares log distances."""
     if feature != "raw":
         x = F.normalize(x - x.mean(0) if feature == "centred" else x, dim=1)
     total, satisfied, n = 0.0, 0, 0
@@ -24,23 +25,24 @@ def brute_triplet(x, y, margin, feature="f"):
         neg = [torch.dist(x[i], x[j]) for j in range(len(y)) if y[j] != y[i]]
         if not pos or not neg:
             continue
-        diff = max(pos) - min(neg)
+        diff = max(pos) - min(neg) if margin_type == "additive" else torch.log(max(pos) / min(neg))
         total += F.softplus(diff) if margin is None else F.relu(diff + margin)
         satisfied += int(diff + (margin or 0.0) <= 0)
         n += 1
     return total / n, satisfied / n
 
 
+@pytest.mark.parametrize("margin_type", ["additive", "ratio"])
 @pytest.mark.parametrize("feature", ["f", "centred", "raw"])
 @pytest.mark.parametrize("margin", [None, 0.3, 1.5])
-def test_batch_hard_triplet_matches_brute_force(params_dict, margin, feature):
+def test_batch_hard_triplet_matches_brute_force(params_dict, margin, feature, margin_type):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, generator=g)
     x[:3] += 3.0  # identity 0 well separated: some anchors satisfy the margin
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 5])  # 4 and 5: anchors without a positive
-    want, want_satisfied = brute_triplet(x, y, margin, feature)
-    assert torch.allclose(triplet_loss(x, y, margin, feature), want, atol=1e-5)
-    params_dict["loss"].update(triplet_margin=margin, triplet_feature=feature)
+    want, want_satisfied = brute_triplet(x, y, margin, feature, margin_type)
+    assert torch.allclose(triplet_loss(x, y, margin, feature, margin_type), want, atol=1e-5)
+    params_dict["loss"].update(triplet_margin=margin, triplet_feature=feature, triplet_margin_type=margin_type)
     out = ModelOutput(image=Branch(x, torch.randn(12, 5, generator=g), torch.randn(12, 6, generator=g)))
     assert float(dmf_losses(out, y, config_from_dict(params_dict))["triplets_satisfied"]) == pytest.approx(want_satisfied)
 
@@ -68,9 +70,29 @@ def test_a_shared_component_pins_the_triplet_on_f_at_its_margin_but_not_the_cent
     assert triplet_loss(f, y, feature="raw", **params) == 0.0
 
 
-def test_triplet_gradient_is_finite_with_duplicate_features():
+def test_the_ratio_triplet_sees_the_identities_under_a_shared_component():
+    """The same f as above: the common vector shrinks every normalised distance alike, which the
+    ratio form cancels, so its anchors are past the margin as on centred f, and growing the
+    common vector (the collapse) leaves the loss where it was."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    identity = torch.randn(4, 16, generator=g)[y] + 0.05 * torch.randn(8, 16, generator=g)
+    common = torch.randn(1, 16, generator=g)
+    f = 100.0 * common + identity
+    assert triplet_loss(f, y, 0.3, margin_type="ratio") == 0.0
+    close = identity + 1.5 * torch.randn(8, 16, generator=g)  # identities that overlap: loss > 0
+    # (far beyond 300x the identities' scale, fp32 distances lose the identities in rounding)
+    small = triplet_loss(10.0 * common + close, y, 0.3, margin_type="ratio")
+    large = triplet_loss(300.0 * common + close, y, 0.3, margin_type="ratio")
+    assert small > 0.0 and float(large) == pytest.approx(float(small), rel=0.02)
+    # the additive form is lowered by the collapse, toward its margin
+    assert triplet_loss(300.0 * common + close, y, 0.3) < triplet_loss(10.0 * common + close, y, 0.3) - 0.02
+
+
+@pytest.mark.parametrize("margin_type", ["additive", "ratio"])
+def test_triplet_gradient_is_finite_with_duplicate_features(margin_type):
     x = torch.ones(4, 3, requires_grad=True)
-    triplet_loss(x, torch.tensor([0, 0, 1, 1])).backward()
+    triplet_loss(x, torch.tensor([0, 0, 1, 1]), margin_type=margin_type).backward()
     assert torch.isfinite(x.grad).all()
 
 

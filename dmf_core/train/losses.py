@@ -69,12 +69,18 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None
     return _triplet(feats, labels, margin, feature, margin_type)[0]
 
 
+def triplet_gap(d_ap: torch.Tensor, d_an: torch.Tensor, margin_type: str = "additive") -> torch.Tensor:
+    """What the margin is added to: d_ap - d_an (``additive``) or log d_ap - log d_an (``ratio``);
+    an anchor is satisfied when gap + margin <= 0."""
+    if margin_type == "ratio":  # pairwise_distance keeps every distance >= 1e-6, so the log is finite
+        return d_ap.clamp_min(1e-6).log() - d_an.clamp_min(1e-6).log()
+    return d_ap - d_an
+
+
 def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None,
              feature: str = "f", margin_type: str = "additive") -> tuple[torch.Tensor, torch.Tensor]:
     d_ap, d_an, valid = batch_hard(feats, labels, feature)
-    if margin_type == "ratio":  # pairwise_distance keeps every distance >= 1e-6, so the log is finite
-        d_ap, d_an = d_ap.clamp_min(1e-6).log(), d_an.clamp_min(1e-6).log()
-    diff = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
+    diff = torch.where(valid, triplet_gap(d_ap, d_an, margin_type), torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
     n = valid.float().sum().clamp_min(1.0)
     loss = (per_anchor * valid.float()).sum() / n
