@@ -19,7 +19,7 @@ def brute_triplet(x, y, margin, feature="f", margin_type="additive"):
     time; the ratio form compares log distances."""
     if feature != "raw":
         x = F.normalize(x - x.mean(0) if feature == "centred" else x, dim=1)
-    total, satisfied, n = 0.0, 0, 0
+    total, satisfied, ordered, n = 0.0, 0, 0, 0
     for i in range(len(y)):
         pos = [torch.dist(x[i], x[j]) for j in range(len(y)) if j != i and y[j] == y[i]]
         neg = [torch.dist(x[i], x[j]) for j in range(len(y)) if y[j] != y[i]]
@@ -28,8 +28,9 @@ def brute_triplet(x, y, margin, feature="f", margin_type="additive"):
         diff = max(pos) - min(neg) if margin_type == "additive" else torch.log(max(pos) / min(neg))
         total += F.softplus(diff) if margin is None else F.relu(diff + margin)
         satisfied += int(diff + (margin or 0.0) <= 0)
+        ordered += int(diff < 0)
         n += 1
-    return total / n, satisfied / n
+    return total / n, satisfied / n, ordered / n
 
 
 @pytest.mark.parametrize("margin_type", ["additive", "ratio"])
@@ -40,11 +41,14 @@ def test_batch_hard_triplet_matches_brute_force(params_dict, margin, feature, ma
     x = torch.randn(12, 5, generator=g)
     x[:3] += 3.0  # identity 0 well separated: some anchors satisfy the margin
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 5])  # 4 and 5: anchors without a positive
-    want, want_satisfied = brute_triplet(x, y, margin, feature, margin_type)
+    want, want_satisfied, want_ordered = brute_triplet(x, y, margin, feature, margin_type)
     assert torch.allclose(triplet_loss(x, y, margin, feature, margin_type), want, atol=1e-5)
     params_dict["loss"].update(triplet_margin=margin, triplet_feature=feature, triplet_margin_type=margin_type)
     out = ModelOutput(image=Branch(x, torch.randn(12, 5, generator=g), torch.randn(12, 6, generator=g)))
-    assert float(dmf_losses(out, y, config_from_dict(params_dict))["triplets_satisfied"]) == pytest.approx(want_satisfied)
+    losses = dmf_losses(out, y, config_from_dict(params_dict))
+    assert float(losses["triplets_satisfied"]) == pytest.approx(want_satisfied)
+    assert float(losses["triplets_ordered"]) == pytest.approx(want_ordered)
+    assert 0.0 < want_ordered < 1.0 and (margin is None or want_satisfied <= want_ordered)
 
 
 def test_triplet_is_scale_free():

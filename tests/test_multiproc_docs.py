@@ -105,7 +105,7 @@ def _check_outputs(repo: Path, world_size: int, params: dict) -> dict:
         "config.json", "meta.json", "model.safetensors"]
     curve = (repo / "metrics" / "plots" / "train" / "pretrain.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["epoch", "loss", "id_loss", "triplet_loss", "align_loss", "attribute_loss",
-                                     "teacher_loss", "triplets_satisfied", "lr"]
+                                     "teacher_loss", "triplets_satisfied", "triplets_ordered", "lr"]
     assert len(curve) == 1 + st["epochs"]
     # rank 0 alone wrote: no stray temporary files of another rank
     leftovers = [p for p in (repo / "models").rglob("*") if ".tmp" in p.name]

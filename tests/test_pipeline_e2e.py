@@ -102,7 +102,7 @@ def _exp_show_header(project: Path, *flags: str) -> list[str]:
 def _expected_metric_columns(params: dict) -> dict[str, int]:
     """What the layout promises (docs/contracts.md, "Outputs"): per training stage the final
     losses (the mode's own term: align_loss with captions, teacher_loss with a teacher,
-    attribute_loss with the attribute head) and the feature health (3 numbers, + caption->image
+    attribute_loss with the attribute head) and the feature health (4 numbers, + caption->image
     mAP with captions); mAP and rank-1 per matrix cell (the pretrain row included), per row over
     its cross-domain cells and of its in-domain cell."""
     sources, targets = params["finetune"]["sources"], params["evaluate"]["targets"]
@@ -110,9 +110,9 @@ def _expected_metric_columns(params: dict) -> dict[str, int]:
     shared, extra_term = mode == "shared", mode in ("shared", "attributes", "prototypes", "phrases")
     rows = ["pretrain", *sources]
     in_domain = [s for s in sources if s in targets]
-    # loss, id, triplet (+ align / attribute / teacher loss) and 3 health numbers (+ caption->image)
-    return {"metrics/pretrain.json": 3 + extra_term + 3 + shared,
-            **{f"metrics/finetune/{s}.json": 3 + 3 for s in sources},
+    # loss, id, triplet (+ align / attribute / teacher loss) and 4 health numbers (+ caption->image)
+    return {"metrics/pretrain.json": 3 + extra_term + 4 + shared,
+            **{f"metrics/finetune/{s}.json": 3 + 4 for s in sources},
             "metrics/eval_matrix.json": 2 * (len(rows) * len(targets) + len(rows) + len(in_domain))}
 
 

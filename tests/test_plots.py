@@ -78,14 +78,15 @@ def _write_metrics(repo: Path) -> int:
     from dmf_core.train.loop import CURVE_COLUMNS
 
     assert CURVE_COLUMNS == ["epoch", "loss", "id_loss", "triplet_loss", "align_loss", "attribute_loss",
-                             "teacher_loss", "triplets_satisfied", "lr"]
+                             "teacher_loss", "triplets_satisfied", "triplets_ordered", "lr"]
     rng = np.random.default_rng(0)
     for stage in ("pretrain", "finetune_sp_market", "finetune_sp_msmt"):
         rows = []
         for epoch in range(1, 9):
             id_loss, tri = 4.0 / epoch + rng.random() * 0.1, 1.0 / epoch
             rows.append({"epoch": epoch, "loss": id_loss + tri, "id_loss": id_loss, "triplet_loss": tri,
-                         "align_loss": 0.0, "attribute_loss": 0.0, "teacher_loss": 0.0, "triplets_satisfied": epoch / 10,
+                         "align_loss": 0.0, "attribute_loss": 0.0, "teacher_loss": 0.0,
+                         "triplets_satisfied": epoch / 10, "triplets_ordered": epoch / 10,
                          "lr": 1e-3 * (0.5 + 0.5 * np.cos(np.pi * epoch / 8))})
         write_tsv(repo / f"metrics/plots/train/{stage}.tsv", rows, CURVE_COLUMNS)
     cells = ["sp_market__sp_cuhk", "sp_market__sp_msmt", "sp_msmt__sp_cuhk", "sp_msmt__sp_market"]

@@ -49,7 +49,7 @@ def test_pretrain_image_only_writes_outputs(params_dict, tmp_path):
     saved = json.loads(paths["metrics_path"].read_text())
     assert list(saved) == ["loss", "id_loss", "triplet_loss", "health"]
     assert all(isinstance(saved[k], float) and saved[k] == metrics[k] for k in LOSS_NAMES if k in saved)
-    assert 0.0 <= saved["health"]["triplets_satisfied"] <= 1.0
+    assert 0.0 <= saved["health"]["triplets_satisfied"] <= saved["health"]["triplets_ordered"] <= 1.0
     facts = json.loads(paths["facts_path"].read_text())
     assert facts == json.loads(json.dumps({k: v for k, v in metrics.items() if k not in (*LOSS_NAMES, "health")}))
     assert isinstance(facts["images_per_s"], float) and facts["num_images"] == 32 and facts["stage"] == "pretrain"
@@ -431,7 +431,8 @@ def test_train_stage_from_lmdb_pretrain_shared_then_finetune(params_dict, tmp_pa
     # 2 of the 6 identities held out: never trained on, the images the health is measured on
     assert m["num_classes"] == 4 and m["run"]["with_captions"]
     health = json.loads(pre["metrics_path"].read_text())["health"]
-    assert set(health) == {"triplets_satisfied", "cosine_other_id", "cosine_same_id", "caption_to_image_mAP"}
+    assert set(health) == {"triplets_satisfied", "triplets_ordered", "cosine_other_id", "cosine_same_id",
+                           "caption_to_image_mAP"}
     assert -1.0 <= health["cosine_other_id"] <= 1.0 and 0.0 < health["caption_to_image_mAP"] <= 100.0
     assert json.loads((pre["out_dir"] / "meta.json").read_text())["with_text"]
     ft = outputs(tmp_path, "ft")

@@ -516,7 +516,7 @@ def stage_metrics(run: Run, started: float) -> dict:
         "stage": run.stage,
         "epochs": st.epochs,
         **{k: final[k] for k in LOSS_NAMES},
-        "health": {"triplets_satisfied": round(final["triplets_satisfied"], 4), **measure_health(run)},
+        "health": {**{k: round(final[k], 4) for k in STATS}, **measure_health(run)},
         "images_per_s": totals["images"] / totals["train_s"] if totals["train_s"] > 0 else None,
         "num_classes": run.data.num_classes,
         "num_images": run.data.num_images,

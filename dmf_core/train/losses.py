@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from dmf_core.config import Config
 from dmf_core.model.outputs import ModelOutput
 
-#: What :func:`dmf_losses` returns besides the total ``loss``; ``triplets_satisfied`` is a
-#: statistic (share of anchors whose hardest negative is farther than the hardest positive plus
-#: the margin), not a loss term.
+#: What :func:`dmf_losses` returns besides the total ``loss``. The statistics are not loss terms:
+#: ``triplets_satisfied``, the share of anchors past the margin (the hinge is 0 there);
+#: ``triplets_ordered``, the share whose hardest negative is farther than their hardest positive
+#: (every positive nearer than every negative: unlike the margin, blind to the scale of the
+#: distances, which the shared component of f shrinks; docs/training.md, "The ratio triplet").
 TERMS = ("id_loss", "triplet_loss", "align_loss", "attribute_loss", "teacher_loss")
-STATS = ("triplets_satisfied",)
+STATS = ("triplets_satisfied", "triplets_ordered")
 
 
 def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -77,15 +79,16 @@ def triplet_gap(d_ap: torch.Tensor, d_an: torch.Tensor, margin_type: str = "addi
     return d_ap - d_an
 
 
-def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None,
-             feature: str = "f", margin_type: str = "additive") -> tuple[torch.Tensor, torch.Tensor]:
+def _triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None, feature: str = "f",
+             margin_type: str = "additive") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d_ap, d_an, valid = batch_hard(feats, labels, feature)
     diff = torch.where(valid, triplet_gap(d_ap, d_an, margin_type), torch.zeros_like(d_ap))
     per_anchor = F.softplus(diff) if margin is None else F.relu(diff + margin)
     n = valid.float().sum().clamp_min(1.0)
     loss = (per_anchor * valid.float()).sum() / n
     satisfied = ((diff + (margin or 0.0) <= 0) & valid).float().sum() / n
-    return loss, satisfied.detach()
+    ordered = ((diff < 0) & valid).float().sum() / n
+    return loss, satisfied.detach(), ordered.detach()
 
 
 def align_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, labels: torch.Tensor,
@@ -130,8 +133,8 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
             image, text = (out.image.neck, out.text.neck) if out.text.aligned is None else (
                 out.image.aligned, out.text.aligned)
             align = align_loss(image, text, labels, cfg.fusion.align_temperature)
-    triplet, satisfied = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature,
-                                  lc.triplet_margin_type)
+    triplet, satisfied, ordered = _triplet(out.image.feat, labels, lc.triplet_margin, lc.triplet_feature,
+                                           lc.triplet_margin_type)
     attr = zero
     if out.attributes is not None:
         if attributes is None:
@@ -147,4 +150,5 @@ def dmf_losses(out: ModelOutput, labels: torch.Tensor, cfg: Config,
     total = (lc.id_weight * ident + lc.triplet_weight * triplet + cfg.fusion.align_weight * align
              + lc.attribute_weight * attr + cfg.fusion.teacher_weight * teacher)
     return {"loss": total, "id_loss": ident, "triplet_loss": triplet, "align_loss": align,
-            "attribute_loss": attr, "teacher_loss": teacher, "triplets_satisfied": satisfied}
+            "attribute_loss": attr, "teacher_loss": teacher, "triplets_satisfied": satisfied,
+            "triplets_ordered": ordered}
