@@ -74,7 +74,9 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None
 def triplet_gap(d_ap: torch.Tensor, d_an: torch.Tensor, margin_type: str = "additive") -> torch.Tensor:
     """What the margin is added to: d_ap - d_an (``additive``) or log d_ap - log d_an (``ratio``);
     an anchor is satisfied when gap + margin <= 0."""
-    if margin_type == "ratio":  # pairwise_distance keeps every distance >= 1e-6, so the log is finite
+    # pairwise_distance keeps real distances >= 1e-6; an anchor without a positive or negative
+    # has -inf / +inf here, which the caller's torch.where drops (its gradient is 0)
+    if margin_type == "ratio":
         return d_ap.clamp_min(1e-6).log() - d_an.clamp_min(1e-6).log()
     return d_ap - d_an
 
