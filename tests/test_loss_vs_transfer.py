@@ -1,0 +1,99 @@
+"""benchmarks/loss_vs_transfer.py: sweep runs joined to the DVC experiments (git refs) that made
+them, and the correlation of the final ID loss with transfer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("loss_vs_transfer", ROOT / "benchmarks" / "loss_vs_transfer.py")
+lvt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lvt)
+
+TARGETS = ("t1", "t2")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _experiment(repo: Path, ref: str, *, seed: int, mode: str, id_loss: list[float], cells: tuple[float, float]):
+    """Commit what a dvc exp run leaves (params, pretraining curve, pretrain-row cells) under ``ref``."""
+    (repo / "params.yaml").write_text(f"seed: {seed}\nsynth:\n  seed: 0\nfusion:\n  mode: {mode}\n"
+                                      "train:\n  threads: 1\n")
+    curve = repo / "metrics/plots/train/pretrain.tsv"
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    curve.write_text("epoch\tid_loss\n" + "".join(f"{i + 1}\t{v}\n" for i, v in enumerate(id_loss)))
+    for target, mAP in zip(TARGETS, cells):
+        cell = repo / f"reports/eval/pretrain__{target}.json"
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        cell.write_text(json.dumps({"mAP": mAP}))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", ref)
+    _git(repo, "update-ref", ref, "HEAD")
+
+
+def _truth(arm: str, seed: int) -> tuple[float, float]:
+    """(final ID loss, pretrain-row mAP) of an experiment: the lower the loss, the higher the mAP;
+    prototypes 0.1 lower on even seeds, 0.2 on odd ones."""
+    final = 2.0 - 0.1 * seed - (0.1 + 0.1 * (seed % 2)) * (arm == "prototypes")
+    return round(final, 4), round(60.0 + 50 * (2.0 - final), 4)
+
+
+def _run(arm: str, seed: int, mAP: float) -> dict:
+    sets = [f"seed={seed}", "synth.seed=0", f"fusion.mode={arm}", "train.threads=1"]
+    return {"world": 0, "arm": arm, "seed": seed, "set": sets, "rows": "pretrain", "cpu": "A",
+            "pretrain_mAP": mAP, "finetuned_mAP": None}
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    for seed in range(4):
+        for arm in ("image_only", "prototypes"):
+            final, mAP = _truth(arm, seed)
+            _experiment(repo, f"refs/exps/ab/cd/{arm}-{seed}", seed=seed, mode=arm, id_loss=[4.0, final],
+                        cells=(mAP - 1, mAP + 1))
+    _git(repo, "update-ref", "refs/exps/exec/EXEC_BASELINE", "HEAD")  # DVC's bookkeeping: skipped
+    return repo
+
+
+def test_runs_join_the_experiment_that_made_them(clone: Path):
+    exps = lvt.experiments(clone, TARGETS)
+    assert len(exps) == 8 and all(not e["ref"].startswith("refs/exps/exec/") for e in exps)
+    runs = [_run("image_only", 1, 65.0), _run("prototypes", 2, 75.0),
+            _run("image_only", 1, 66.0),                                           # no experiment has this mAP
+            {**_run("image_only", 1, 65.0), "set": [*_run("image_only", 1, 65.0)["set"], "fusion.dim=512"]}]
+    joined, missing = lvt.join(runs, exps)
+    assert missing == 2
+    assert [(r["arm"], r["seed"], r["id_loss"]) for r in joined] == [("image_only", 1, [4.0, 1.9]),
+                                                                     ("prototypes", 2, [4.0, 1.7])]
+    assert joined[0]["final_id_loss"] == 1.9 and joined[0]["settings"] == "train.threads=1 rows=pretrain"
+
+
+def test_lower_final_id_loss_higher_map_gives_negative_correlations(clone: Path):
+    exps = lvt.experiments(clone, TARGETS)
+    runs = [_run(arm, s, _truth(arm, s)[1]) for s in range(4) for arm in ("image_only", "prototypes")]
+    joined, missing = lvt.join(runs, exps)
+    assert missing == 0 and len(joined) == 8
+    groups, pairs = lvt.correlations(joined, "image_only")
+    assert sorted(groups["arm"]) == ["image_only", "prototypes"]
+    assert groups["spearman"].tolist() == pytest.approx([-1.0, -1.0])
+    # the pairs differ by 0.1 or 0.2 in ID loss and 5 or 10 mAP: perfectly anti-correlated
+    assert pairs["pairs"].tolist() == [4] and pairs["sd_difference"].tolist() == pytest.approx([2.8868], abs=1e-3)
+    assert pairs["spearman"].tolist() == pytest.approx([-1.0]) and pairs["pearson"].tolist() == pytest.approx([-1.0])
+    assert lvt.markdown(groups).startswith("| world | settings | arm | runs | spearman | pearson |")
+
+
+def test_too_few_runs_give_no_correlation(clone: Path):
+    joined, _ = lvt.join([_run("image_only", s, 60.0 + 5 * s) for s in range(3)], lvt.experiments(clone, TARGETS))
+    groups, pairs = lvt.correlations(joined, "image_only")
+    assert len(joined) == 3 and groups.empty and pairs.empty
