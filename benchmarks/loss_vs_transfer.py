@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the joined runs and the correlations here")
     args = ap.parse_args()
 
-    runs = [r for path in args.runs for r in json.loads(path.read_text())["runs"]]
+    mine = args.json.resolve() if args.json else None  # a glob over docs/results/ also matches the output
+    runs = [r for path in args.runs if path.resolve() != mine for r in json.loads(path.read_text())["runs"]]
     exps = [e for clone in args.clones for e in experiments(clone, tuple(args.targets))]
     joined, missing = join(runs, exps)
     print(f"{len(joined)} of {len(runs)} runs joined to their pretraining curve ({missing} without one)")
@@ -162,7 +163,7 @@ def main() -> None:
     print(markdown(pairs) if len(pairs) else f"no arm with {MIN_RUNS} pairs")
     if args.json:
         args.json.write_text(json.dumps({
-            "command": "python benchmarks/loss_vs_transfer.py --runs " + " ".join(map(str, args.runs)),
+            "command": "python benchmarks/loss_vs_transfer.py --runs " + " ".join(str(p) for p in args.runs if p.resolve() != mine),
             "groups": groups.round(4).to_dict("records"), "pairs": pairs.round(4).to_dict("records"),
             "runs": joined}, indent=2) + "\n")
 
