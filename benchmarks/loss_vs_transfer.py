@@ -5,10 +5,11 @@ pretraining curves.
 a ``dvc exp run`` in a sweep clone, and DVC keeps every experiment as a git ref (``refs/exps/``)
 holding its params, ``metrics/pretrain.json``, the pretraining curve and the evaluation cells.
 This script finds, for every run of the given sweep JSON files, the experiment of the given clones
-that made it: the same world and seed, every ``-S`` override of the run equal in the experiment's
-params, and the same pretrain-row mAP (the mean of its three cells, to the rounding). Runs with
-no such experiment (made in a clone since deleted, or on another machine) are counted and left
-out; an experiment re-run bit for bit matches twice and counts once.
+that made it: the experiment's params are its baseline's (the commit it ran on) with exactly the
+run's ``-S`` overrides applied, and its pretrain-row mAP is the run's (the mean of its three cells,
+to the rounding). Runs with no such experiment (made in a clone since deleted, or on another
+machine) are counted and left out, and so are runs that two experiments with different curves
+match; an experiment re-run bit for bit matches twice and counts once.
 
 Then, per (world, settings, arm) with at least 4 runs, the rank (Spearman) and linear (Pearson)
 correlation across seeds between the final ID loss of pretraining (on the pretraining
@@ -22,6 +23,7 @@ and per arm against a baseline, the correlation between the paired differences o
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import importlib.util
 import io
@@ -56,54 +58,57 @@ def experiments(clone: Path, targets: tuple[str, ...]) -> list[dict]:
     for ref in _git(clone, "for-each-ref", "refs/exps", "--format=%(refname)").split():
         if ref.startswith("refs/exps/exec/"):  # DVC's own bookkeeping, not an experiment
             continue
-        params, curve = _show(clone, ref, "params.yaml"), _show(clone, ref, "metrics/plots/train/pretrain.tsv")
+        params, base = _show(clone, ref, "params.yaml"), _show(clone, f"{ref}^", "params.yaml")
+        curve = _show(clone, ref, "metrics/plots/train/pretrain.tsv")
         cells = [_show(clone, ref, f"reports/eval/pretrain__{t}.json") for t in targets]
-        if params is None or curve is None or None in cells:
+        if params is None or base is None or curve is None or None in cells:
             continue
         id_curve = [float(row["id_loss"]) for row in csv.DictReader(io.StringIO(curve), delimiter="\t")]
         if not id_curve:
             continue
-        found.append({"ref": ref, "params": yaml.safe_load(params), "id_loss": id_curve,
+        found.append({"ref": ref, "params": yaml.safe_load(params), "base": yaml.safe_load(base), "id_loss": id_curve,
                       "pretrain_mAP": sum(json.loads(c)["mAP"] for c in cells) / len(cells)})
     return found
 
 
-def param(params: dict, dotted: str):
-    node = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def with_overrides(params: dict, overrides: list[str]) -> dict:
+    """``params`` with ``key.sub=value`` overrides applied, as ``dvc exp run -S`` applies them."""
+    out = copy.deepcopy(params)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 def made(run: dict, exp: dict) -> bool:
-    """Whether experiment ``exp`` is the one that made sweep run ``run``."""
-    for override in run["set"]:
-        key, value = override.split("=", 1)
-        if param(exp["params"], key) != yaml.safe_load(value):
-            return False
-    return abs(exp["pretrain_mAP"] - run["pretrain_mAP"]) <= TOLERANCE
+    """Whether experiment ``exp`` is the one that made sweep run ``run``: no override more or less."""
+    return (with_overrides(exp["base"], run["set"]) == exp["params"]
+            and abs(exp["pretrain_mAP"] - run["pretrain_mAP"]) <= TOLERANCE)
 
 
-def join(runs: list[dict], exps: list[dict]) -> tuple[list[dict], int]:
-    """The runs that an experiment made, each with its ID-loss curve; and how many had none (or
-    several that disagree)."""
-    joined, missing = [], 0
+def join(runs: list[dict], exps: list[dict]) -> tuple[list[dict], int, int]:
+    """The runs that an experiment made, each with its ID-loss curve; how many had no experiment,
+    and how many had several whose curves differ."""
+    joined, missing, ambiguous = [], 0, 0
     for run in runs:
         if run.get("pretrain_mAP") is None or "set" not in run:  # an older sweep's format
             missing += 1
             continue
         curves = {tuple(e["id_loss"]) for e in exps if made(run, e)}
         if len(curves) != 1:
-            missing += 1
+            missing += not curves
+            ambiguous += len(curves) > 1
             continue
         curve = list(curves.pop())
         joined.append({"world": run["world"], "arm": run["arm"], "seed": run["seed"],
                        "settings": " ".join(compare_modes.settings(run)), "cpu": run.get("cpu"),
                        "pretrain_mAP": run["pretrain_mAP"], "finetuned_mAP": run.get("finetuned_mAP"),
                        "final_id_loss": round(curve[-1], 4), "id_loss": [round(v, 4) for v in curve]})
-    return joined, missing
+    return joined, missing, ambiguous
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float:
@@ -153,8 +158,9 @@ def main() -> None:
     mine = args.json.resolve() if args.json else None  # a glob over docs/results/ also matches the output
     runs = [r for path in args.runs if path.resolve() != mine for r in json.loads(path.read_text())["runs"]]
     exps = [e for clone in args.clones for e in experiments(clone, tuple(args.targets))]
-    joined, missing = join(runs, exps)
-    print(f"{len(joined)} of {len(runs)} runs joined to their pretraining curve ({missing} without one)")
+    joined, missing, ambiguous = join(runs, exps)
+    print(f"{len(joined)} of {len(runs)} runs joined to their pretraining curve ({missing} without an "
+          f"experiment, {ambiguous} with several that disagree)")
     if not joined:
         raise SystemExit("no run matched an experiment of these clones")
     groups, pairs = correlations(joined, args.baseline)
@@ -163,7 +169,9 @@ def main() -> None:
     print(markdown(pairs) if len(pairs) else f"no arm with {MIN_RUNS} pairs")
     if args.json:
         args.json.write_text(json.dumps({
-            "command": "python benchmarks/loss_vs_transfer.py --runs " + " ".join(str(p) for p in args.runs if p.resolve() != mine),
+            "command": " ".join(["python benchmarks/loss_vs_transfer.py --clones", *map(str, args.clones),
+                                 "--runs", *(str(p) for p in args.runs if p.resolve() != mine),
+                                 "--targets", *args.targets, "--baseline", args.baseline]),
             "groups": groups.round(4).to_dict("records"), "pairs": pairs.round(4).to_dict("records"),
             "runs": joined}, indent=2) + "\n")
 
