@@ -161,12 +161,13 @@ class LossConfig:
     id_weight: float
     triplet_weight: float
     # Batch-hard triplet on L2-normalised f: hinge max(0, d_ap - d_an + margin), or the soft
-    # margin log(1 + exp(d_ap - d_an)) when null (docs/training.md, "What collapsed, and the fix").
+    # margin log(1 + exp(d_ap - d_an)) when null. 0 by default: f's distances are a few
+    # hundredths, so a 0.3 margin is never reached and no anchor is ever done (docs/training.md,
+    # "The triplet at margin 0").
     triplet_margin: float | None
     # What the triplet compares: L2-normalised f, whose component shared by every image keeps
-    # all distances far below the margin (no triplet is ever satisfied, yet its gradient does
-    # work), or f less its batch mean first, where triplets are satisfied (docs/training.md,
-    # "The triplet at its margin").
+    # all distances small, or f less its batch mean first (docs/training.md, "The triplet at
+    # its margin").
     triplet_feature: Literal["f", "centred", "raw"]
     # How the margin compares the hardest positive and negative distance: additive, d_ap - d_an +
     # margin; or ratio, log d_ap - log d_an + margin, which no uniform shrinking of the distances

@@ -35,7 +35,7 @@ def brute_triplet(x, y, margin, feature="f", margin_type="additive"):
 
 @pytest.mark.parametrize("margin_type", ["additive", "ratio"])
 @pytest.mark.parametrize("feature", ["f", "centred", "raw"])
-@pytest.mark.parametrize("margin", [None, 0.3, 1.5])
+@pytest.mark.parametrize("margin", [None, 0.0, 0.3, 1.5])
 def test_batch_hard_triplet_matches_brute_force(params_dict, margin, feature, margin_type):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, generator=g)
@@ -93,6 +93,24 @@ def test_the_ratio_triplet_sees_the_identities_under_a_shared_component():
     assert triplet_loss(300.0 * common + close, y, 0.3) < triplet_loss(10.0 * common + close, y, 0.3) - 0.02
 
 
+def test_at_margin_0_the_shared_component_does_not_pin_the_hinge():
+    """The same collapsed f: at 0.3 every anchor stays inside the margin however well the
+    identities are ordered; at 0 an anchor whose hardest negative is beyond its hardest positive
+    is done (no loss, no gradient), and only the disordered ones still pull."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    identity = torch.randn(4, 16, generator=g)[y] + 0.05 * torch.randn(8, 16, generator=g)
+    common = 100.0 * torch.randn(1, 16, generator=g)
+    assert triplet_loss(common + identity, y, 0.3) == pytest.approx(0.3, abs=0.02)
+    assert triplet_loss(common + identity, y, 0.0) == 0.0
+    f = (common + identity).clone()
+    f[1] = common[0] + identity[2]  # image 1 of identity 0 looks like identity 1
+    f.requires_grad_(True)
+    triplet_loss(f, y, 0.0).backward()
+    moved = f.grad.abs().sum(1) > 0
+    assert moved[[0, 1, 2, 3]].all() and not moved[[4, 5, 6, 7]].any()
+
+
 @pytest.mark.parametrize("margin_type", ["additive", "ratio"])
 def test_triplet_gradient_is_finite_with_duplicate_features(margin_type):
     x = torch.ones(4, 3, requires_grad=True)
@@ -130,7 +148,7 @@ def test_dmf_losses_weigh_the_terms_and_bound_the_captions_share(params_dict):
     want_id = 0.8 * id_loss(out.image.logits, y, 0.1) + 0.2 * id_loss(out.text.logits, y, 0.1)
     assert torch.allclose(losses["id_loss"], want_id)
     # the triplet runs over the images' f only: a caption is never an image's hardest positive
-    assert torch.allclose(losses["triplet_loss"], triplet_loss(out.image.feat, y, 0.3))
+    assert torch.allclose(losses["triplet_loss"], triplet_loss(out.image.feat, y, cfg.loss.triplet_margin))
     assert torch.allclose(losses["align_loss"], align_loss(out.image.neck, out.text.neck, y, 0.1))
     assert torch.allclose(losses["loss"], 0.5 * losses["id_loss"] + 2.0 * losses["triplet_loss"]
                           + 0.25 * losses["align_loss"])
