@@ -257,9 +257,14 @@ def summary(runs: list[dict], baseline: str = BASELINE) -> str:
     return "\n".join(lines)
 
 
-def compare_files(a: list[dict], b: list[dict]) -> str:
+def compare_files(a: list[dict], b: list[dict], arms: tuple[str, str] | None = None) -> str:
     """Each (world, arm) that both sweeps ran: b minus a over the seeds both have (e.g. a setting
-    given with --set, such as train.precision=bf16, against the sweep without it)."""
+    given with --set, such as train.precision=bf16, against the sweep without it). With ``arms``
+    (arm of a, arm of b): that arm of b minus that arm of a, across settings and arms alike."""
+    if arms:
+        label = f"{arms[1]} - {arms[0]}"
+        a = [{**r, "arm": label} for r in a if r["arm"] == arms[0]]
+        b = [{**r, "arm": label} for r in b if r["arm"] == arms[1]]
     lines = ["| world | arm | seeds | pretrain row mAP, a | pretrain row mAP, b | b - a [95 % CI] | "
              "fine-tuned mAP, a | fine-tuned mAP, b | b - a [95 % CI] | wall s, a | wall s, b |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -305,15 +310,19 @@ def main() -> None:
                     help="the arm the summary's differences are taken to (default image_only)")
     ap.add_argument("--summary", type=Path, nargs="+", default=None,
                     help="only print the table of these JSON files (e.g. the parts of a sweep run in two clones)")
-    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
-                    help="only print B minus A, paired by (world, arm, seed), for two sweeps' JSON")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                    help="only print B minus A, paired by (world, arm, seed), for two sweeps' JSON "
+                         "(each side one file or several joined by commas)")
+    ap.add_argument("--compare-arms", nargs=2, metavar=("ARM_A", "ARM_B"), default=None, choices=list(ARMS),
+                    help="with --compare: ARM_B of B minus ARM_A of A, paired by (world, seed)")
     args = ap.parse_args()
     if args.summary:
         print(summary([r for path in args.summary for r in json.loads(path.read_text())["runs"]], args.baseline))
         return
     if args.compare:
-        a, b = (json.loads(path.read_text())["runs"] for path in args.compare)
-        print(compare_files(a, b))
+        a, b = ([r for path in side.split(",") for r in json.loads(Path(path).read_text())["runs"]]
+                for side in args.compare)
+        print(compare_files(a, b, tuple(args.compare_arms) if args.compare_arms else None))
         return
 
     runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []

@@ -65,3 +65,17 @@ def test_the_summary_takes_differences_to_any_arm():
     table = cm.summary(runs, baseline="prototypes")
     assert "pretrain mAP - prototypes" in table
     assert "| shared | 3 | 61.00 +- 1.00 | 56.00 +- 1.00 | -3.00 [-3.00, -3.00] |" in table  # 60-63, 61-64, 62-65
+
+
+def test_compare_across_arms_pairs_by_world_and_seed_on_one_cpu():
+    """--compare-arms: one arm of B minus another arm of A (e.g. the default at a new setting
+    against the baseline at the old one), only over seeds both ran on the same CPU."""
+    a = [{**_run("image_only", s, 60.0 + s), "wall_s": 1.0} for s in range(3)]
+    a.append({**_run("prototypes", 0, 0.0), "wall_s": 1.0})  # another arm of A: not a pair
+    b = [{**_run("prototypes", s, 62.0 + 2 * s), "wall_s": 1.0} for s in range(3)]
+    b[2]["cpu"] = "B"  # seed 2 ran elsewhere: left out
+    row = cm.compare_files(a, b, ("image_only", "prototypes")).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "prototypes - image_only" and cells[2] == "2"
+    assert cells[5].startswith("+2.50 [")  # seed 0: 62 - 60, seed 1: 64 - 61
+    assert cm.compare_files(a, b).count("\n") == 2  # without arms: only prototypes seed 0 pairs
