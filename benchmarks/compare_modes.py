@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--compare-arms", nargs=2, metavar=("ARM_A", "ARM_B"), default=None, choices=list(ARMS),
                     help="with --compare: ARM_B of B minus ARM_A of A, paired by (world, seed)")
     args = ap.parse_args()
+    if args.compare_arms and not args.compare:
+        ap.error("--compare-arms needs --compare A B")
     if args.summary:
         print(summary([r for path in args.summary for r in json.loads(path.read_text())["runs"]], args.baseline))
         return

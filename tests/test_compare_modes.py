@@ -79,3 +79,13 @@ def test_compare_across_arms_pairs_by_world_and_seed_on_one_cpu():
     assert cells[1] == "prototypes - image_only" and cells[2] == "2"
     assert cells[5].startswith("+2.50 [")  # seed 0: 62 - 60, seed 1: 64 - 61
     assert cm.compare_files(a, b).count("\n") == 2  # without arms: only prototypes seed 0 pairs
+
+
+def test_compare_arms_without_compare_is_refused(monkeypatch, capsys):
+    """--compare-arms only means something with --compare: alone it must not start a sweep."""
+    monkeypatch.setattr("sys.argv", ["compare_modes.py", "--compare-arms", "image_only", "prototypes"])
+    monkeypatch.setattr(cm, "run_experiment", lambda *a: pytest.fail("a sweep started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cm.main()
+    assert exit_info.value.code == 2
+    assert "--compare-arms needs --compare" in capsys.readouterr().err
