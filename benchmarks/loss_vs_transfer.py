@@ -146,6 +146,20 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def sweep_runs(paths: list[Path]) -> tuple[list[dict], list[Path]]:
+    """The runs of compare_modes.py JSON files, and the files read. This script's own outputs hold
+    joined copies of runs (a glob over docs/results/ matches them), so they are skipped: each run
+    is read once, from its sweep's file."""
+    runs, read = [], []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "groups" in data and "pairs" in data:  # written by this script
+            continue
+        runs += data["runs"]
+        read.append(path)
+    return runs, read
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clones", type=Path, nargs="+", required=True, help="sweep clones (their dvc exp refs)")
@@ -156,7 +170,7 @@ def main() -> None:
     args = ap.parse_args()
 
     mine = args.json.resolve() if args.json else None  # a glob over docs/results/ also matches the output
-    runs = [r for path in args.runs if path.resolve() != mine for r in json.loads(path.read_text())["runs"]]
+    runs, read = sweep_runs([p for p in args.runs if p.resolve() != mine])
     exps = [e for clone in args.clones for e in experiments(clone, tuple(args.targets))]
     joined, missing, ambiguous = join(runs, exps)
     print(f"{len(joined)} of {len(runs)} runs joined to their pretraining curve ({missing} without an "
@@ -170,7 +184,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "command": " ".join(["python benchmarks/loss_vs_transfer.py --clones", *map(str, args.clones),
-                                 "--runs", *(str(p) for p in args.runs if p.resolve() != mine),
+                                 "--runs", *map(str, read),
                                  "--targets", *args.targets, "--baseline", args.baseline]),
             "groups": groups.round(4).to_dict("records"), "pairs": pairs.round(4).to_dict("records"),
             "runs": joined}, indent=2) + "\n")

@@ -140,3 +140,15 @@ def test_a_rerun_counts_once_and_disagreeing_twins_are_left_out(clone: Path):
                 cells=(64.0, 66.0), base=base)  # same settings and mAP, another curve: which made the run?
     joined, missing, ambiguous = lvt.join([run], lvt.experiments(clone, TARGETS))
     assert joined == [] and (missing, ambiguous) == (0, 1)
+
+
+def test_outputs_of_this_script_are_not_read_as_sweep_runs(tmp_path: Path):
+    """A glob over docs/results/ matches earlier outputs, whose joined runs would be read again."""
+    run = {"world": 0, "arm": "image_only", "seed": 0, "set": [], "pretrain_mAP": 50.0}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"command": "c", "runs": [run]}))
+    earlier = tmp_path / "loss_vs_transfer.json"
+    earlier.write_text(json.dumps({"command": "c", "groups": [], "pairs": [], "runs": [run, run]}))
+    runs, read = lvt.sweep_runs([earlier, sweep])
+    assert runs == [run]
+    assert read == [sweep]
