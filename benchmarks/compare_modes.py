@@ -19,6 +19,8 @@ Arms (each a set of `dvc exp run -S` overrides):
   projected embeddings of the value phrases (``fusion.mode: phrases``);
 * ``prototypes_learned`` / ``phrases_learned`` -- their no-language twins: the same heads with
   learned vectors in place of the text embeddings (``fusion.teacher: learned``);
+* ``prototypes_attributes`` -- the text prototypes and the attribute head together
+  (``fusion.attribute_head: true``): does language add to attribute supervision?
 * ``prototypes_shuffled`` -- control: the text prototypes, each given to another identity (the
   same vectors and geometry, untrue of the identity).
 
@@ -62,6 +64,7 @@ ARMS: dict[str, list[str]] = {
     "shared_head": ["fusion.mode=shared", "fusion.align_on=head"],
     "prototypes": ["fusion.mode=prototypes"],
     "prototypes_learned": ["fusion.mode=prototypes", "fusion.teacher=learned"],
+    "prototypes_attributes": ["fusion.mode=prototypes", "fusion.attribute_head=true"],
     "prototypes_shuffled": ["fusion.mode=prototypes", "fusion.captions=shuffled"],
     "phrases": ["fusion.mode=phrases"],
     "phrases_learned": ["fusion.mode=phrases", "fusion.teacher=learned"],

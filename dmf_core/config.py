@@ -154,6 +154,9 @@ class FusionConfig:
     teacher: Literal["text", "learned"]
     teacher_weight: float
     teacher_temperature: float
+    # The attribute-head control's head (the captions' 13 attributes as labels on BN(f)) added to
+    # any mode's pretraining: a combination, such as the text prototypes with it.
+    attribute_head: bool
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,9 @@ def test_every_arm_starts_from_the_same_image_path(params_dict):
         for vectors in ("text", "learned"):
             cfg = _cfg(params_dict, mode=mode, teacher=vectors)
             arms[f"{mode}/{vectors}"] = build_model(cfg, num_classes=5, teacher=teacher_spec(cfg, 5, 12))
+    cfg = _cfg(params_dict, mode="prototypes")  # a combination: the teacher and the attribute head
+    arms["prototypes+attributes"] = build_model(cfg, num_classes=5, teacher=teacher_spec(cfg, 5, 12),
+                                                attribute_classes=ATTRIBUTE_CLASSES)
     assert torch.equal(torch.random.get_rng_state(), before)
     base = arms["image_only"].state_dict()
     for name, model in arms.items():

