@@ -97,8 +97,9 @@ def profile(source: str, target: str, params: str) -> list[dict]:
         write_cmc_tsv(result.cmc, Path(tmp) / "cmc.tsv")
         steps.done("write CMC TSV")
         if cfg.evaluate.ranked_list_queries:
-            run._ranked_list(cfg, feats, splits, Path(tmp) / "ranked.png")
-            steps.done("ranked-list PNG (imports matplotlib)")
+            run._ranked_list(cfg, feats, splits, Path(tmp) / "ranked.png", model)
+            maps = " + maps" if cfg.evaluate.ranked_list_maps else ""
+            steps.done(f"ranked-list PNG{maps} (imports matplotlib)")
     steps.rows.insert(0, {"step": "interpreter start to first import", "s": None, "note": "not measured here"})
     steps.rows.append({"step": "total in this interpreter", "s": round(time.perf_counter() - STARTED, 3),
                        "note": ""})

@@ -101,6 +101,35 @@ def test_transforms_shapes():
     assert torch.allclose(plain, test)
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 32), (3, 40, 20), (3, 128, 70)])
+def test_test_transform_is_torchvisions_chain_bit_for_bit(shape):
+    """At the model's size (the demo's renders), smaller and larger, and on a non-contiguous image
+    (an H x W x 3 array permuted, as the FeatureExtractor passes it): the same floats as v2's chain."""
+    from torchvision.transforms import v2
+
+    aug = Aug(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    chain = v2.Compose([v2.Resize((64, 32), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(list(aug.mean), list(aug.std))])
+    hwc = torch.randint(0, 256, (*shape[1:], 3), dtype=torch.uint8)
+    for img in (hwc.permute(2, 0, 1).contiguous(), hwc.permute(2, 0, 1)):
+        assert torch.equal(build_test_transform(64, 32, aug)(img), chain(img))
+
+
+def test_evaluation_images_need_no_torchvision():
+    """An evaluation cell's test images at the model's size never import torchvision (~1.3 s a stage)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from dmf_core.data.loading.loader import build_test_transform\n"
+            "import dmf_core.eval.run\n"
+            "class A: mean, std = [0.5] * 3, [0.5] * 3\n"
+            "build_test_transform(64, 32, A)(torch.zeros(3, 64, 32, dtype=torch.uint8))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torchvision')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_fused_augment_matches_v2_semantics():
     img = torch.randint(0, 256, (3, 40, 20), dtype=torch.uint8)
     ref = build_test_transform(64, 32, Aug())(img)

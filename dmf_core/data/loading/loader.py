@@ -30,12 +30,14 @@ from PIL import Image
 from torchcodec.decoders import decode_image as _codec_decode_image
 from torchcodec.decoders import decode_jpeg as _codec_decode_jpeg
 from torchcodec.decoders import decode_png as _codec_decode_png
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from dmf_core.data.images import open_checked
 from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.data.store.lmdb_store import LmdbReader, caption_refs, captions_digest
+
+# torchvision is imported where a transform needs it, not here: its import (~1.3 s, its models
+# included) would be paid by every stage, and the test transform and the fused training augment
+# need it only for an image that is not already at the model's size.
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class ReidTrainAugment(torch.nn.Module):
         img = img.as_subclass(torch.Tensor)
         H, W = self.size
         if tuple(img.shape[-2:]) != self.size:
-            img = v2.functional.resize(img, [H, W], antialias=True)
+            img = _resize(img, self.size)
         d = self.draw()
         if d.flip:
             img = img.flip(-1)
@@ -194,15 +196,41 @@ def draw_augment(size: tuple[int, int], flip: float, pad: int, erasing: float, e
     return AugmentDraw(do_flip, dy, dx, box)
 
 
-def build_train_transform(height: int, width: int, augment, *, fused: bool = True) -> v2.Compose:
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision v2's antialiased bilinear resize (what ``v2.Resize(size, antialias=True)`` runs)."""
+    from torchvision.transforms import v2
+
+    return v2.functional.resize(img, list(size), antialias=True)
+
+
+class ReidTestTransform(torch.nn.Module):
+    """The test chain ``Resize -> ToDtype(float, scale) -> Normalize`` of torchvision v2, with the
+    same arithmetic in the same order (its results bit for bit, tests/test_loader.py); torchvision
+    runs only for an image that is not already HxW, since its Resize returns such an image as it is."""
+
+    def __init__(self, height: int, width: int, mean, std):
+        super().__init__()
+        self.size = (int(height), int(width))
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32).view(-1, 1, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        img = img.as_subclass(torch.Tensor)
+        if tuple(img.shape[-2:]) != self.size:
+            img = _resize(img, self.size)
+        return img.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
+
+
+def build_train_transform(height: int, width: int, augment, *, fused: bool = True) -> torch.nn.Module:
     """Paper profile: resize, flip p, pad + random crop, to float, normalise, random erasing p.
 
     ``augment`` is an AugmentConfig (flip, pad, erasing, mean, std). Input: uint8 3xHxW tensor.
     ``fused`` (default) runs :class:`ReidTrainAugment`; ``fused=False`` the stock v2 chain.
     """
     if fused:
-        return v2.Compose([ReidTrainAugment(height, width, augment.flip, augment.pad, augment.erasing,
-                                            augment.mean, augment.std)])
+        return ReidTrainAugment(height, width, augment.flip, augment.pad, augment.erasing, augment.mean, augment.std)
+    from torchvision.transforms import v2
+
     steps: list = [v2.Resize((height, width), antialias=True)]
     if augment.flip > 0:
         steps.append(v2.RandomHorizontalFlip(p=augment.flip))
@@ -215,12 +243,9 @@ def build_train_transform(height: int, width: int, augment, *, fused: bool = Tru
     return v2.Compose(steps)
 
 
-def build_test_transform(height: int, width: int, augment) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize((height, width), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(augment.mean), list(augment.std)),
-    ])
+def build_test_transform(height: int, width: int, augment) -> ReidTestTransform:
+    """Resize to HxW, to float in [0, 1], normalise with ``augment.mean`` / ``augment.std``."""
+    return ReidTestTransform(height, width, augment.mean, augment.std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,8 +404,12 @@ class SeededImages(torch.utils.data.Dataset):
         if self.encoded:  # decoded and augmented on the device, batched (device_augment.py)
             item = {"encoded": self.encoded_image(i), "augment": self.augment_draw(i).as_tensor()}
         else:
-            image = tv_tensors.Image(self.load_image(i))
+            image = self.load_image(i)
             if self.transform is not None:
+                if not isinstance(self.transform, (ReidTestTransform, ReidTrainAugment)):
+                    from torchvision import tv_tensors  # v2 transforms dispatch on the image type
+
+                    image = tv_tensors.Image(image)
                 image = self._augment(image, i)
             item = {"image": image.as_subclass(torch.Tensor)}
         item.update({"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]),
@@ -499,7 +528,7 @@ def build_train_loader(
     :class:`~dmf_core.data.loading.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
-    dataset = ReidImageDataset(lmdb_path, train_augment(height, width, cfg_augment, encoded), captions=captions,
+    dataset = ReidImageDataset(lmdb_path, train_augment(height, width, cfg_augment), captions=captions,
                                expected_meta=expected_meta, augment_seed=seed, encoded=encoded)
     kept = dataset.num_classes - int(holdout_ids)
     if holdout_ids and kept < P:
@@ -511,11 +540,8 @@ def build_train_loader(
                      pin_memory=pin_memory)
 
 
-def train_augment(height: int, width: int, cfg_augment, encoded: bool):
-    """The training transform: the fused one whose draws travel with encoded items, else the v2 chain."""
-    if encoded:
-        return ReidTrainAugment(height, width, cfg_augment.flip, cfg_augment.pad, cfg_augment.erasing,
-                                cfg_augment.mean, cfg_augment.std)
+def train_augment(height: int, width: int, cfg_augment) -> ReidTrainAugment:
+    """The training transform: the fused one (its draws travel with encoded items)."""
     return build_train_transform(height, width, cfg_augment)
 
 

@@ -137,7 +137,7 @@ def row_training(plan: dict, cfg, *, rank: int = 0, world_size: int = 1, pin_mem
     from each dataset."""
     st, img = cfg.finetune, cfg.model.image
     encoded = cfg.train.decode == "device"
-    dataset = RowImages(plan, train_augment(img.height, img.width, cfg.augment, encoded), augment_seed=cfg.seed,
+    dataset = RowImages(plan, train_augment(img.height, img.width, cfg.augment), augment_seed=cfg.seed,
                         encoded=encoded)
     balanced = st.sampler == "balanced" and len(plan["parts"]) > 1
     if balanced:
