@@ -528,7 +528,7 @@ def build_train_loader(
     :class:`~dmf_core.data.loading.device_augment.BatchAugment`."""
     if captions is not None and not isinstance(captions, CaptionPicker):
         captions = CaptionPicker(captions, seed=seed, epoch=epoch)
-    dataset = ReidImageDataset(lmdb_path, train_augment(height, width, cfg_augment), captions=captions,
+    dataset = ReidImageDataset(lmdb_path, build_train_transform(height, width, cfg_augment), captions=captions,
                                expected_meta=expected_meta, augment_seed=seed, encoded=encoded)
     kept = dataset.num_classes - int(holdout_ids)
     if holdout_ids and kept < P:
@@ -538,11 +538,6 @@ def build_train_loader(
                         exclude_from=kept if holdout_ids else None)
     return pk_loader(dataset, sampler, seed, epoch=epoch, num_workers=num_workers, rank=rank,
                      pin_memory=pin_memory)
-
-
-def train_augment(height: int, width: int, cfg_augment) -> ReidTrainAugment:
-    """The training transform: the fused one (its draws travel with encoded items)."""
-    return build_train_transform(height, width, cfg_augment)
 
 
 def pk_loader(dataset: SeededImages, sampler: PKSampler, seed: int, *, epoch: int = 0, num_workers: int = 0,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmf_core.data.loading.loader import SeededImages, build_test_transform, pk_loader, train_augment
+from dmf_core.data.loading.loader import SeededImages, build_test_transform, build_train_transform, pk_loader
 from dmf_core.data.loading.row_plan import TEST_SPLITS
 from dmf_core.data.loading.sampler import PKSampler
 from dmf_core.data.store.lmdb_store import LmdbReader, content_digest
@@ -137,7 +137,7 @@ def row_training(plan: dict, cfg, *, rank: int = 0, world_size: int = 1, pin_mem
     from each dataset."""
     st, img = cfg.finetune, cfg.model.image
     encoded = cfg.train.decode == "device"
-    dataset = RowImages(plan, train_augment(img.height, img.width, cfg.augment), augment_seed=cfg.seed,
+    dataset = RowImages(plan, build_train_transform(img.height, img.width, cfg.augment), augment_seed=cfg.seed,
                         encoded=encoded)
     balanced = st.sampler == "balanced" and len(plan["parts"]) > 1
     if balanced:
