@@ -108,8 +108,8 @@ def _expected_metric_columns(params: dict) -> dict[str, int]:
     sources, targets = params["finetune"]["sources"], params["evaluate"]["targets"]
     mode = params["fusion"]["mode"]
     shared = mode == "shared"
-    extra_term = (mode in ("shared", "prototypes", "phrases")
-                  + (mode == "attributes" or params["fusion"].get("attribute_head", False)))
+    extra_term = (int(mode in ("shared", "prototypes", "phrases"))
+                  + int(mode == "attributes" or params["fusion"].get("attribute_head", False)))
     rows = ["pretrain", *sources]
     in_domain = [s for s in sources if s in targets]
     # loss, id, triplet (+ align / attribute / teacher loss) and 4 health numbers (+ caption->image)
