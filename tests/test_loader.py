@@ -130,6 +130,26 @@ def test_evaluation_images_need_no_torchvision():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 32), (3, 40, 20)])
+def test_fused_augment_is_the_v2_chain_draw_for_draw(shape):
+    """Under one seed the fused augment draws what torchvision's chain draws (flip, pad + crop,
+    erasing) and returns the same floats: the stock chain is its reference, not a second recipe."""
+    from torchvision import tv_tensors
+
+    aug = Aug(flip=0.5, pad=4, erasing=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    fused, stock = build_train_transform(64, 32, aug), build_train_transform(64, 32, aug, fused=False)
+    img = torch.randint(0, 256, shape, dtype=torch.uint8)
+    outputs = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        mine = fused(img)
+        torch.manual_seed(seed)
+        theirs = stock(tv_tensors.Image(img)).as_subclass(torch.Tensor)
+        assert torch.allclose(mine, theirs, atol=1e-6), seed
+        outputs.add(mine.sum().item())
+    assert len(outputs) > 3  # the seeds drew different augmentations, so the equality says something
+
+
 def test_fused_augment_matches_v2_semantics():
     img = torch.randint(0, 256, (3, 40, 20), dtype=torch.uint8)
     ref = build_test_transform(64, 32, Aug())(img)
